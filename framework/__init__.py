@@ -1,0 +1,3 @@
+"""pagedserve: a declarative, Triton-compatible LLM inference server."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,5 @@
+"""``python -m pagedserve`` is ``serve``."""
+
+from pagedserve.cli import serve
+
+serve()

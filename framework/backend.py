@@ -1,0 +1,81 @@
+"""The contract between the model repository and model implementations (Triton's backend API, typed).
+
+A :class:`ModelBackend` plugin (``backend:`` in a model YAML) turns a :class:`ModelSpec` into a loaded
+:class:`Model`. The server never calls a model directly: a batching policy
+(:mod:`pagedserve.batching`) queues requests and calls :meth:`Model.execute` with a batch.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+from pagedserve.inference import InferenceRequest
+
+if TYPE_CHECKING:
+    from pagedserve.protocol import model_config_pb2
+    from pagedserve.settings import BackendSettings
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model of the repository: its (auto-completed) config and the versions it provides."""
+
+    name: str
+    config: model_config_pb2.ModelConfig
+    versions: tuple[int, ...] = (1,)
+    source: Path | None = None
+    """The YAML file it came from (relative paths in the config resolve against its folder)."""
+
+    @property
+    def decoupled(self) -> bool:
+        return self.config.model_transaction_policy.decoupled
+
+    def parameter(self, key: str, default: str | None = None) -> str | None:
+        """A string from the config's ``parameters`` map."""
+        if key in self.config.parameters:
+            return self.config.parameters[key].string_value
+        return default
+
+
+@dataclass(frozen=True)
+class LoadContext:
+    """What a backend gets besides the spec when it loads one version."""
+
+    version: int
+    settings: BackendSettings
+    extras: dict[str, object] = field(default_factory=dict)
+
+
+class Model(abc.ABC):
+    """A loaded model version."""
+
+    @abc.abstractmethod
+    def execute(self, requests: list[InferenceRequest]) -> None:
+        """Run a batch. Every request must eventually get a final response through its responder,
+        from this call or later (decoupled models may answer from their own threads). Called from a
+        worker thread; never from the server's event loop."""
+
+    def finalize(self) -> None:
+        """Release resources; called once after the last execute returned and all requests finished."""
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Memory held per kind (``CPU``, ``GPU``), for ModelStatistics.memory_usage."""
+        return {}
+
+
+class ModelBackend(abc.ABC):
+    """A plugin that loads models of one kind (``python``, ``torchscript``, ``llm``...)."""
+
+    name: ClassVar[str]
+
+    @classmethod
+    def auto_complete(cls, config: model_config_pb2.ModelConfig) -> None:
+        """Fill in what the backend knows (default inputs/outputs, decoupled...), like Triton's
+        auto-complete; raise ``ValueError`` naming the bad field for a config it cannot serve."""
+
+    @abc.abstractmethod
+    def load(self, spec: ModelSpec, context: LoadContext) -> Model:
+        """Load one version; raise an exception whose text becomes the version's UNAVAILABLE reason."""

@@ -1,0 +1,160 @@
+"""The ``serve`` console script: plugins → config store → Hydra compose → typed config → server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from pagedserve.config import BackendSettings, ModelControlMode, ServeConfig, register_configs
+from pagedserve.console import console, model_table, plugin_table, setup_logging
+from pagedserve.errors import InferenceError
+from pagedserve.model_manager import ModelManager
+from pagedserve.plugin_manager import PluginHost
+from pagedserve.repository import ModelRepository
+from pagedserve.server import GrpcServer
+
+log = logging.getLogger("pagedserve")
+
+# Set by serve() before Hydra runs the app; Hydra's decorator leaves no other way to pass it in.
+_host: PluginHost | None = None
+
+
+def serve() -> None:
+    """Entry point. ``serve --info`` lists plugins; everything else is a Hydra command line."""
+    global _host
+    _host = PluginHost()
+    if "--info" in sys.argv[1:]:
+        console.print(plugin_table(_host, _host.registries()))
+        return
+    store = ConfigStore.instance()
+    register_configs(store)
+    _host.hook.pagedserve_add_config(config_store=store)
+    _hydra_main()
+
+
+@hydra.main(version_base=None, config_path="pkg://pagedserve.conf", config_name="config")
+def _hydra_main(cfg: DictConfig) -> None:
+    try:
+        config = OmegaConf.to_object(cfg)
+    except (ValueError, OmegaConfBaseException) as error:
+        console.print(f"[red]invalid configuration:[/] {error}")
+        sys.exit(2)
+    assert isinstance(config, ServeConfig) and _host is not None
+    sys.exit(run(config, _host))
+
+
+def run(config: ServeConfig, host: PluginHost) -> int:
+    """Serve until SIGINT/SIGTERM; returns the process exit code."""
+    setup_logging()
+    for name in config.plugins.disable:
+        host.pm.set_blocked(name)
+    registries = host.registries()
+    repository = ModelRepository(config.repository_path())
+    if not repository.path.is_dir():
+        console.print(f"[red]repository[/] '{repository.path}' is not a directory")
+        return 2
+    manager = ModelManager(
+        repository,
+        registries.model_backends,
+        registries.batching_policies,
+        BackendSettings.from_config(config, registries),
+    )
+    return asyncio.run(_serve(config, manager))
+
+
+async def _serve(config: ServeConfig, manager: ModelManager) -> int:
+    loop = asyncio.get_running_loop()
+    loop.set_default_executor(ThreadPoolExecutor(config.server.workers, thread_name_prefix="pagedserve"))
+    server = GrpcServer(config, manager)
+    await server.start()
+    # One machine-readable line on stdout: scripts and tests read the bound port from it.
+    print(f"pagedserve: GRPCInferenceService listening on {config.server.host}:{server.port}", flush=True)
+    failed = await _load_startup_models(config, manager)
+    console.print(model_table(manager.index()))
+    if failed:
+        for name, error in failed:
+            console.print(f"[red]failed to load '{name}':[/] {error}")
+        await server.stop(0)
+        manager.shutdown()
+        return 1
+    server.mark_started()
+    if config.check:
+        await server.stop(0)
+        manager.shutdown()
+        return 0
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    background = [asyncio.create_task(_refresh_health(server))]
+    if config.model_control_mode == ModelControlMode.poll:
+        background.append(asyncio.create_task(_poll(config, manager)))
+    await stop.wait()
+    log.info("shutting down: waiting up to %.0fs for in-flight requests", config.server.exit_timeout_s)
+    for task in background:
+        task.cancel()
+    await loop.run_in_executor(None, manager.shutdown, config.server.exit_timeout_s)
+    await server.stop(1.0)
+    return 0
+
+
+def _startup_names(config: ServeConfig, manager: ModelManager) -> tuple[list[str], bool]:
+    """The models to load, and whether the user named them (then any failure stops the start)."""
+    named = config.startup_models()
+    if named is not None:
+        return named, True
+    if config.model_control_mode == ModelControlMode.explicit:
+        return [], False
+    return manager.repository.autoload_names(), False
+
+
+async def _load_startup_models(config: ServeConfig, manager: ModelManager) -> list[tuple[str, str]]:
+    names, explicit = _startup_names(config, manager)
+    loop = asyncio.get_running_loop()
+    failed: list[tuple[str, str]] = []
+
+    async def load(name: str) -> None:
+        try:
+            await loop.run_in_executor(None, manager.load, name)
+        except InferenceError as error:
+            if explicit:
+                failed.append((name, error.message.strip()))
+
+    with console.status(f"loading {len(names)} model(s): {', '.join(names)}"):
+        await asyncio.gather(*(load(name) for name in names))
+    return failed
+
+
+async def _refresh_health(server: GrpcServer) -> None:
+    while True:
+        server.update_health()
+        await asyncio.sleep(1.0)
+
+
+async def _poll(config: ServeConfig, manager: ModelManager) -> None:
+    """poll mode: reload models whose YAML changed, load new ones, unload removed ones."""
+    loop = asyncio.get_running_loop()
+    seen = _mtimes(manager)
+    while True:
+        await asyncio.sleep(config.poll_interval_s)
+        current = _mtimes(manager)
+        for name in current.keys() - seen.keys() | {n for n in current if n in seen and current[n] != seen[n]}:
+            try:
+                await loop.run_in_executor(None, manager.load, name)
+            except InferenceError as error:
+                log.error("poll: failed to load '%s': %s", name, error)
+        for name in seen.keys() - current.keys():
+            await loop.run_in_executor(None, manager.unload, name)
+        seen = current
+
+
+def _mtimes(manager: ModelManager) -> dict[str, float]:
+    path = manager.repository.path
+    return {name: (path / f"{name}.yaml").stat().st_mtime for name in manager.repository.autoload_names()}

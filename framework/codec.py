@@ -1,0 +1,377 @@
+"""Protocol <-> typed objects: decode and validate a ModelInferRequest, encode responses.
+
+All validation messages follow Triton's texts (clients and tests match on them); errors raise
+:class:`InferenceError` with INVALID_ARGUMENT unless Triton uses another code.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from pagedserve import datatypes
+from pagedserve.backend import ModelSpec
+from pagedserve.errors import InferenceError
+from pagedserve.inference import InferenceRequest, InferenceResponse, ParameterValue, Responder
+from pagedserve.protocol import grpc_service_pb2 as pb
+from pagedserve.protocol import model_config_pb2
+
+ALLOWED_TRITON_KEYS = ("triton_enable_empty_final_response",)
+_INT64_MAX = 2**63 - 1
+
+# Reads ``byte_size`` bytes at ``offset`` of a registered shared-memory region (set by the server when
+# client shared memory is enabled).
+ShmReader = Callable[[str, int, int], bytes]
+
+
+@dataclass
+class RequestOptions:
+    """Request-level parameters that steer the server rather than the model."""
+
+    enable_empty_final_response: bool = False
+
+
+def _prefix(request_id: str) -> str:
+    return f"[request id: {request_id or '<id_unknown>'}] "
+
+
+def _fmt_shape(shape: Sequence[int]) -> str:
+    return "[" + ",".join(str(d) for d in shape) + "]"
+
+
+def _parameter_value(param: pb.InferParameter) -> ParameterValue | None:
+    kind = param.WhichOneof("parameter_choice")
+    return None if kind is None else getattr(param, kind)
+
+
+def decode_parameters(request: pb.ModelInferRequest, target: InferenceRequest) -> RequestOptions:
+    options = RequestOptions()
+    for key, param in request.parameters.items():
+        kind = param.WhichOneof("parameter_choice")
+        if key == "sequence_id":
+            if kind not in ("int64_param", "string_param"):
+                raise InferenceError(
+                    "invalid value type for 'sequence_id' parameter, expected int64_param or string_param."
+                )
+            target.sequence_id = _parameter_value(param)  # type: ignore[assignment]
+        elif key in ("sequence_start", "sequence_end", "triton_enable_empty_final_response"):
+            if kind != "bool_param":
+                raise InferenceError(f"invalid value type for '{key}' parameter, expected bool_param.")
+            if key == "sequence_start":
+                target.sequence_start = param.bool_param
+            elif key == "sequence_end":
+                target.sequence_end = param.bool_param
+            else:
+                options.enable_empty_final_response = param.bool_param
+        elif key == "priority":
+            if kind not in ("int64_param", "uint64_param"):
+                raise InferenceError(
+                    "invalid value type for 'priority' parameter, expected int64_param or uint64_param."
+                )
+            value = int(_parameter_value(param))  # type: ignore[arg-type]
+            if value < 0:
+                raise InferenceError("invalid value for 'priority', expected value >= 0.")
+            target.priority = value
+        elif key == "timeout":
+            if kind != "int64_param":
+                raise InferenceError("invalid value type for 'timeout' parameter, expected int64_param.")
+            if param.int64_param < 0:
+                raise InferenceError("invalid value for 'timeout', expected value >= 0.")
+            target.timeout_us = param.int64_param
+        elif key.startswith("triton_"):
+            raise InferenceError(
+                "parameter keys starting with 'triton_' are reserved for Triton usage. Only the following "
+                "keys starting with 'triton_' are allowed: " + ", ".join(ALLOWED_TRITON_KEYS)
+            )
+        else:
+            if kind not in ("int64_param", "bool_param", "string_param", "double_param"):
+                raise InferenceError(
+                    f"invalid value type for '{key}' parameter, expected int64_param, bool_param, or "
+                    "string_param."
+                )
+            target.parameters[key] = _parameter_value(param)  # type: ignore[assignment]
+    return options
+
+
+class RequestDecoder:
+    """Turns one ModelInferRequest into an InferenceRequest for ``spec`` (an already resolved version)."""
+
+    def __init__(self, spec: ModelSpec, version: int, shm_reader: ShmReader | None = None) -> None:
+        self.spec = spec
+        self.version = version
+        self.shm_reader = shm_reader
+        cfg = spec.config
+        self.max_batch_size = cfg.max_batch_size
+        self.inputs = {i.name: i for i in cfg.input}
+        self.outputs = [o.name for o in cfg.output]
+
+    def decode(
+        self, request: pb.ModelInferRequest, responder: Responder
+    ) -> tuple[InferenceRequest, RequestOptions]:
+        target = InferenceRequest(
+            model_name=self.spec.name,
+            model_version=self.version,
+            inputs={},
+            requested_outputs=[],
+            responder=responder,
+            id=request.id,
+        )
+        prefix = _prefix(request.id)
+        try:
+            options = decode_parameters(request, target)
+            self._decode_inputs(request, target)
+            target.requested_outputs = self._requested_outputs(request)
+        except InferenceError as error:
+            if not error.message.startswith("[request id:"):
+                error.message = prefix + error.message
+            raise
+        return target, options
+
+    # -- inputs -----------------------------------------------------------------------------------
+
+    def _decode_inputs(self, request: pb.ModelInferRequest, target: InferenceRequest) -> None:
+        name = self.spec.name
+        raw_index = 0
+        batch_sizes: set[int] = set()
+        for tensor in request.inputs:
+            if tensor.name in target.inputs:
+                raise InferenceError(f"input '{tensor.name}' already exists in request")
+            config = self.inputs.get(tensor.name)
+            if config is None:
+                raise InferenceError(f"unexpected inference input '{tensor.name}' for model '{name}'")
+            expected_type = datatypes.from_config(_enum(config.data_type))
+            if tensor.datatype != expected_type:
+                got = tensor.datatype if tensor.datatype in datatypes.PROTOCOL_TYPES else "<invalid>"
+                raise InferenceError(
+                    f"inference input '{tensor.name}' data-type is '{got}', but model '{name}' expects "
+                    f"'{expected_type}'"
+                )
+            shape = list(tensor.shape)
+            self._check_shape(tensor.name, shape, list(config.dims), batch_sizes)
+            data, raw_index = self._tensor_data(request, tensor, raw_index)
+            target.inputs[tensor.name] = self._to_array(tensor.name, tensor.datatype, shape, data)
+        if raw_index < len(request.raw_input_contents):
+            raise InferenceError(
+                f"unexpected number of raw_input_contents entries: {len(request.raw_input_contents)} "
+                f"given but only {raw_index} inputs use them for model '{name}'"
+            )
+        self._check_required(target)
+        if self.max_batch_size > 0 and batch_sizes:
+            target.batch_size = batch_sizes.pop()
+
+    def _check_shape(self, input_name: str, shape: list[int], dims: list[int], batch_sizes: set[int]) -> None:
+        name = self.spec.name
+        if any(d < 0 for d in shape):
+            raise InferenceError(
+                f"All input dimensions should be specified for input '{input_name}' for model '{name}', "
+                f"got {_fmt_shape(shape)}"
+            )
+        if math.prod(shape) > _INT64_MAX:
+            raise InferenceError(f"input '{input_name}' shape {_fmt_shape(shape)} is too large")
+        body = shape
+        if self.max_batch_size > 0:
+            if not shape:
+                raise InferenceError(
+                    f"input '{input_name}' has no shape but model requires batch dimension for '{name}'"
+                )
+            batch = shape[0]
+            if batch > self.max_batch_size:
+                raise InferenceError(
+                    f"inference request batch-size must be <= {self.max_batch_size} for '{name}'"
+                )
+            if batch_sizes and batch not in batch_sizes:
+                raise InferenceError(f"input '{input_name}' batch size does not match other inputs for '{name}'")
+            batch_sizes.add(batch)
+            body = shape[1:]
+        if len(body) != len(dims) or any(d != -1 and d != s for d, s in zip(dims, body, strict=False)):
+            expected = ([-1] if self.max_batch_size > 0 else []) + dims
+            note = (
+                " NOTE: Setting a non-zero max_batch_size in the model config requires a batch dimension "
+                "to be prepended to each input shape. If you want to specify the full shape including the "
+                "batch dim in your input dims config, try setting max_batch_size to zero. See the model "
+                "configuration docs for more info on max_batch_size."
+                if self.max_batch_size > 0
+                else ""
+            )
+            raise InferenceError(
+                f"unexpected shape for input '{input_name}' for model '{name}'. Expected "
+                f"{_fmt_shape(expected)}, got {_fmt_shape(shape)}.{note}"
+            )
+
+    def _tensor_data(
+        self, request: pb.ModelInferRequest, tensor: pb.ModelInferRequest.InferInputTensor, raw_index: int
+    ) -> tuple[bytes | list[object], int]:
+        name = self.spec.name
+        region = tensor.parameters.get("shared_memory_region")
+        has_contents = tensor.HasField("contents") and tensor.contents.ByteSize() > 0
+        if region is not None:
+            if has_contents:
+                raise InferenceError(
+                    f"unexpected 'content' provided when using shared memory for input tensor "
+                    f"'{tensor.name}' for model '{name}'"
+                )
+            return self._shm_data(tensor), raw_index
+        if has_contents:
+            if request.raw_input_contents:
+                raise InferenceError(
+                    f"contents field must not be specified when using raw_input_contents for "
+                    f"'{tensor.name}' for model '{name}'"
+                )
+            return self._typed_contents(tensor), raw_index
+        if raw_index < len(request.raw_input_contents):
+            return request.raw_input_contents[raw_index], raw_index + 1
+        if math.prod(tensor.shape) == 0 and not request.raw_input_contents:
+            return b"", raw_index
+        raise InferenceError(f"unable to find data for input tensor '{tensor.name}' for model '{name}' in request.")
+
+    def _shm_data(self, tensor: pb.ModelInferRequest.InferInputTensor) -> bytes:
+        params = tensor.parameters
+        region = params["shared_memory_region"]
+        if region.WhichOneof("parameter_choice") != "string_param":
+            raise InferenceError("invalid value type for 'shared_memory_region' parameter, expected string_param.")
+        if "shared_memory_byte_size" not in params:
+            raise InferenceError(
+                "'shared_memory_byte_size' must be specified along with 'shared_memory_region' parameter "
+                f"for tensor '{tensor.name}'"
+            )
+        if self.shm_reader is None:
+            raise InferenceError("Client shared memory is disabled")
+        offset = params["shared_memory_offset"].int64_param if "shared_memory_offset" in params else 0
+        return self.shm_reader(region.string_param, offset, params["shared_memory_byte_size"].int64_param)
+
+    def _typed_contents(self, tensor: pb.ModelInferRequest.InferInputTensor) -> list[object]:
+        field_for = {
+            "BOOL": "bool_contents",
+            "INT8": "int_contents",
+            "INT16": "int_contents",
+            "INT32": "int_contents",
+            "INT64": "int64_contents",
+            "UINT8": "uint_contents",
+            "UINT16": "uint_contents",
+            "UINT32": "uint_contents",
+            "UINT64": "uint64_contents",
+            "FP32": "fp32_contents",
+            "FP64": "fp64_contents",
+            "BYTES": "bytes_contents",
+        }
+        expected = field_for.get(tensor.datatype)
+        for field, _ in tensor.contents.ListFields():
+            if field.name != expected:
+                raise InferenceError(
+                    f"unexpected explicit tensor data for input tensor '{tensor.name}' for model "
+                    f"'{self.spec.name}' of type '{field.name}', expected datatype '{tensor.datatype}'"
+                )
+        return list(getattr(tensor.contents, expected)) if expected else []
+
+    def _to_array(self, input_name: str, datatype: str, shape: list[int], data: bytes | list[object]) -> np.ndarray:
+        name = self.spec.name
+        count = math.prod(shape)
+        if datatype == "BYTES":
+            if isinstance(data, list):
+                items = [bytes(x) for x in data]  # type: ignore[arg-type]
+            else:
+                try:
+                    items = datatypes.deserialize_bytes(data)
+                except ValueError as error:
+                    raise InferenceError(
+                        f"incomplete string length indicator for inference input '{input_name}' for model "
+                        f"'{name}', {error}. Please make sure the string length indicator is in one chunk."
+                    ) from None
+            if len(items) < count:
+                raise InferenceError(
+                    f"expected {count} string elements for inference input '{input_name}' for model "
+                    f"'{name}', got {len(items)}"
+                )
+            if len(items) > count:
+                raise InferenceError(
+                    f"unexpected number of string elements {len(items)} for inference input '{input_name}' "
+                    f"for model '{name}', expecting {count}"
+                )
+            array = np.empty(count, dtype=np.object_)
+            array[:] = items
+            return array.reshape(shape)
+        dtype = datatypes.numpy_dtype(datatype)
+        if isinstance(data, list):
+            if len(data) != count:
+                raise InferenceError(
+                    f"input byte size mismatch for input '{input_name}' for model '{name}'. Expected "
+                    f"{count * dtype.itemsize}, got {len(data) * dtype.itemsize}"
+                )
+            return np.asarray(data).astype(dtype).reshape(shape)
+        expected = count * dtype.itemsize
+        if len(data) != expected:
+            raise InferenceError(
+                f"input byte size mismatch for input '{input_name}' for model '{name}'. Expected "
+                f"{expected}, got {len(data)}"
+            )
+        return np.frombuffer(data, dtype=dtype.newbyteorder("<")).astype(dtype, copy=False).reshape(shape)
+
+    def _check_required(self, target: InferenceRequest) -> None:
+        required = [n for n, i in self.inputs.items() if not i.optional]
+        missing = [n for n in required if n not in target.inputs]
+        if not missing:
+            return
+        got = list(target.inputs)
+        has_optional = len(required) < len(self.inputs)
+        expected = (
+            f"expected number of inputs between {len(required)} and {len(self.inputs)}"
+            if has_optional
+            else f"expected {len(required)} inputs"
+        )
+        raise InferenceError(
+            f"{expected} but got {len(got)} inputs for model '{self.spec.name}'. Got input(s) {got}, but "
+            f"missing required input(s) {missing}. Please provide all required input(s)."
+        )
+
+    # -- outputs ----------------------------------------------------------------------------------
+
+    def _requested_outputs(self, request: pb.ModelInferRequest) -> list[str]:
+        if not request.outputs:
+            return list(self.outputs)
+        names: list[str] = []
+        for output in request.outputs:
+            if output.name in names:
+                raise InferenceError(f"output '{output.name}' already exists in request")
+            if output.name not in self.outputs:
+                raise InferenceError(f"unexpected inference output '{output.name}' for model '{self.spec.name}'")
+            names.append(output.name)
+        return names
+
+
+def encode_response(
+    spec: ModelSpec, request: InferenceRequest, response: InferenceResponse | None
+) -> pb.ModelInferResponse:
+    """One ModelInferResponse; every output gets exactly one raw_output_contents entry, aligned."""
+    message = pb.ModelInferResponse(model_name=spec.name, model_version=str(request.model_version), id=request.id)
+    if response is None:
+        return message
+    declared = {o.name: datatypes.from_config(_enum(o.data_type)) for o in spec.config.output}
+    wanted = set(request.requested_outputs)
+    for name, value in response.outputs.items():
+        if name not in wanted:
+            continue
+        array = np.asarray(value)
+        datatype = declared.get(name) or datatypes.from_numpy(array.dtype)
+        message.outputs.add(name=name, datatype=datatype, shape=list(array.shape))
+        message.raw_output_contents.append(datatypes.to_raw(array, datatype))
+    for key, value in response.parameters.items():
+        set_parameter(message.parameters[key], value)
+    return message
+
+
+def set_parameter(param: pb.InferParameter, value: ParameterValue) -> None:
+    if isinstance(value, bool):
+        param.bool_param = value
+    elif isinstance(value, int):
+        param.int64_param = value
+    elif isinstance(value, float):
+        param.double_param = value
+    else:
+        param.string_param = str(value)
+
+
+def _enum(value: int) -> str:
+    return model_config_pb2.DataType.Name(value)

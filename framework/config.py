@@ -1,0 +1,155 @@
+"""The typed configuration: dataclass schemas registered in Hydra's ConfigStore.
+
+``serve`` composes ``conf/config.yaml`` over :class:`ServeConfig`, then converts it once with
+``OmegaConf.to_object``; from there on only these dataclasses travel. Field validation raises
+``ValueError`` naming the dotted key and the allowed values.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from pagedserve import __version__
+from pagedserve.engine.config import CacheConfig, SchedulerConfig
+
+# Triton's extension names (ServerMetadata.extensions), the ones our server implements.
+EXTENSIONS = [
+    "classification",
+    "sequence",
+    "model_repository",
+    "model_repository(unload_dependents)",
+    "schedule_policy",
+    "model_configuration",
+    "system_shared_memory",
+    "cuda_shared_memory",
+    "binary_tensor_data",
+    "parameters",
+    "statistics",
+    "trace",
+    "logging",
+]
+
+
+class ModelControlMode(Enum):
+    none = "none"
+    explicit = "explicit"
+    poll = "poll"
+
+
+@dataclass
+class ServerConfig:
+    host: str = "0.0.0.0"
+    grpc_port: int = 8001
+    """0 picks a free port (printed at start)."""
+    max_message_bytes: int = 2**31 - 1
+    """Largest request/response message; Triton allows INT32_MAX."""
+    name: str = "triton"
+    """ServerMetadata.name; Triton's clients check for "triton"."""
+    version: str = __version__
+    extensions: list[str] = field(default_factory=lambda: list(EXTENSIONS))
+    strict_readiness: bool = True
+    """ServerReady is false while any loaded model version is not READY."""
+    workers: int = 16
+    """Threads for blocking work (model loads, executes of direct-policy models)."""
+    metrics_port: int = 8002
+    allow_client_shm: bool = False
+    exit_timeout_s: float = 30.0
+    """How long shutdown waits for in-flight requests."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.grpc_port <= 65535:
+            raise ValueError(f"server.grpc_port must be in [0, 65535], got {self.grpc_port}")
+        if self.max_message_bytes <= 0 or self.max_message_bytes > 2**31 - 1:
+            raise ValueError(f"server.max_message_bytes must be in [1, {2**31 - 1}], got {self.max_message_bytes}")
+        if self.workers < 1:
+            raise ValueError(f"server.workers must be >= 1, got {self.workers}")
+
+
+@dataclass
+class PluginsConfig:
+    disable: list[str] = field(default_factory=list)
+    """Plugin (entry-point) names not to load."""
+
+
+@dataclass
+class EngineSettings:
+    """LLM engine options shared by every LLM model of the server."""
+
+    device: str = "auto"
+    dtype: str = "auto"
+    load_format: str = "auto"
+    """``auto`` reads the weights; ``dummy`` runs the architecture with random weights."""
+    weights: str | None = None
+    """A Hugging Face directory that overrides the ``weights`` of the LLM model(s) loaded at start."""
+    seed: int = 0
+    max_model_len: int | None = None
+
+
+@dataclass
+class ServeConfig:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    model_control_mode: ModelControlMode = ModelControlMode.none
+    repository: str | None = None
+    """Folder of model YAMLs; default: the shipped conf/models."""
+    model: Any = None
+    """Name or list of names to load at start; unset loads every model (with autoload) except in
+    explicit mode, where nothing else loads."""
+    poll_interval_s: float = 15.0
+    plugins: PluginsConfig = field(default_factory=PluginsConfig)
+    scheduler: SchedulerConfig = MISSING
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    kernel: str = "auto"
+    cuda_graphs: bool = True
+    engine: EngineSettings = field(default_factory=EngineSettings)
+    check: bool = False
+    """Load the start-up models, print the table and exit (non-zero if one failed): validates a
+    configuration, and lets ``serve -m`` sweeps finish."""
+
+    def __post_init__(self) -> None:
+        if self.poll_interval_s <= 0:
+            raise ValueError(f"poll_interval_s must be > 0, got {self.poll_interval_s}")
+        models = self.startup_models()
+        if models is not None and not all(isinstance(m, str) and m for m in models):
+            raise ValueError(f"model must be a model name or a list of names, got {self.model!r}")
+
+    def startup_models(self) -> list[str] | None:
+        """Names to load at start; None means "every model with autoload"."""
+        if self.model is None:
+            return None
+        if isinstance(self.model, str):
+            return [m for m in self.model.split(",") if m]
+        return list(self.model)
+
+    def repository_path(self) -> Path:
+        if self.repository:
+            return Path(self.repository).expanduser().resolve()
+        return Path(str(importlib.resources.files("pagedserve.conf") / "models"))
+
+
+@dataclass(frozen=True)
+class BackendSettings:
+    """What model backends get from the server config (narrow, typed; never the whole config)."""
+
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    kernel: str = "auto"
+    cuda_graphs: bool = True
+    engine: EngineSettings = field(default_factory=EngineSettings)
+    registries: Any = None
+    """The plugin registries (attention backends, scheduling policies, architectures)."""
+
+    @classmethod
+    def from_config(cls, config: ServeConfig, registries: Any = None) -> BackendSettings:
+        return cls(config.cache, config.scheduler, config.kernel, config.cuda_graphs, config.engine, registries)
+
+
+def register_configs(store: ConfigStore) -> None:
+    store.store(name="serve_schema", node=ServeConfig)
+    store.store(group="scheduler", name="base_scheduler", node=SchedulerConfig)

@@ -1,0 +1,136 @@
+"""The paged-attention seam: the backend contract, the per-step metadata, and backend selection.
+
+KV cache layout (fixed; every backend reads and writes it): per layer, ``k_cache`` and ``v_cache``
+each of shape ``[num_blocks, block_size, num_kv_heads, head_dim]``. Token ``t`` of a sequence lives
+in slot ``block_table[t // block_size] * block_size + t % block_size``. A slot of ``-1`` in
+``slot_mapping`` means "do not store" (padding rows).
+
+The runner builds one :class:`AttentionMetadata` per step and makes it current with
+:func:`attention_metadata`; each model ``Attention`` layer reads it with :func:`current_metadata`.
+The first ``num_decode_tokens`` rows of the batch are single-token sequences (decode); the rest are
+prefill chunks. Backends never see sequences or the scheduler.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    """Tensors describing one batch, shared by every attention layer of the step."""
+
+    slot_mapping: torch.Tensor  # [num_tokens] int64, -1 = do not store
+    num_decode_tokens: int  # rows [0, num_decode_tokens) are decodes, one token per sequence
+    decode_block_tables: torch.Tensor  # [num_decodes, max_blocks] int32
+    decode_context_lens: torch.Tensor  # [num_decodes] int32, tokens including the new one
+    prefill_cu_seqlens_q: torch.Tensor  # [num_prefills + 1] int32, offsets into the prefill rows
+    prefill_context_lens: torch.Tensor  # [num_prefills] int32, tokens including this chunk
+    prefill_block_tables: torch.Tensor  # [num_prefills, max_blocks] int32
+    max_prefill_query_len: int = 0
+    max_context_len: int = 0
+
+    @property
+    def num_prefills(self) -> int:
+        return self.prefill_context_lens.numel()
+
+
+class AttentionBackend(ABC):
+    """A paged-attention implementation. Instances are stateless; the runner creates one per engine.
+
+    ``q`` has ``Hq`` heads and the caches ``Hkv``; ``Hq`` is a multiple of ``Hkv`` (grouped-query
+    attention: query head ``h`` reads KV head ``h // (Hq // Hkv)``). Repeated K/V must never be
+    materialised in the cache.
+    """
+
+    name: ClassVar[str]
+
+    @classmethod
+    @abstractmethod
+    def unsupported_reason(
+        cls, head_dim: int, dtype: torch.dtype, block_size: int, device: torch.device,
+    ) -> str | None:
+        """``None`` when this backend can serve the configuration, else a short human reason."""
+
+    @abstractmethod
+    def store_kv(
+        self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> None:
+        """Write ``key``/``value`` ``[N, Hkv, D]`` into their slots; skip rows whose slot is -1."""
+
+    @abstractmethod
+    def prefill(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
+        context_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
+    ) -> torch.Tensor:
+        """Causal attention for query chunks ``q`` ``[T, Hq, D]``; returns ``[T, Hq, D]``.
+
+        Query ``i`` of sequence ``b`` sits at position ``context_lens[b] - q_len_b + i`` and attends to
+        positions ``<=`` its own, all read from the cache through ``block_tables[b]`` (the chunk's own
+        K/V were stored before this call).
+        """
+
+    @abstractmethod
+    def decode(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+        context_lens: torch.Tensor, scale: float,
+    ) -> torch.Tensor:
+        """One query per sequence, ``q`` ``[B, Hq, D]``, attending to its first ``context_lens[b]``
+        cached tokens; returns ``[B, Hq, D]``."""
+
+
+class NoAttentionBackendError(RuntimeError):
+    pass
+
+
+def select_attention_backend(
+    backends: Mapping[str, type[AttentionBackend]], kernel: str, *, head_dim: int, dtype: torch.dtype,
+    block_size: int, device: torch.device,
+) -> type[AttentionBackend]:
+    """Resolve ``kernel`` (a backend name or ``auto``) to a backend class that supports the model.
+
+    ``auto`` takes the first backend, in registration order, with no objection. Failing that, the
+    error lists every candidate's reason so the user can see what to change.
+    """
+    if kernel != "auto" and kernel not in backends:
+        raise NoAttentionBackendError(f"kernel={kernel!r} is not a registered attention backend; "
+                                      f"registered: {sorted(backends)}")
+    candidates = list(backends.items()) if kernel == "auto" else [(kernel, backends[kernel])]
+    reasons = []
+    for name, backend in candidates:
+        reason = backend.unsupported_reason(head_dim, dtype, block_size, device)
+        if reason is None:
+            return backend
+        reasons.append(f"{name}: {reason}")
+    setup = f"head_dim={head_dim}, dtype={dtype}, block_size={block_size}, device={device}"
+    raise NoAttentionBackendError(f"no attention backend for kernel={kernel!r} can serve {setup}: "
+                                  + ("; ".join(reasons) or "no backends are registered"))
+
+
+_current: contextvars.ContextVar[AttentionMetadata | None] = contextvars.ContextVar(
+    "pagedserve_attention_metadata", default=None)
+
+
+@contextlib.contextmanager
+def attention_metadata(metadata: AttentionMetadata) -> Iterator[None]:
+    """Make ``metadata`` current for the model forward inside the ``with`` block."""
+    token = _current.set(metadata)
+    try:
+        yield
+    finally:
+        _current.reset(token)
+
+
+def current_metadata() -> AttentionMetadata:
+    metadata = _current.get()
+    if metadata is None:
+        raise RuntimeError("attention layers ran outside a model step (no AttentionMetadata is set)")
+    return metadata

@@ -1,0 +1,84 @@
+"""Typed engine configuration, usable as Hydra structured configs.
+
+Every field is a plain type OmegaConf understands. Validation happens in ``__post_init__`` and raises
+``ValueError`` naming the dotted key, so a bad command-line override fails before anything loads.
+Derived values (number of blocks measured from memory, resolved dtype...) never go back into these
+objects; the engine keeps them in its own state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+BLOCK_SIZES = [1, 8, 16, 32, 64, 128]
+DTYPES = ["auto", "float32", "float16", "bfloat16"]
+LOAD_FORMATS = ["auto", "safetensors", "dummy"]
+
+
+def _check_choice(key: str, value: object, choices: list) -> None:
+    if value not in choices:
+        raise ValueError(f"{key} must be one of {choices}, got {value!r}")
+
+
+def _check_positive(key: str, value: int | None) -> None:
+    if value is not None and value < 1:
+        raise ValueError(f"{key} must be a positive integer, got {value!r}")
+
+
+@dataclass
+class CacheConfig:
+    """Paged KV cache: block size, and either a fixed block count or a memory fraction."""
+
+    block_size: int = 16
+    num_blocks: int | None = None
+    memory_fraction: float = 0.9
+    prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        _check_choice("cache.block_size", self.block_size, BLOCK_SIZES)
+        _check_positive("cache.num_blocks", self.num_blocks)
+        if not 0.0 < self.memory_fraction <= 1.0:
+            raise ValueError(f"cache.memory_fraction must be in (0, 1], got {self.memory_fraction!r}")
+
+
+@dataclass
+class SchedulerConfig:
+    """Continuous-batching budgets; ``policy`` names a registered SchedulingPolicy."""
+
+    policy: str = "fcfs"
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    chunked_prefill: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.policy:
+            raise ValueError("scheduler.policy must name a scheduling policy, got an empty string")
+        _check_positive("scheduler.max_num_seqs", self.max_num_seqs)
+        _check_positive("scheduler.max_num_batched_tokens", self.max_num_batched_tokens)
+
+
+@dataclass
+class EngineConfig:
+    """Everything one LLM engine needs. ``model`` is a Hugging Face directory or ``tiny-llama``."""
+
+    model: str
+    dtype: str = "auto"
+    device: str = "auto"
+    load_format: str = "auto"
+    kernel: str = "auto"
+    cuda_graphs: bool = True
+    max_model_len: int | None = None
+    seed: int = 0
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ValueError("model must name a Hugging Face model directory (or 'tiny-llama'), got ''")
+        _check_choice("dtype", self.dtype, DTYPES)
+        _check_choice("load_format", self.load_format, LOAD_FORMATS)
+        if not self.kernel:
+            raise ValueError("kernel must be 'auto' or the name of an attention backend, got ''")
+        if not (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
+        _check_positive("max_model_len", self.max_model_len)

@@ -1,0 +1,232 @@
+"""Continuous batching: which sequences run this step, with how many tokens each.
+
+There is no prefill or decode phase. Every sequence has ``num_computed_tokens`` and the scheduler
+hands out tokens so that it catches up with ``len(seq)``: one token for a decode, a chunk of the
+prompt for a prefill. Running sequences go first (decodes before unfinished prefills), then waiting
+ones in policy order while the token budget, ``max_num_seqs`` and the block pool allow. When the pool
+runs dry a running sequence is preempted by recompute: its blocks are freed and it waits again with
+all its tokens, to be prefilled anew (mostly from the prefix cache).
+
+The scheduler does not know about tensors, text or the model.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+from pagedserve.engine.block_manager import BlockManager
+from pagedserve.engine.config import SchedulerConfig
+from pagedserve.engine.policy import SchedulingPolicy
+from pagedserve.engine.sampling_params import SamplingParams
+from pagedserve.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class Sample:
+    """One sampled token for one sequence."""
+
+    token_id: int
+    logprob: float
+    top_logprobs: dict[int, float] | None = None
+
+
+@dataclass
+class ScheduledBatch:
+    """What the runner computes this step.
+
+    ``seqs[i]`` gets ``num_new_tokens[i]`` tokens starting at its ``num_computed_tokens``.
+    ``sample_rows`` pairs each sequence that receives a token with the index in ``seqs`` whose last
+    position's logits it samples from (forked siblings sample from their parent's row).
+    """
+
+    seqs: list[Sequence] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)
+    sample_rows: list[tuple[Sequence, int]] = field(default_factory=list)
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
+    num_preempted: int = 0
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.seqs
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+
+class Scheduler:
+    def __init__(
+        self, config: SchedulerConfig, block_manager: BlockManager, policy: SchedulingPolicy,
+        *, max_model_len: int, eos_token_ids: frozenset[int] = frozenset(),
+    ) -> None:
+        self.config = config
+        self.block_manager = block_manager
+        self.policy = policy
+        self.max_model_len = max_model_len
+        self.eos_token_ids = eos_token_ids
+        self.waiting: list[Sequence] = []  # sorted by policy key
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    # ---- requests --------------------------------------------------------------------------------
+
+    def check_request(self, num_prompt_tokens: int, params: SamplingParams) -> None:
+        """Raise ``ValueError`` for a request that could never be served."""
+        if num_prompt_tokens == 0:
+            raise ValueError("the prompt is empty")
+        if num_prompt_tokens >= self.max_model_len:
+            raise ValueError(f"the prompt has {num_prompt_tokens} tokens, which leaves no room to "
+                             f"generate within the model context of {self.max_model_len} tokens")
+        worst = min(num_prompt_tokens + params.max_tokens, self.max_model_len)
+        pool = self.block_manager
+        if pool.blocks_needed(worst) > pool.num_blocks:
+            raise ValueError(f"the request needs up to {worst} tokens of KV cache but the whole cache "
+                             f"holds {pool.num_blocks * pool.block_size} ({pool.num_blocks} blocks of "
+                             f"{pool.block_size}); lower max_tokens or raise cache.num_blocks")
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        bisect.insort(self.waiting, seq, key=self.policy.key)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """End ``seq`` now and give its blocks back."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        self.block_manager.free(seq)
+
+    def abort(self, request_id: str) -> list[Sequence]:
+        seqs = [s for s in self.running + self.waiting if s.request_id == request_id]
+        for seq in seqs:
+            self.finish(seq, "abort")
+        return seqs
+
+    # ---- one step --------------------------------------------------------------------------------
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        self._schedule_running(batch)
+        if batch.num_preempted == 0:
+            self._schedule_waiting(batch, self.config.max_num_batched_tokens - batch.num_tokens)
+        self._fork_and_mark_sampling(batch)
+        return batch
+
+    def postprocess(self, batch: ScheduledBatch, samples: list[Sample]) -> list[Sequence]:
+        """Advance KV progress, append sampled tokens, finish sequences that hit a token-level stop."""
+        for seq, num_new in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            seq.num_computed_tokens += num_new
+            self.block_manager.cache_full_blocks(seq)
+        for (seq, _), sample in zip(batch.sample_rows, samples, strict=True):
+            seq.append_token(sample.token_id, sample.logprob, sample.top_logprobs)
+            reason = self._stop_reason(seq)
+            if reason is not None:
+                self.finish(seq, reason)
+        return [seq for seq, _ in batch.sample_rows]
+
+    # ---- internals -------------------------------------------------------------------------------
+
+    def _schedule_running(self, batch: ScheduledBatch) -> None:
+        copies: dict[int, list[tuple[int, int]]] = {}
+        # Decodes first so a long prefill chunk never starves them of budget.
+        for seq in sorted(self.running, key=lambda s: s.num_uncomputed_tokens > 1):
+            budget = self.config.max_num_batched_tokens - batch.num_tokens  # a preemption may refund
+            if budget == 0:
+                break
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            num_new = min(seq.num_uncomputed_tokens, budget)
+            seq_copies = self._allocate_or_preempt(seq, num_new, batch, copies)
+            if seq_copies is None:
+                continue
+            copies[id(seq)] = seq_copies
+            batch.seqs.append(seq)
+            batch.num_new_tokens.append(num_new)
+        batch.block_copies = [pair for seq in batch.seqs for pair in copies.get(id(seq), [])]
+
+    def _allocate_or_preempt(
+        self, seq: Sequence, num_new: int, batch: ScheduledBatch, copies: dict,
+    ) -> list[tuple[int, int]] | None:
+        while (seq_copies := self.block_manager.allocate_slots(seq, num_new)) is None:
+            victim = self.policy.select_victim(self.running)
+            self._unschedule(victim, batch)
+            copies.pop(id(victim), None)
+            self._preempt(victim)
+            batch.num_preempted += 1
+            if victim is seq:
+                return None
+        return seq_copies
+
+    def _unschedule(self, seq: Sequence, batch: ScheduledBatch) -> None:
+        for i, scheduled in enumerate(batch.seqs):
+            if scheduled is seq:
+                del batch.seqs[i], batch.num_new_tokens[i]
+                return
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.add(seq)
+
+    def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> None:
+        pool = self.block_manager
+        while self.waiting and budget > 0:
+            seq = self.waiting[0]
+            seats = 1 if seq.is_forked else seq.params.n
+            if self.running and len(self.running) + seats > self.config.max_num_seqs:
+                break
+            cached = pool.find_cached_prefix(seq)
+            remaining = len(seq) - len(cached) * pool.block_size
+            num_new = min(remaining, budget)
+            if num_new < remaining and not self.config.chunked_prefill:
+                break
+            seq_copies = pool.allocate_slots(seq, num_new, cached, num_reserve_tokens=remaining)
+            if seq_copies is None:
+                break
+            self.waiting.pop(0)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            batch.seqs.append(seq)
+            batch.num_new_tokens.append(num_new)
+            batch.block_copies.extend(seq_copies)
+            budget -= num_new
+
+    def _fork_and_mark_sampling(self, batch: ScheduledBatch) -> None:
+        # Forking happens only once no more preemption can occur in this step, so children never
+        # share blocks whose KV this step will not compute.
+        for row, (seq, num_new) in enumerate(zip(batch.seqs, batch.num_new_tokens, strict=True)):
+            if seq.num_computed_tokens + num_new < len(seq):
+                continue  # a prompt chunk that is not the last one
+            batch.sample_rows.append((seq, row))
+            if not seq.is_forked:
+                batch.sample_rows.extend((child, row) for child in self._fork(seq, num_new))
+
+    def _fork(self, parent: Sequence, num_new: int) -> list[Sequence]:
+        parent.is_forked = True
+        children = []
+        for index in range(1, parent.params.n):
+            child = parent.fork(index)
+            child.num_computed_tokens = parent.num_computed_tokens + num_new
+            self.block_manager.fork(parent, child)
+            self.running.append(child)
+            children.append(child)
+        return children
+
+    def _stop_reason(self, seq: Sequence) -> str | None:
+        params, last = seq.params, seq.token_ids[-1]
+        if seq.num_output_tokens >= params.min_tokens and (
+            (not params.ignore_eos and last in self.eos_token_ids) or last in params.stop_token_ids
+        ):
+            return "stop"
+        if seq.num_output_tokens >= params.max_tokens or len(seq) >= self.max_model_len:
+            return "length"
+        return None

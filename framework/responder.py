@@ -1,0 +1,113 @@
+"""The server's Responder: encodes a model's responses in the calling thread, hands them to the loop.
+
+Encoding happens where the model sends (a worker or engine thread), so the event loop only writes
+finished protobuf messages. The final response records the request's statistics and releases the
+model version (unload waits for that).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pagedserve.codec import encode_response
+from pagedserve.errors import InferenceError
+from pagedserve.inference import InferenceRequest, InferenceResponse, Responder
+from pagedserve.model_manager import LoadedVersion
+from pagedserve.protocol import grpc_service_pb2 as pb
+
+
+@dataclass
+class Delivery:
+    """One message for the client: a response, an error, or a flags-only final (``message`` None)."""
+
+    message: pb.ModelInferResponse | None
+    error: InferenceError | None
+    final: bool
+
+
+class ServerResponder(Responder):
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, loaded: LoadedVersion, deliver: Callable[[Delivery], None]
+    ) -> None:
+        self.loop = loop
+        self.loaded = loaded
+        self.deliver = deliver
+        self.request: InferenceRequest | None = None
+        self._lock = threading.Lock()
+        self._finished = False
+        self._cancelled = False
+        self._output_ns = 0
+        self._responses = 0
+        self._last_ns = time.monotonic_ns()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def cancel(self) -> None:
+        self._cancelled = True
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    def send(self, response: InferenceResponse | None, final: bool) -> None:
+        with self._lock:
+            if self._finished:
+                raise RuntimeError("response sent after the final response")
+            self._finished = final
+        delivery = self._encode(response, final)
+        if final:
+            self._finish(delivery.error is None)
+        try:
+            self.loop.call_soon_threadsafe(self.deliver, delivery)
+        except RuntimeError:
+            pass  # the loop is gone (server stopped); nobody is left to read it
+
+    def fail(self, error: InferenceError) -> None:
+        """Finish with an error unless a final response already went out."""
+        with self._lock:
+            if self._finished:
+                return
+        self.send(InferenceResponse(error=error), final=True)
+
+    def _encode(self, response: InferenceResponse | None, final: bool) -> Delivery:
+        assert self.request is not None
+        start = time.monotonic_ns()
+        index, self._responses = self._responses, self._responses + 1
+        infer_ns, self._last_ns = start - self._last_ns, start
+        if response is not None and response.error is not None:
+            self.loaded.stats.record_response(index, infer_ns=infer_ns, output_ns=0, ok=False, empty=False)
+            return Delivery(None, response.error, final)
+        try:
+            message = encode_response(self.loaded.spec, self.request, response)
+        except Exception as error:  # noqa: BLE001 - a model returned something we cannot encode
+            return Delivery(None, InferenceError.internal(f"failed to encode response: {error}"), final)
+        output_ns = time.monotonic_ns() - start
+        self._output_ns += output_ns
+        empty = response is None
+        self.loaded.stats.record_response(index, infer_ns=infer_ns, output_ns=output_ns, ok=True, empty=empty)
+        return Delivery(None if empty else message, None, final)
+
+    def _finish(self, ok: bool) -> None:
+        assert self.request is not None
+        timing = self.request.timing
+        now = time.monotonic_ns()
+        stats = self.loaded.stats
+        if ok:
+            started = timing.compute_start_ns or now
+            stats.record_success(
+                total_ns=now - timing.arrival_ns,
+                queue_ns=started - (timing.queued_ns or started),
+                input_ns=timing.compute_input_ns,
+                infer_ns=(timing.compute_end_ns or now) - started,
+                output_ns=self._output_ns,
+                batch_size=self.request.batch_size,
+            )
+        else:
+            stats.record_failure(now - timing.arrival_ns)
+        self.loaded.release()

@@ -1,0 +1,499 @@
+"""The gRPC front end: ``inference.GRPCInferenceService`` plus grpc.health.v1 and reflection.
+
+Protocol in, typed objects out: requests are decoded by :mod:`pagedserve.codec`, handed to the
+model's batching policy, and whatever the model sends comes back through a
+:class:`~pagedserve.responder.ServerResponder`. Nothing here runs a model or blocks the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+from google.protobuf import json_format
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from pagedserve import protocol
+from pagedserve.codec import RequestDecoder, RequestOptions, set_parameter
+from pagedserve.config import ServeConfig
+from pagedserve.errors import InferenceError
+from pagedserve.inference import InferenceRequest
+from pagedserve.model_manager import LoadedVersion, ModelManager
+from pagedserve.protocol import grpc_service_pb2 as pb
+from pagedserve.protocol import grpc_service_pb2_grpc as pb_grpc
+from pagedserve.responder import Delivery, ServerResponder
+from pagedserve.statistics import Duration
+
+log = logging.getLogger(__name__)
+
+_NOT_YET = "is not supported by this server yet"
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, config: ServeConfig, manager: ModelManager) -> None:
+        self.config = config
+        self.manager = manager
+        self.live = True
+        self.started = False
+        self.exiting = False
+        self._decoders: dict[int, RequestDecoder] = {}
+
+    # -- health and metadata ----------------------------------------------------------------------
+
+    def server_ready(self) -> bool:
+        if not self.started or self.exiting:
+            return False
+        return self.manager.all_ready() if self.config.server.strict_readiness else True
+
+    async def _check_exiting(self, context: grpc.aio.ServicerContext) -> None:
+        if self.exiting:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "Server exiting")
+
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:
+        await self._check_exiting(context)
+        return pb.ServerLiveResponse(live=self.live)
+
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: Any) -> pb.ServerReadyResponse:
+        await self._check_exiting(context)
+        return pb.ServerReadyResponse(ready=self.server_ready())
+
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
+        if not self.server_ready() and not self.started:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "Server not ready")
+        ready = await self._call(context, self.manager.is_ready, request.name, request.version)
+        return pb.ModelReadyResponse(ready=ready)
+
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Any) -> pb.ServerMetadataResponse:
+        server = self.config.server
+        return pb.ServerMetadataResponse(name=server.name, version=server.version, extensions=server.extensions)
+
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
+        loaded = await self._call(context, self.manager.resolve, request.name, request.version)
+        config = loaded.spec.config
+        versions = (
+            [request.version]
+            if request.version
+            else [str(v.version) for v in self.manager.ready_versions(request.name)]
+        )
+        batch = [-1] if config.max_batch_size > 0 else []
+        response = pb.ModelMetadataResponse(
+            name=loaded.spec.name, versions=versions, platform=config.platform or config.backend
+        )
+        from pagedserve.datatypes import from_config
+        from pagedserve.protocol import model_config_pb2 as mc
+
+        for tensor in config.input:
+            response.inputs.add(
+                name=tensor.name, datatype=from_config(mc.DataType.Name(tensor.data_type)), shape=batch + list(tensor.dims)
+            )
+        for tensor in config.output:
+            response.outputs.add(
+                name=tensor.name, datatype=from_config(mc.DataType.Name(tensor.data_type)), shape=batch + list(tensor.dims)
+            )
+        return response
+
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:
+        loaded = await self._call(context, self.manager.resolve, request.name, request.version)
+        return pb.ModelConfigResponse(config=loaded.spec.config)
+
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: Any
+    ) -> pb.ModelStatisticsResponse:
+        loaded_versions = self.manager.ready_versions(request.name)
+        if request.name and not loaded_versions:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"requested model '{request.name}' is not available")
+        if request.version:
+            loaded_versions = [v for v in loaded_versions if str(v.version) == request.version]
+            if not loaded_versions:
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"requested model version is not available for model '{request.name}'",
+                )
+        response = pb.ModelStatisticsResponse()
+        for loaded in loaded_versions:
+            _fill_statistics(response.model_stats.add(), loaded)
+        return response
+
+    # -- repository -------------------------------------------------------------------------------
+
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Any) -> pb.RepositoryIndexResponse:
+        if request.repository_name:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "'repository_name' specification is not supported")
+        response = pb.RepositoryIndexResponse()
+        for row in self.manager.index(request.ready):
+            response.models.add(name=row.name, version=row.version, state=row.state, reason=row.reason)
+        return response
+
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: Any
+    ) -> pb.RepositoryModelLoadResponse:
+        await self._check_model_control(context)
+        override: str | None = None
+        for key, param in request.parameters.items():
+            if key == "config":
+                if param.WhichOneof("parameter_choice") != "string_param":
+                    await context.abort(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        "invalid value type for load parameter 'config', expected string_param.",
+                    )
+                override = param.string_param
+            elif key.startswith("file:"):
+                await context.abort(
+                    grpc.StatusCode.INTERNAL,
+                    f"failed to load '{request.model_name}', failed to poll from model repository",
+                )
+            else:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unrecognized load parameter '{key}'.")
+        await self._call(context, self.manager.load, request.model_name, override, blocking=True)
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: Any
+    ) -> pb.RepositoryModelUnloadResponse:
+        await self._check_model_control(context)
+        param = request.parameters.get("unload_dependents")
+        if param is not None and param.WhichOneof("parameter_choice") != "bool_param":
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "invalid value type for 'unload_dependents' parameter, expected bool_param.",
+            )
+        await self._call(context, self.manager.unload, request.model_name, None, blocking=True)
+        return pb.RepositoryModelUnloadResponse()
+
+    async def _check_model_control(self, context: Any) -> None:
+        if self.config.model_control_mode.value != "explicit":
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, "explicit model load / unload is not allowed if polling is enabled"
+            )
+
+    async def _call(self, context: Any, function: Callable[..., Any], *args: Any, blocking: bool = False) -> Any:
+        """Run a manager call (in a thread when it may block) and map InferenceError to a status."""
+        try:
+            if blocking:
+                return await asyncio.get_running_loop().run_in_executor(None, function, *args)
+            return function(*args)
+        except InferenceError as error:
+            await context.abort(error.code, error.message)
+
+    # -- inference --------------------------------------------------------------------------------
+
+    def _decoder(self, loaded: LoadedVersion) -> RequestDecoder:
+        decoder = self._decoders.get(id(loaded))
+        if decoder is None or decoder.spec is not loaded.spec:
+            decoder = self._decoders[id(loaded)] = RequestDecoder(loaded.spec, loaded.version)
+        return decoder
+
+    def start_request(
+        self, message: pb.ModelInferRequest, deliver: Callable[[Delivery], None]
+    ) -> tuple[ServerResponder, RequestOptions]:
+        """Resolve, decode and queue one request; raise InferenceError if it cannot start."""
+        if self.exiting:
+            raise InferenceError.unavailable("GRPC server is shutting down and has stopped accepting new requests.")
+        arrival = time.monotonic_ns()
+        loaded = self.manager.acquire(message.model_name, message.model_version)
+        responder = ServerResponder(asyncio.get_running_loop(), loaded, deliver)
+        try:
+            request, options = self._decoder(loaded).decode(message, responder)
+        except InferenceError:
+            loaded.stats.record_failure(time.monotonic_ns() - arrival)
+            loaded.release()
+            raise
+        request.timing.arrival_ns = arrival
+        request.timing.compute_input_ns = time.monotonic_ns() - arrival
+        responder.request = request
+        self._submit(loaded, request, responder)
+        return responder, options
+
+    @staticmethod
+    def _submit(loaded: LoadedVersion, request: InferenceRequest, responder: ServerResponder) -> None:
+        request.timing.queued_ns = time.monotonic_ns()
+        try:
+            loaded.policy.submit(request)
+        except InferenceError as error:
+            responder.fail(error)
+        except Exception as error:  # noqa: BLE001 - a broken policy must not take the server down
+            responder.fail(InferenceError.internal(str(error)))
+
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
+        spec = self.manager.spec(request.model_name)
+        if spec is not None and spec.decoupled and not _allows_unary(spec):
+            await context.abort(
+                grpc.StatusCode.UNIMPLEMENTED,
+                "ModelInfer RPC doesn't support models with decoupled transaction policy",
+            )
+        queue: asyncio.Queue[Delivery] = asyncio.Queue()
+        try:
+            responder, _ = self.start_request(request, queue.put_nowait)
+        except InferenceError as error:
+            await context.abort(error.code, error.message)
+        context.add_done_callback(lambda _: responder.cancel())
+        last: pb.ModelInferResponse | None = None
+        while True:
+            delivery = await queue.get()
+            if delivery.error is not None:
+                await context.abort(delivery.error.code, delivery.error.message)
+            if delivery.message is not None:
+                last = delivery.message
+            if delivery.final:
+                break
+        return last if last is not None else pb.ModelInferResponse(
+            model_name=request.model_name, model_version=request.model_version, id=request.id
+        )
+
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Any
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        stream = _Stream(self)
+        reader = asyncio.create_task(stream.read(request_iterator))
+        try:
+            async for message in stream.messages():
+                yield message
+        finally:
+            reader.cancel()
+            stream.cancel_all()
+
+    # -- not yet implemented (shared memory, tracing, logging) ------------------------------------
+
+    async def _unimplemented(self, what: str, context: Any) -> Any:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{what} {_NOT_YET}")
+
+    async def SystemSharedMemoryStatus(self, request: Any, context: Any) -> Any:
+        return await self._unimplemented("system shared memory", context)
+
+    async def SystemSharedMemoryRegister(self, request: Any, context: Any) -> Any:
+        return await self._unimplemented("system shared memory", context)
+
+    async def SystemSharedMemoryUnregister(self, request: Any, context: Any) -> Any:
+        return await self._unimplemented("system shared memory", context)
+
+    async def CudaSharedMemoryStatus(self, request: Any, context: Any) -> Any:
+        return await self._unimplemented("CUDA shared memory", context)
+
+    async def CudaSharedMemoryRegister(self, request: Any, context: Any) -> Any:
+        return await self._unimplemented("CUDA shared memory", context)
+
+    async def CudaSharedMemoryUnregister(self, request: Any, context: Any) -> Any:
+        return await self._unimplemented("CUDA shared memory", context)
+
+    async def TraceSetting(self, request: Any, context: Any) -> Any:
+        return await self._unimplemented("TraceSetting", context)
+
+    async def LogSettings(self, request: Any, context: Any) -> Any:
+        return await self._unimplemented("LogSettings", context)
+
+
+def _allows_unary(spec: Any) -> bool:
+    """Our extension: decoupled models that answer a non-streaming request with exactly one response
+    (the LLM backend with ``stream`` false) say so with this config parameter."""
+    return spec.parameter("unary_decoupled", "false") == "true"
+
+
+class _Stream:
+    """One ModelStreamInfer call: many requests in, their responses out.
+
+    Decoupled responses go out as they come; non-decoupled ones keep request order, so each takes a
+    slot in ``ordered`` and leaves only when every earlier slot has.
+    """
+
+    _END = object()
+
+    def __init__(self, servicer: InferenceServicer) -> None:
+        self.servicer = servicer
+        self.out: asyncio.Queue[Any] = asyncio.Queue()
+        self.ordered: collections.deque[list[pb.ModelStreamInferResponse | None]] = collections.deque()
+        self.responders: set[ServerResponder] = set()
+        self.active = 0
+        self.reading = True
+
+    async def read(self, request_iterator: AsyncIterator[pb.ModelInferRequest]) -> None:
+        try:
+            async for message in request_iterator:
+                self.start(message)
+        finally:
+            self.reading = False
+            self._maybe_end()
+
+    def start(self, message: pb.ModelInferRequest) -> None:
+        spec = self.servicer.manager.spec(message.model_name)
+        slot: list[pb.ModelStreamInferResponse | None] | None = None
+        if spec is None or not spec.decoupled:
+            slot = [None]
+            self.ordered.append(slot)
+        self.active += 1
+        state: dict[str, Any] = {}
+
+        def deliver(delivery: Delivery) -> None:
+            self._deliver(message, state, slot, delivery)
+
+        try:
+            responder, options = self.servicer.start_request(message, deliver)
+        except InferenceError as error:
+            deliver(Delivery(None, error, True))
+            return
+        state["options"] = options
+        state["responder"] = responder
+        self.responders.add(responder)
+
+    def _deliver(
+        self,
+        request: pb.ModelInferRequest,
+        state: dict[str, Any],
+        slot: list[pb.ModelStreamInferResponse | None] | None,
+        delivery: Delivery,
+    ) -> None:
+        options: RequestOptions = state.get("options") or RequestOptions()
+        if delivery.error is not None:
+            out = pb.ModelStreamInferResponse(
+                error_message=delivery.error.message,
+                infer_response=pb.ModelInferResponse(
+                    id=request.id, model_name=request.model_name, model_version=request.model_version
+                ),
+            )
+        elif delivery.message is not None:
+            out = pb.ModelStreamInferResponse(infer_response=delivery.message)
+            out.infer_response.parameters["triton_final_response"].bool_param = delivery.final
+        elif delivery.final and (slot is not None or options.enable_empty_final_response):
+            out = pb.ModelStreamInferResponse(
+                infer_response=pb.ModelInferResponse(
+                    id=request.id, model_name=request.model_name, model_version=request.model_version
+                )
+            )
+            out.infer_response.parameters["triton_final_response"].bool_param = True
+        else:
+            out = None
+        if slot is None:
+            if out is not None:
+                self.out.put_nowait(out)
+        else:
+            self._fill_slot(slot, out, delivery)
+        if delivery.final:
+            self.responders.discard(state.get("responder"))  # type: ignore[arg-type]
+            self.active -= 1
+            self._flush()
+            self._maybe_end()
+
+    def _fill_slot(
+        self, slot: list[pb.ModelStreamInferResponse | None], out: pb.ModelStreamInferResponse | None, delivery: Delivery
+    ) -> None:
+        # A non-decoupled model may send its response and the final flag separately: keep the last
+        # real message and mark it final.
+        if out is not None and (out.error_message or out.infer_response.outputs or slot[0] is None):
+            slot[0] = out
+        if delivery.final and slot[0] is not None and not slot[0].error_message:
+            slot[0].infer_response.parameters["triton_final_response"].bool_param = True
+        if delivery.final:
+            slot.append(None)  # marks the slot complete
+
+    def _flush(self) -> None:
+        while self.ordered and len(self.ordered[0]) == 2:
+            message = self.ordered.popleft()[0]
+            if message is not None:
+                self.out.put_nowait(message)
+
+    def _maybe_end(self) -> None:
+        if not self.reading and self.active == 0:
+            self.out.put_nowait(self._END)
+
+    async def messages(self) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        while True:
+            item = await self.out.get()
+            if item is self._END:
+                return
+            yield item
+
+    def cancel_all(self) -> None:
+        for responder in list(self.responders):
+            responder.cancel()
+
+
+def _fill_statistics(stats: pb.ModelStatistics, loaded: LoadedVersion) -> None:
+    snap = loaded.stats.snapshot()
+    stats.name = loaded.spec.name
+    stats.version = str(loaded.version)
+    stats.last_inference = snap.last_inference_ms
+    stats.inference_count = snap.inference_count
+    stats.execution_count = snap.execution_count
+
+    def put(target: pb.StatisticDuration, source: Duration) -> None:
+        target.count, target.ns = source.count, source.ns
+
+    inference = stats.inference_stats
+    for name in ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output"):
+        put(getattr(inference, name), getattr(snap, name))
+    inference.cache_hit.SetInParent()
+    inference.cache_miss.SetInParent()
+    for size, batch in snap.batches.items():
+        entry = stats.batch_stats.add(batch_size=size)
+        put(entry.compute_input, batch.compute_input)
+        put(entry.compute_infer, batch.compute_infer)
+        put(entry.compute_output, batch.compute_output)
+    for index, response in snap.responses.items():
+        entry = stats.response_stats[str(index)]
+        for name in ("compute_infer", "compute_output", "success", "fail", "empty_response", "cancel"):
+            put(getattr(entry, name), getattr(response, name))
+    for kind, size in loaded.policy.model.memory_bytes().items():
+        stats.memory_usage.add(type=kind, id=0, byte_size=size)
+
+
+class GrpcServer:
+    """Owns the grpc.aio server and the health service's status."""
+
+    def __init__(self, config: ServeConfig, manager: ModelManager) -> None:
+        self.config = config
+        self.servicer = InferenceServicer(config, manager)
+        self.health = health.HealthServicer(experimental_non_blocking=True)
+        limit = config.server.max_message_bytes
+        self.server = grpc.aio.server(
+            options=[
+                ("grpc.max_send_message_length", limit),
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        names = (protocol.SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, self.server, pool=_reflection_pool())
+        self.port = self.server.add_insecure_port(f"{config.server.host}:{config.server.grpc_port}")
+        if self.port == 0:
+            raise RuntimeError(f"could not bind {config.server.host}:{config.server.grpc_port}")
+
+    async def start(self) -> None:
+        await self.server.start()
+
+    def mark_started(self) -> None:
+        self.servicer.started = True
+        self.update_health()
+
+    def update_health(self) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if self.servicer.server_ready() else health_pb2.HealthCheckResponse.NOT_SERVING
+        self.health.set("", status)
+        self.health.set(protocol.SERVICE_NAME, status)
+
+    async def stop(self, grace: float) -> None:
+        self.servicer.exiting = True
+        self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+
+
+def _reflection_pool() -> Any:
+    """Our protocol lives in a private descriptor pool; reflection must also describe grpc.health."""
+    pool = protocol.POOL
+    try:
+        pool.FindFileByName(health_pb2.DESCRIPTOR.name)
+    except KeyError:
+        from google.protobuf import descriptor_pb2
+
+        proto = descriptor_pb2.FileDescriptorProto()
+        health_pb2.DESCRIPTOR.CopyToProto(proto)
+        pool.Add(proto)
+    return pool
+
+
+__all__ = ["GrpcServer", "InferenceServicer", "json_format", "set_parameter"]

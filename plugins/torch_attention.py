@@ -1,0 +1,96 @@
+"""The reference ``torch`` attention backend: plain PyTorch, any device, any block size.
+
+K/V are gathered through the block table into a contiguous view per sequence, then attention is a
+grouped matmul in float32 (query heads are folded as ``[Hkv, group]`` so K/V are never repeated).
+Unused cache slots are zeroed in the gathered copy, so whatever they hold (even NaN) cannot leak into
+the result. Every optimised backend is tested against this one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pagedserve.engine.attention import AttentionBackend
+from pagedserve.hookspecs import hookimpl
+
+
+class TorchAttentionBackend(AttentionBackend):
+    name = "torch"
+
+    @classmethod
+    def unsupported_reason(
+        cls, head_dim: int, dtype: torch.dtype, block_size: int, device: torch.device,
+    ) -> str | None:
+        if not dtype.is_floating_point:
+            return f"dtype {dtype} is not a floating-point type"
+        return None
+
+    def store_kv(
+        self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> None:
+        keep = slot_mapping >= 0
+        slots = slot_mapping[keep]
+        k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, key[keep].to(k_cache.dtype))
+        v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, value[keep].to(v_cache.dtype))
+
+    def prefill(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
+        context_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
+    ) -> torch.Tensor:
+        out = torch.empty_like(q)
+        starts, lens = cu_seqlens_q.tolist(), context_lens.tolist()
+        for b, context_len in enumerate(lens):
+            begin, end = starts[b], starts[b + 1]
+            k, v = _gather(k_cache, v_cache, block_tables[b:b + 1], context_lens[b:b + 1])
+            query_pos = torch.arange(context_len - (end - begin), context_len, device=q.device)
+            visible = torch.arange(context_len, device=q.device)[None, :] <= query_pos[:, None]
+            out[begin:end] = _attend(q[begin:end][None], k, v, visible[None], scale)[0]
+        return out
+
+    def decode(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+        context_lens: torch.Tensor, scale: float,
+    ) -> torch.Tensor:
+        k, v = _gather(k_cache, v_cache, block_tables, context_lens)
+        visible = _valid_positions(context_lens, k.shape[1])  # [B, L]
+        return _attend(q[:, None], k, v, visible[:, None, :], scale)[:, 0]
+
+
+def _valid_positions(context_lens: torch.Tensor, length: int) -> torch.Tensor:
+    return torch.arange(length, device=context_lens.device)[None, :] < context_lens[:, None]
+
+
+def _gather(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of each sequence as ``[B, L, Hkv, D]`` with ``L`` covering the longest context."""
+    block_size = k_cache.shape[1]
+    num_blocks = -(-int(context_lens.max()) // block_size)
+    table = block_tables[:, :num_blocks].long()
+    batch = table.shape[0]
+    k = k_cache[table].reshape(batch, num_blocks * block_size, *k_cache.shape[2:])
+    v = v_cache[table].reshape(batch, num_blocks * block_size, *v_cache.shape[2:])
+    invalid = ~_valid_positions(context_lens, k.shape[1])[:, :, None, None]
+    return k.masked_fill(invalid, 0.0), v.masked_fill(invalid, 0.0)
+
+
+def _attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scale: float,
+) -> torch.Tensor:
+    """q ``[B, S, Hq, D]``, k/v ``[B, L, Hkv, D]``, visible ``[B, S, L]`` → ``[B, S, Hq, D]``."""
+    batch, num_q, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[2]
+    group = num_heads // num_kv_heads
+    qg = q.float().view(batch, num_q, num_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
+    kt = k.float().permute(0, 2, 3, 1)  # [B, Hkv, D, L]
+    scores = (qg @ kt[:, :, None]) * scale  # [B, Hkv, G, S, L]
+    scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = probs @ v.float().permute(0, 2, 1, 3)[:, :, None]  # [B, Hkv, G, S, D]
+    return out.permute(0, 3, 1, 2, 4).reshape(batch, num_q, num_heads, head_dim).to(q.dtype)
+
+
+@hookimpl
+def pagedserve_attention_backends() -> list[type[AttentionBackend]]:
+    return [TorchAttentionBackend]

@@ -1,0 +1,369 @@
+"""``kernel=triton``: paged attention written in the Triton language.
+
+Imports ``triton`` at module import; the plugin hook imports this module lazily. The wrappers only read
+tensor shapes and strides (no device-to-host copies), so they can be captured in CUDA graphs: every launch
+grid follows from static shapes, e.g. the decode split count from ``batch``, ``num_kv_heads`` and the
+block table's width.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import math
+import os
+from types import ModuleType
+from typing import Any, ClassVar
+
+import torch
+import triton
+
+try:  # the engine's base class is written in parallel; duck-type its methods until it exists
+    from pagedserve.engine.attention import AttentionBackend as _Base
+except ImportError:  # pragma: no cover - depends on the engine's progress
+    _Base = object
+
+SUPPORTED_BLOCK_SIZES = (1, 8, 16, 32, 64, 128)
+SUPPORTED_HEAD_DIMS = (32, 64, 128, 256)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_LOG2E = 1.0 / math.log(2.0)
+
+# Launch parameters. ``device_check.py`` times alternatives on the GPU; these are the defaults it chose.
+DECODE_TILE = 64  # KV tokens per loop step
+DECODE_WARPS = 4
+DECODE_STAGES = 3
+DECODE_PROGRAMS_PER_SM = 4  # split sequences until about this many programs per multiprocessor
+DECODE_MIN_SPLIT_TOKENS = 256  # ...but give no split fewer tokens than this
+PREFILL_ROWS = 128  # rows of a query tile: query tokens x query heads of a KV group
+PREFILL_TILE = 64
+PREFILL_WARPS = 8
+PREFILL_STAGES = 2
+REDUCE_WARPS = 4
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+_kernel_module: ModuleType | None = None
+
+
+def _patch_interpreter_scalar_index() -> None:
+    """Let Triton 3.6's CPU interpreter run ``range()`` over loaded scalars with numpy >= 2.4.
+
+    The interpreter keeps scalars as 1-element arrays and converts them with ``int(array)``, which numpy 2.4
+    made an error (triton-lang/triton#9171, fixed upstream after 3.6.0). Only the interpreter is touched.
+    """
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "_scalar_index_fix", False):
+        return
+
+    def patched(tensor: Any, scope: Any) -> None:
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._scalar_index_fix = True  # type: ignore[attr-defined]
+    interpreter._patch_lang_tensor = patched
+
+
+def _kernels() -> ModuleType:
+    """The kernels module, compiled or interpreted as ``TRITON_INTERPRET`` says now (re-imported on a change)."""
+    global _kernel_module
+    want = _interpreting()
+    mod = _kernel_module
+    if mod is None or mod.INTERPRETED != want:
+        if want:
+            _patch_interpreter_scalar_index()
+        mod = importlib.import_module(f"{__package__}.kernels")
+        if mod.INTERPRETED != want:
+            mod = importlib.reload(mod)
+        _kernel_module = mod
+    return mod
+
+
+@functools.lru_cache(maxsize=16)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, int, int]:
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(
+            f"k_cache/v_cache must both be [num_blocks, block_size, num_kv_heads, head_dim]; got "
+            f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
+        )
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("k_cache/v_cache need a unit stride on head_dim")
+    _, block_size, num_kv_heads, head_dim = k_cache.shape
+    return block_size, num_kv_heads, head_dim
+
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+class TritonAttentionBackend(_Base):  # type: ignore[misc,valid-type]
+    """Paged attention over ``[num_blocks, block_size, num_kv_heads, head_dim]`` caches, in Triton."""
+
+    name: ClassVar[str] = "triton"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if _Base is not object:
+            super().__init__(*args, **kwargs)
+
+    # ------------------------------------------------------------------ capability check
+    @classmethod
+    def unsupported_reason(
+        cls, head_dim: int, dtype: torch.dtype, block_size: int, device: torch.device | str
+    ) -> str | None:
+        """``None`` when these kernels run for this configuration, else why not."""
+        if block_size not in SUPPORTED_BLOCK_SIZES:
+            return f"block_size {block_size} not supported (supported: {', '.join(map(str, SUPPORTED_BLOCK_SIZES))})"
+        if head_dim not in SUPPORTED_HEAD_DIMS:
+            return f"head_dim {head_dim} not supported (supported: {', '.join(map(str, SUPPORTED_HEAD_DIMS))})"
+        if dtype not in SUPPORTED_DTYPES:
+            return f"dtype {dtype} not supported (float16, bfloat16, float32)"
+        dev = torch.device(device)
+        if dev.type == "cuda":
+            if not torch.cuda.is_available():
+                return "needs a CUDA device (none is available)"
+            if _interpreting():
+                return "TRITON_INTERPRET=1 is set: the kernels run on the CPU interpreter, not on CUDA"
+            major, _ = torch.cuda.get_device_capability(dev)
+            if major < 8:
+                return f"needs compute capability 8.0 or newer (device has {major}.x)"
+            return None
+        if dev.type == "cpu" and _interpreting():
+            return None
+        return f"needs CUDA device (device is {dev.type}; set TRITON_INTERPRET=1 to run on the CPU interpreter)"
+
+    # ------------------------------------------------------------------ (a) K/V store
+    def store_kv(
+        self,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> None:
+        """Write ``key``/``value`` ``[N, num_kv_heads, head_dim]`` at cache slots ``slot_mapping`` (-1: skip)."""
+        block_size, num_kv_heads, head_dim = _check_cache(k_cache, v_cache)
+        n = key.shape[0]
+        if key.shape != (n, num_kv_heads, head_dim) or value.shape != key.shape:
+            raise ValueError(f"key/value must be [N, {num_kv_heads}, {head_dim}]; got {tuple(key.shape)}")
+        if slot_mapping.shape[0] < n:
+            raise ValueError("slot_mapping has fewer entries than tokens")
+        if n == 0:
+            return
+        key, value = _unit_last(key), _unit_last(value)
+        if key.dtype != k_cache.dtype:
+            key, value = key.to(k_cache.dtype), value.to(v_cache.dtype)
+        k = _kernels()
+        k.store_kv_kernel[(n,)](
+            key,
+            value,
+            k_cache,
+            v_cache,
+            slot_mapping,
+            key.stride(0),
+            key.stride(1),
+            value.stride(0),
+            value.stride(1),
+            k_cache.stride(0),
+            k_cache.stride(1),
+            k_cache.stride(2),
+            v_cache.stride(0),
+            v_cache.stride(1),
+            v_cache.stride(2),
+            num_kv_heads,
+            BLOCK_SIZE=block_size,
+            HEAD_DIM=head_dim,
+            HEADS_PAD=_pow2_at_least(num_kv_heads),
+            num_warps=4,
+        )
+
+    # ------------------------------------------------------------------ (b) decode
+    def decode(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        block_tables: torch.Tensor,
+        context_lens: torch.Tensor,
+        scale: float,
+        *,
+        out: torch.Tensor | None = None,
+        num_splits: int | None = None,
+    ) -> torch.Tensor:
+        """One query token per sequence: ``q`` ``[B, Hq, D]`` over ``context_lens[b]`` cached tokens.
+
+        Split-K: each sequence's KV range is cut into ``num_splits`` parts (by default enough to give the
+        GPU several programs per multiprocessor), each part is one program per KV group, then a reduction
+        kernel merges the parts. ``out`` (``[B, Hq, D]``) may be given, e.g. a CUDA-graph static buffer.
+        """
+        block_size, num_kv_heads, head_dim = _check_cache(k_cache, v_cache)
+        batch, num_q_heads, qd = q.shape
+        if qd != head_dim or num_q_heads % num_kv_heads:
+            raise ValueError(f"q {tuple(q.shape)} does not fit a cache of {num_kv_heads} x {head_dim}")
+        if q.dtype != k_cache.dtype:
+            raise ValueError(f"q dtype {q.dtype} differs from the cache's {k_cache.dtype}")
+        q = _unit_last(q)
+        if out is None:
+            out = torch.empty((batch, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
+        if batch == 0:
+            return out
+        qpk = num_q_heads // num_kv_heads
+        tile = DECODE_TILE if q.element_size() < 4 else DECODE_TILE // 2
+        max_ctx = block_tables.shape[1] * block_size
+        if num_splits is None:
+            if q.device.type == "cuda":
+                want = triton.cdiv(DECODE_PROGRAMS_PER_SM * _sm_count(q.device.index or 0), batch * num_kv_heads)
+            else:
+                want = 4
+            num_splits = max(1, min(want, triton.cdiv(max_ctx, max(DECODE_MIN_SPLIT_TOKENS, tile))))
+        num_splits = max(1, min(int(num_splits), triton.cdiv(max(max_ctx, 1), tile)))
+        direct = num_splits == 1
+        if direct:
+            part_out = out
+            part_lse = out
+            p_strides = (0, 0, 0)
+            l_strides = (0, 0)
+        else:
+            part_out = torch.empty(
+                (batch, num_q_heads, num_splits, head_dim), dtype=torch.float32, device=q.device
+            )
+            part_lse = torch.empty((batch, num_q_heads, num_splits), dtype=torch.float32, device=q.device)
+            p_strides = (part_out.stride(0), part_out.stride(1), part_out.stride(2))
+            l_strides = (part_lse.stride(0), part_lse.stride(1))
+        k = _kernels()
+        k.decode_partition_kernel[(batch, num_kv_heads, num_splits)](
+            q,
+            k_cache,
+            v_cache,
+            block_tables,
+            context_lens,
+            out,
+            part_out,
+            part_lse,
+            float(scale) * _LOG2E,
+            q.stride(0),
+            q.stride(1),
+            k_cache.stride(0),
+            k_cache.stride(1),
+            k_cache.stride(2),
+            v_cache.stride(0),
+            v_cache.stride(1),
+            v_cache.stride(2),
+            block_tables.stride(0),
+            out.stride(0),
+            out.stride(1),
+            *p_strides,
+            *l_strides,
+            num_splits,
+            QPK=qpk,
+            BLOCK_M=max(16, _pow2_at_least(qpk)),
+            HEAD_DIM=head_dim,
+            TILE=tile,
+            BLOCK_SIZE=block_size,
+            DIRECT=direct,
+            IEEE=q.dtype == torch.float32,
+            UPCAST=k.INTERPRETED and q.dtype == torch.bfloat16,
+            num_warps=DECODE_WARPS,
+            num_stages=DECODE_STAGES,
+        )
+        if not direct:
+            k.decode_reduce_kernel[(batch, num_q_heads)](
+                part_out,
+                part_lse,
+                context_lens,
+                out,
+                *p_strides,
+                *l_strides,
+                out.stride(0),
+                out.stride(1),
+                num_splits,
+                TILE=tile,
+                HEAD_DIM=head_dim,
+                SPLITS_PAD=_pow2_at_least(num_splits),
+                num_warps=REDUCE_WARPS,
+            )
+        return out
+
+    # ------------------------------------------------------------------ (c) prefill / chunked prefill
+    def prefill(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        cu_seqlens_q: torch.Tensor,
+        context_lens: torch.Tensor,
+        block_tables: torch.Tensor,
+        scale: float,
+        *,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Causal attention for packed new tokens ``q`` ``[T, Hq, D]`` of ``B`` sequences.
+
+        Sequence ``b`` owns rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]``; ``context_lens[b]`` counts all its
+        tokens including these (already stored in the cache), so an earlier prefix (chunked prefill or a
+        prefix-cache hit) is read through ``block_tables`` like the new tokens.
+        """
+        block_size, num_kv_heads, head_dim = _check_cache(k_cache, v_cache)
+        total, num_q_heads, qd = q.shape
+        if qd != head_dim or num_q_heads % num_kv_heads:
+            raise ValueError(f"q {tuple(q.shape)} does not fit a cache of {num_kv_heads} x {head_dim}")
+        if q.dtype != k_cache.dtype:
+            raise ValueError(f"q dtype {q.dtype} differs from the cache's {k_cache.dtype}")
+        q = _unit_last(q)
+        if out is None:
+            out = torch.empty((total, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
+        num_seqs = cu_seqlens_q.shape[0] - 1
+        if total == 0 or num_seqs <= 0:
+            return out
+        qpk = num_q_heads // num_kv_heads
+        qpk_pad = _pow2_at_least(qpk)
+        shrink = 2 if head_dim > 128 or q.element_size() == 4 else 1
+        rows = max(PREFILL_ROWS // shrink, 16, qpk_pad)
+        block_q = rows // qpk_pad
+        tile = max(PREFILL_TILE // shrink, 16)
+        grid = (total // block_q + num_seqs, num_kv_heads)
+        k = _kernels()
+        k.prefill_kernel[grid](
+            q,
+            k_cache,
+            v_cache,
+            block_tables,
+            cu_seqlens_q,
+            context_lens,
+            out,
+            float(scale) * _LOG2E,
+            num_seqs,
+            q.stride(0),
+            q.stride(1),
+            k_cache.stride(0),
+            k_cache.stride(1),
+            k_cache.stride(2),
+            v_cache.stride(0),
+            v_cache.stride(1),
+            v_cache.stride(2),
+            block_tables.stride(0),
+            out.stride(0),
+            out.stride(1),
+            QPK=qpk,
+            QPK_PAD=qpk_pad,
+            BLOCK_Q=block_q,
+            HEAD_DIM=head_dim,
+            TILE=tile,
+            BLOCK_SIZE=block_size,
+            IEEE=q.dtype == torch.float32,
+            UPCAST=k.INTERPRETED and q.dtype == torch.bfloat16,
+            num_warps=PREFILL_WARPS,
+            num_stages=PREFILL_STAGES,
+        )
+        return out

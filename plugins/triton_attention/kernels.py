@@ -1,0 +1,371 @@
+"""Triton-language kernels for the paged KV cache: K/V store, split-K decode, causal varlen prefill.
+
+Cache layout (per layer, one tensor each for K and V): ``[num_blocks, block_size, num_kv_heads, head_dim]``
+with a unit stride on ``head_dim``; token ``t`` of a sequence lives in page ``block_table[t // block_size]``
+at row ``t % block_size``. The kernels look the page up once per token of a KV tile, so a tile may span
+several pages and any block size works with any tile size.
+
+GQA: one program serves every query head of one KV head ("group"), packing the group's heads (and, for
+prefill, several query tokens) into the rows of one matrix tile, so each K/V tile is read from memory
+once per group and never copied or repeated.
+
+Softmax is computed online in base 2 (``exp2``), with the softmax scale folded into ``log2(e)``.
+
+Whether these kernels run compiled or in Triton's CPU interpreter is fixed when this module is imported
+(``TRITON_INTERPRET``); :data:`INTERPRETED` records which, and the backend re-imports the module when the
+setting has changed since.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+INTERPRETED: bool = bool(triton.knobs.runtime.interpret)
+
+
+@triton.jit
+def store_kv_kernel(
+    key_ptr,
+    value_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    slot_ptr,
+    stride_kn,
+    stride_kh,
+    stride_vn,
+    stride_vh,
+    stride_kc_blk,
+    stride_kc_off,
+    stride_kc_head,
+    stride_vc_blk,
+    stride_vc_off,
+    stride_vc_head,
+    num_kv_heads,
+    BLOCK_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEADS_PAD: tl.constexpr,
+):
+    """One program per new token: copy its K and V rows (all KV heads) into the token's cache slot."""
+    n = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_ptr + n).to(tl.int64)
+    keep = slot >= 0
+    slot = tl.maximum(slot, 0)
+    page = slot // BLOCK_SIZE
+    row = slot % BLOCK_SIZE
+    heads = tl.arange(0, HEADS_PAD)
+    dims = tl.arange(0, HEAD_DIM)
+    mask = (heads[:, None] < num_kv_heads) & keep
+    k = tl.load(key_ptr + n * stride_kn + heads[:, None] * stride_kh + dims[None, :], mask=mask)
+    v = tl.load(value_ptr + n * stride_vn + heads[:, None] * stride_vh + dims[None, :], mask=mask)
+    k_dst = k_cache_ptr + page * stride_kc_blk + row * stride_kc_off + heads[:, None] * stride_kc_head
+    v_dst = v_cache_ptr + page * stride_vc_blk + row * stride_vc_off + heads[:, None] * stride_vc_head
+    tl.store(k_dst + dims[None, :], k, mask=mask)
+    tl.store(v_dst + dims[None, :], v, mask=mask)
+
+
+@triton.jit
+def _kv_tile_offsets(
+    block_table_row_ptr,
+    tok,
+    tok_ok,
+    stride_blk,
+    stride_off,
+    head_off,
+    BLOCK_SIZE: tl.constexpr,
+):
+    """Element offsets (int64) of tokens ``tok`` of one sequence and one KV head in a paged cache."""
+    page = tl.load(block_table_row_ptr + tok // BLOCK_SIZE, mask=tok_ok, other=0).to(tl.int64)
+    return page * stride_blk + (tok % BLOCK_SIZE).to(tl.int64) * stride_off + head_off
+
+
+@triton.jit
+def _mm(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """``a @ b`` accumulated in fp32; ``IEEE`` keeps fp32 operands exact (no tf32), ``UPCAST`` feeds the
+    multiply fp32 copies (the CPU interpreter cannot multiply bf16 matrices)."""
+    if UPCAST:
+        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif IEEE:
+        c = tl.dot(a, b, input_precision="ieee")
+    else:
+        c = tl.dot(a, b)
+    return c
+
+
+@triton.jit
+def decode_partition_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    context_lens_ptr,
+    out_ptr,
+    part_out_ptr,
+    part_lse_ptr,
+    qk_scale,
+    stride_qb,
+    stride_qh,
+    stride_kc_blk,
+    stride_kc_off,
+    stride_kc_head,
+    stride_vc_blk,
+    stride_vc_off,
+    stride_vc_head,
+    stride_bt,
+    stride_ob,
+    stride_oh,
+    stride_pb,
+    stride_ph,
+    stride_ps,
+    stride_lb,
+    stride_lh,
+    num_splits,
+    QPK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    TILE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    DIRECT: tl.constexpr,
+    IEEE: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """Grid ``(batch, num_kv_heads, num_splits)``: attention of one decode query (all heads of a KV group)
+    over one contiguous range of KV tiles of its sequence.
+
+    Each sequence's tiles are cut into ``num_splits`` near-equal ranges, so work per program follows the
+    sequence's own length. With ``DIRECT`` (one split) the normalised result goes straight to ``out``;
+    otherwise the partial result and its base-2 log-sum-exp go to the scratch buffers for the reduction.
+    """
+    b = tl.program_id(0)
+    g = tl.program_id(1)
+    s = tl.program_id(2)
+    ctx = tl.load(context_lens_ptr + b)
+    n_tiles = tl.cdiv(ctx, TILE)
+    per_split = tl.maximum(tl.cdiv(n_tiles, num_splits), 1)
+    t_begin = s * per_split
+    t_end = tl.minimum(t_begin + per_split, n_tiles)
+
+    rows = tl.arange(0, BLOCK_M)
+    row_ok = rows < QPK
+    heads = g * QPK + rows
+    dims = tl.arange(0, HEAD_DIM)
+    q = tl.load(
+        q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + dims[None, :],
+        mask=row_ok[:, None],
+        other=0.0,
+    )
+    bt_row = block_tables_ptr + b.to(tl.int64) * stride_bt
+    k_head = g.to(tl.int64) * stride_kc_head
+    v_head = g.to(tl.int64) * stride_vc_head
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    for t in range(t_begin, t_end):
+        tok = t * TILE + tl.arange(0, TILE)
+        tok_ok = tok < ctx
+        k_off = _kv_tile_offsets(bt_row, tok, tok_ok, stride_kc_blk, stride_kc_off, k_head, BLOCK_SIZE)
+        v_off = _kv_tile_offsets(bt_row, tok, tok_ok, stride_vc_blk, stride_vc_off, v_head, BLOCK_SIZE)
+        k = tl.load(k_cache_ptr + k_off[:, None] + dims[None, :], mask=tok_ok[:, None], other=0.0)
+        qk = _mm(q, tl.trans(k), IEEE, UPCAST)
+        qk = tl.where(tok_ok[None, :], qk * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_cache_ptr + v_off[:, None] + dims[None, :], mask=tok_ok[:, None], other=0.0)
+        pv = _mm(p.to(v.dtype), v, IEEE, UPCAST)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+
+    has_work = t_begin < t_end
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    result = acc / l_safe[:, None]
+    if DIRECT:
+        o_ptrs = out_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + dims[None, :]
+        tl.store(o_ptrs, result.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+    else:
+        p_ptrs = (
+            part_out_ptr
+            + b.to(tl.int64) * stride_pb
+            + heads[:, None] * stride_ph
+            + s * stride_ps
+            + dims[None, :]
+        )
+        tl.store(p_ptrs, result, mask=row_ok[:, None] & has_work)
+        lse = m_i + tl.math.log2(l_safe)
+        tl.store(part_lse_ptr + b * stride_lb + heads * stride_lh + s, lse, mask=row_ok & has_work)
+
+
+@triton.jit
+def decode_reduce_kernel(
+    part_out_ptr,
+    part_lse_ptr,
+    context_lens_ptr,
+    out_ptr,
+    stride_pb,
+    stride_ph,
+    stride_ps,
+    stride_lb,
+    stride_lh,
+    stride_ob,
+    stride_oh,
+    num_splits,
+    TILE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
+):
+    """Grid ``(batch, num_q_heads)``: merge the per-split partial results of one head by their weights."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    ctx = tl.load(context_lens_ptr + b)
+    n_tiles = tl.cdiv(ctx, TILE)
+    per_split = tl.maximum(tl.cdiv(n_tiles, num_splits), 1)
+    n_used = tl.cdiv(n_tiles, per_split)
+    splits = tl.arange(0, SPLITS_PAD)
+    used = splits < n_used
+    dims = tl.arange(0, HEAD_DIM)
+    lse = tl.load(part_lse_ptr + b * stride_lb + h * stride_lh + splits, mask=used, other=float("-inf"))
+    top = tl.max(lse, 0)
+    top = tl.where(n_used > 0, top, 0.0)
+    w = tl.where(used, tl.math.exp2(lse - top), 0.0)
+    denom = tl.sum(w, 0)
+    denom = tl.where(denom > 0.0, denom, 1.0)
+    parts = tl.load(
+        part_out_ptr
+        + b.to(tl.int64) * stride_pb
+        + h * stride_ph
+        + splits[:, None] * stride_ps
+        + dims[None, :],
+        mask=used[:, None],
+        other=0.0,
+    )
+    result = tl.sum(parts * w[:, None], 0) / denom
+    tl.store(out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + dims, result.to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
+def prefill_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    cu_seqlens_q_ptr,
+    context_lens_ptr,
+    out_ptr,
+    qk_scale,
+    num_seqs,
+    stride_qt,
+    stride_qh,
+    stride_kc_blk,
+    stride_kc_off,
+    stride_kc_head,
+    stride_vc_blk,
+    stride_vc_off,
+    stride_vc_head,
+    stride_bt,
+    stride_ot,
+    stride_oh,
+    QPK: tl.constexpr,
+    QPK_PAD: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    TILE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    IEEE: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """Grid ``(T // BLOCK_Q + num_seqs, num_kv_heads)``: causal attention for ``BLOCK_Q`` query tokens of one
+    sequence times the ``QPK`` query heads of one KV group (``BLOCK_Q * QPK_PAD`` rows).
+
+    Sequence ``b``'s query tiles are numbered from ``cu_seqlens_q[b] // BLOCK_Q + b``; these ranges never
+    overlap and their total stays under the grid size, so no host-side tile map (and no sync) is needed;
+    each program finds its sequence by bisection and programs past a sequence's last tile do nothing.
+    Query ``i`` of a sequence with ``q_len`` new tokens and ``ctx`` tokens in all sits at position
+    ``ctx - q_len + i`` and sees keys ``0..position``, all read through the block table.
+    """
+    BLOCK_M: tl.constexpr = BLOCK_Q * QPK_PAD
+    pid = tl.program_id(0)
+    g = tl.program_id(1)
+
+    lo = pid * 0
+    hi = pid * 0 + num_seqs
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        first = tl.load(cu_seqlens_q_ptr + mid) // BLOCK_Q + mid
+        lo = tl.where(first <= pid, mid, lo)
+        hi = tl.where(first <= pid, hi, mid)
+    b = lo
+    q_start = tl.load(cu_seqlens_q_ptr + b)
+    q_len = tl.load(cu_seqlens_q_ptr + b + 1) - q_start
+    q_tile = pid - (q_start // BLOCK_Q + b)
+    ctx = tl.load(context_lens_ptr + b)
+    prefix = ctx - q_len
+
+    rows = tl.arange(0, BLOCK_M)
+    q_idx = q_tile * BLOCK_Q + rows // QPK_PAD
+    head_in_group = rows % QPK_PAD
+    row_ok = (q_idx < q_len) & (head_in_group < QPK)
+    heads = g * QPK + head_in_group
+    q_pos = prefix + q_idx
+    dims = tl.arange(0, HEAD_DIM)
+    q_rows = (q_start + q_idx).to(tl.int64)
+    q = tl.load(
+        q_ptr + q_rows[:, None] * stride_qt + heads[:, None] * stride_qh + dims[None, :],
+        mask=row_ok[:, None],
+        other=0.0,
+    )
+
+    tile_lo = q_tile * BLOCK_Q
+    tile_hi = tl.minimum(tile_lo + BLOCK_Q, q_len)
+    has_rows = tile_lo < q_len
+    # keys below the tile's first query position are visible to every row: no causal mask there
+    n_free = tl.where(has_rows, (prefix + tile_lo + 1) // TILE, 0)
+    n_all = tl.where(has_rows, tl.cdiv(prefix + tile_hi, TILE), 0)
+
+    bt_row = block_tables_ptr + b.to(tl.int64) * stride_bt
+    k_head = g.to(tl.int64) * stride_kc_head
+    v_head = g.to(tl.int64) * stride_vc_head
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    for t in range(0, n_free):
+        tok = t * TILE + tl.arange(0, TILE)
+        tok_ok = tok < ctx
+        k_off = _kv_tile_offsets(bt_row, tok, tok_ok, stride_kc_blk, stride_kc_off, k_head, BLOCK_SIZE)
+        v_off = _kv_tile_offsets(bt_row, tok, tok_ok, stride_vc_blk, stride_vc_off, v_head, BLOCK_SIZE)
+        k = tl.load(k_cache_ptr + k_off[:, None] + dims[None, :])
+        qk = _mm(q, tl.trans(k), IEEE, UPCAST)
+        qk = qk * qk_scale
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_cache_ptr + v_off[:, None] + dims[None, :])
+        pv = _mm(p.to(v.dtype), v, IEEE, UPCAST)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+
+    for t in range(n_free, n_all):
+        tok = t * TILE + tl.arange(0, TILE)
+        tok_ok = tok < ctx
+        k_off = _kv_tile_offsets(bt_row, tok, tok_ok, stride_kc_blk, stride_kc_off, k_head, BLOCK_SIZE)
+        v_off = _kv_tile_offsets(bt_row, tok, tok_ok, stride_vc_blk, stride_vc_off, v_head, BLOCK_SIZE)
+        k = tl.load(k_cache_ptr + k_off[:, None] + dims[None, :], mask=tok_ok[:, None], other=0.0)
+        qk = _mm(q, tl.trans(k), IEEE, UPCAST)
+        visible = (tok[None, :] <= q_pos[:, None]) & tok_ok[None, :]
+        qk = tl.where(visible, qk * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_cache_ptr + v_off[:, None] + dims[None, :], mask=tok_ok[:, None], other=0.0)
+        pv = _mm(p.to(v.dtype), v, IEEE, UPCAST)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    result = acc / l_safe[:, None]
+    o_ptrs = out_ptr + q_rows[:, None] * stride_ot + heads[:, None] * stride_oh + dims[None, :]
+    tl.store(o_ptrs, result.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])

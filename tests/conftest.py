@@ -1,0 +1,117 @@
+"""Shared fixtures. API tests drive a real ``serve`` process over gRPC with the stock tritonclient:
+the server runs as a subprocess, so its protobuf descriptors never meet tritonclient's."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+STOCK_MODELS = ["simple", "simple_int8", "simple_identity", "simple_string", "repeat_int32", "simple_sequence"]
+_LISTENING = re.compile(r"listening on [^:]+:(\d+)")
+
+
+@dataclass
+class ServerProcess:
+    process: subprocess.Popen[str]
+    port: int
+    lines: list[str] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def client(self):  # noqa: ANN201 - tritonclient is imported lazily
+        import tritonclient.grpc as grpcclient
+
+        return grpcclient.InferenceServerClient(self.url)
+
+    def stop(self, timeout: float = 15.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def start_server(*overrides: str, ready_timeout: float = 120.0, wait_ready: bool = True) -> ServerProcess:
+    """Start ``serve`` on a free port; wait until it is live (and ready unless told not to)."""
+    command = [sys.executable, "-m", "pagedserve", "server.host=127.0.0.1", "server.grpc_port=0", *overrides]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="200")
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env
+    )
+    lines: list[str] = []
+    port_found = threading.Event()
+    port_box: list[int] = []
+
+    def pump() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            lines.append(line)
+            match = _LISTENING.search(line)
+            if match and not port_box:
+                port_box.append(int(match.group(1)))
+                port_found.set()
+        port_found.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    if not port_found.wait(ready_timeout) or not port_box:
+        process.kill()
+        raise RuntimeError("server did not start:\n" + "".join(lines))
+    server = ServerProcess(process, port_box[0], lines)
+    if wait_ready:
+        _wait_ready(server, ready_timeout)
+    return server
+
+
+def _wait_ready(server: ServerProcess, timeout: float) -> None:
+    client = server.client()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise RuntimeError("server exited:\n" + server.output)
+        try:
+            if client.is_server_ready():
+                return
+        except Exception:  # noqa: BLE001 - not up yet
+            pass
+        time.sleep(0.1)
+    server.stop()
+    raise RuntimeError("server never became ready:\n" + server.output)
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[ServerProcess]:
+    """A server with the stock example models (strict readiness: all of them loaded)."""
+    process = start_server("model=[" + ",".join(STOCK_MODELS) + "]")
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="session")
+def url(server: ServerProcess) -> str:
+    return server.url
+
+
+@pytest.fixture
+def client(server: ServerProcess):  # noqa: ANN201
+    with server.client() as c:
+        yield c

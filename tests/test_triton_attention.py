@@ -1,0 +1,369 @@
+"""Triton paged-attention kernels (``kernel=triton``) against a float64 torch reference.
+
+Without CUDA the same tests run on Triton's CPU interpreter at small sizes: a module-scoped fixture sets
+``TRITON_INTERPRET=1`` for this module only (and restores it afterwards); the backend re-imports its
+kernels module whenever that setting differs from the one the kernels were built under, so the order in
+which test modules import things does not matter. Larger shapes are ``@pytest.mark.gpu``; on the device:
+``python -m pytest -m gpu tests/test_triton_attention.py``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from pagedserve_plugins import triton_attention  # noqa: E402
+from pagedserve_plugins.triton_attention import backend as backend_mod  # noqa: E402
+from pagedserve_plugins.triton_attention.backend import TritonAttentionBackend  # noqa: E402
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+gpu_only = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")
+# ||out - ref|| / ||ref|| per (token, head) row, against a float64 reference on the same rounded inputs
+TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _interpreter_on_cpu():
+    if ON_GPU:
+        yield
+        return
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+
+
+@pytest.fixture
+def be() -> TritonAttentionBackend:
+    return TritonAttentionBackend()
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+class Paged:
+    """Random K/V for a batch of sequences, scattered over shuffled pages of a NaN-poisoned cache.
+
+    Pages no sequence owns, the unused tail of each sequence's last page, and the block-table entries past
+    a sequence's last page (which point at a NaN page) all hold NaN: any read of them shows in the output.
+    """
+
+    def __init__(self, ctx_lens, num_kv_heads, head_dim, block_size, dtype, device, seed, spare_cols=2):
+        g = _gen(seed)
+        self.ctx_lens = list(ctx_lens)
+        self.bs = block_size
+        pages = [math.ceil(c / block_size) for c in self.ctx_lens]
+        num_blocks = sum(pages) + 3
+        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        self.k_cache = torch.full(shape, float("nan"), dtype=dtype)
+        self.v_cache = torch.full(shape, float("nan"), dtype=dtype)
+        order = torch.randperm(num_blocks, generator=g)
+        poison_page = int(order[-1])
+        cols = max(pages + [1]) + spare_cols
+        self.block_tables = torch.full((len(self.ctx_lens), cols), poison_page, dtype=torch.int32)
+        self.keys, self.values = [], []
+        used = 0
+        for b, (c, n) in enumerate(zip(self.ctx_lens, pages, strict=True)):
+            self.block_tables[b, :n] = order[used : used + n].to(torch.int32)
+            used += n
+            k = torch.randn(c, num_kv_heads, head_dim, generator=g).to(dtype)
+            v = torch.randn(c, num_kv_heads, head_dim, generator=g).to(dtype)
+            t = torch.arange(c)
+            pg = self.block_tables[b, (t // block_size).long()].long()
+            self.k_cache[pg, t % block_size] = k
+            self.v_cache[pg, t % block_size] = v
+            self.keys.append(k)
+            self.values.append(v)
+        self.k_cache = self.k_cache.to(device)
+        self.v_cache = self.v_cache.to(device)
+        self.block_tables = self.block_tables.to(device)
+        self.context_lens = torch.tensor(self.ctx_lens, dtype=torch.int32, device=device)
+
+
+def ref_attention(q, keys, values, positions, scale):
+    """float64 causal attention of ``q`` [n, Hq, D] at ``positions`` over contiguous keys/values [L, Hkv, D]."""
+    q = q.detach().cpu().double()
+    k = keys.cpu().double()
+    v = values.cpu().double()
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    s = torch.einsum("nhd,lhd->nhl", q, k) * scale
+    visible = torch.arange(k.shape[0])[None, :] <= torch.as_tensor(positions)[:, None]
+    s = s.masked_fill(~visible[:, None, :], float("-inf"))
+    return torch.einsum("nhl,lhd->nhd", s.softmax(-1), v)
+
+
+def assert_close_rows(out, ref, dtype):
+    out = out.detach().cpu().double()
+    assert not torch.isnan(out).any(), "output holds NaN (unwritten element or poisoned read)"
+    err = (out - ref).norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-12)
+    assert err.max().item() < TOL[dtype], f"max row error {err.max().item():.3g} >= {TOL[dtype]}"
+
+
+def run_decode(be, ctx_lens, hq, hkv, d, bs, dtype, seed, num_splits=None):
+    paged = Paged(ctx_lens, hkv, d, bs, dtype, DEVICE, seed)
+    q = torch.randn(len(ctx_lens), hq, d, generator=_gen(seed + 1)).to(dtype).to(DEVICE)
+    out = torch.full_like(q, float("nan"))
+    scale = d**-0.5
+    res = be.decode(
+        q, paged.k_cache, paged.v_cache, paged.block_tables, paged.context_lens, scale,
+        out=out, num_splits=num_splits,
+    )
+    assert res is out
+    for b, c in enumerate(ctx_lens):
+        if c == 0:
+            assert torch.all(out[b] == 0), "a sequence with no context must give zeros"
+            continue
+        ref = ref_attention(q[b : b + 1], paged.keys[b], paged.values[b], [c - 1], scale)
+        assert_close_rows(out[b : b + 1], ref, dtype)
+
+
+def run_prefill(be, seqs, hq, hkv, d, bs, dtype, seed):
+    """``seqs``: (q_len, context_len) per sequence; the last q_len tokens of each context are the queries."""
+    ctx_lens = [c for _, c in seqs]
+    paged = Paged(ctx_lens, hkv, d, bs, dtype, DEVICE, seed)
+    q_lens = [n for n, _ in seqs]
+    total = sum(q_lens)
+    q = torch.randn(total, hq, d, generator=_gen(seed + 1)).to(dtype).to(DEVICE)
+    cu = torch.tensor([0] + list(torch.tensor(q_lens).cumsum(0)), dtype=torch.int32, device=DEVICE)
+    out = torch.full_like(q, float("nan"))
+    scale = d**-0.5
+    res = be.prefill(q, paged.k_cache, paged.v_cache, cu, paged.context_lens, paged.block_tables, scale, out=out)
+    assert res is out
+    start = 0
+    for b, (n, c) in enumerate(seqs):
+        positions = torch.arange(c - n, c)
+        ref = ref_attention(q[start : start + n], paged.keys[b], paged.values[b], positions, scale)
+        assert_close_rows(out[start : start + n], ref, dtype)
+        start += n
+
+
+# ---------------------------------------------------------------------------------------------- store_kv
+@pytest.mark.parametrize(
+    ("block_size", "hkv", "d", "dtype"),
+    [
+        (16, 8, 128, torch.bfloat16),
+        (32, 3, 64, torch.float16),
+        (64, 1, 128, torch.float32),
+        (128, 2, 64, torch.bfloat16),
+        (1, 4, 64, torch.bfloat16),
+        (8, 2, 32, torch.float16),
+    ],
+)
+def test_store_kv(be, block_size, hkv, d, dtype):
+    g = _gen(block_size * 7 + hkv)
+    num_blocks = 9
+    shape = (num_blocks, block_size, hkv, d)
+    k_cache = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+    v_cache = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+    n = min(13, num_blocks * block_size)
+    slots = torch.randperm(num_blocks * block_size, generator=g)[:n]
+    slots[torch.rand(n, generator=g) < 0.3] = -1  # padding tokens are skipped
+    # key/value as strided views into one fused projection output, as a model produces them
+    fused = torch.randn(n, 5 * hkv, d, generator=g).to(dtype).to(DEVICE)
+    key, value = fused[:, hkv : 2 * hkv], fused[:, 3 * hkv : 4 * hkv]
+    be.store_kv(key, value, k_cache, v_cache, slots.to(DEVICE))
+    exp_k = torch.full(shape, float("nan"), dtype=dtype)
+    exp_v = torch.full(shape, float("nan"), dtype=dtype)
+    keep = slots >= 0
+    s = slots[keep]
+    exp_k[s // block_size, s % block_size] = key.cpu()[keep]
+    exp_v[s // block_size, s % block_size] = value.cpu()[keep]
+    assert torch.equal(k_cache.cpu().isnan(), exp_k.isnan())
+    assert torch.equal(v_cache.cpu().isnan(), exp_v.isnan())
+    assert torch.equal(k_cache.cpu().nan_to_num(), exp_k.nan_to_num())
+    assert torch.equal(v_cache.cpu().nan_to_num(), exp_v.nan_to_num())
+
+
+# ---------------------------------------------------------------------------------------------- decode
+@pytest.mark.parametrize("block_size", [16, 32, 64, 128])
+@pytest.mark.parametrize("group", [1, 4, 8])
+def test_decode_block_sizes_and_gqa(be, block_size, group):
+    hkv = 2
+    run_decode(be, [1, 37, 150, 9, 70], hkv * group, hkv, 64, block_size, torch.bfloat16, seed=block_size + group)
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 3, 7])
+def test_decode_splits(be, num_splits):
+    # odd lengths; split counts that do not divide the tile counts; a zero-length (padding) row
+    run_decode(be, [193, 0, 64, 65, 3, 260], 8, 2, 64, 16, torch.bfloat16, seed=num_splits, num_splits=num_splits)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "d", "block_size"),
+    [(torch.float16, 128, 32), (torch.float32, 64, 64), (torch.bfloat16, 128, 1), (torch.float16, 64, 8)],
+)
+def test_decode_dtypes_and_small_blocks(be, dtype, d, block_size):
+    run_decode(be, [45, 130, 7], 8, 2, d, block_size, dtype, seed=d + block_size, num_splits=2)
+
+
+# ---------------------------------------------------------------------------------------------- prefill
+PREFILL_MIX = [(17, 17), (1, 40), (33, 100), (5, 5), (70, 70)]  # full prompts, a decode-like row, chunks
+
+
+@pytest.mark.parametrize("block_size", [16, 32, 64, 128])
+@pytest.mark.parametrize("group", [1, 4, 8])
+def test_prefill_block_sizes_and_gqa(be, block_size, group):
+    hkv = 2
+    run_prefill(be, PREFILL_MIX, hkv * group, hkv, 64, block_size, torch.bfloat16, seed=block_size * group)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "d", "block_size"),
+    [(torch.float16, 128, 16), (torch.float32, 64, 32), (torch.bfloat16, 64, 1), (torch.bfloat16, 128, 8)],
+)
+def test_prefill_dtypes_and_small_blocks(be, dtype, d, block_size):
+    run_prefill(be, [(9, 30), (40, 40), (2, 3)], 4, 1, d, block_size, dtype, seed=d * block_size)
+
+
+def test_prefill_single_sequence_prefix_hit(be):
+    # one sequence, a long cached prefix and a short odd chunk (prefix-cache hit / chunked prefill)
+    run_prefill(be, [(11, 203)], 12, 3, 64, 16, torch.bfloat16, seed=5)
+
+
+def test_store_then_prefill_then_decode(be):
+    """The three kernels chained as the engine uses them: store a prompt, attend to it, decode one more."""
+    hq, hkv, d, bs, dtype = 8, 2, 64, 16, torch.bfloat16
+    g = _gen(11)
+    prompt = [23, 40]
+    num_blocks = 8
+    k_cache = torch.full((num_blocks, bs, hkv, d), float("nan"), dtype=dtype, device=DEVICE)
+    v_cache = torch.full_like(k_cache, float("nan"))
+    block_tables = torch.tensor([[5, 2, 7, 0], [1, 3, 6, 4]], dtype=torch.int32, device=DEVICE)
+    keys = [torch.randn(n + 1, hkv, d, generator=g).to(dtype) for n in prompt]
+    values = [torch.randn(n + 1, hkv, d, generator=g).to(dtype) for n in prompt]
+
+    def slots(b, positions):
+        p = torch.as_tensor(positions)
+        return (block_tables.cpu()[b, p // bs].long() * bs + p % bs).to(DEVICE)
+
+    slot_map = torch.cat([slots(b, range(n)) for b, n in enumerate(prompt)])
+    be.store_kv(
+        torch.cat([k[:n] for k, n in zip(keys, prompt, strict=True)]).to(DEVICE),
+        torch.cat([v[:n] for v, n in zip(values, prompt, strict=True)]).to(DEVICE),
+        k_cache, v_cache, slot_map,
+    )
+    q = torch.randn(sum(prompt), hq, d, generator=g).to(dtype).to(DEVICE)
+    cu = torch.tensor([0, prompt[0], sum(prompt)], dtype=torch.int32, device=DEVICE)
+    ctx = torch.tensor(prompt, dtype=torch.int32, device=DEVICE)
+    out = be.prefill(q, k_cache, v_cache, cu, ctx, block_tables, d**-0.5)
+    for b, n in enumerate(prompt):
+        ref = ref_attention(q[cu[b] : cu[b + 1]], keys[b][:n], values[b][:n], torch.arange(n), d**-0.5)
+        assert_close_rows(out[cu[b] : cu[b + 1]], ref, dtype)
+    # one decode step: store the new token, then attend over n + 1 tokens
+    be.store_kv(
+        torch.stack([k[n] for k, n in zip(keys, prompt, strict=True)]).to(DEVICE),
+        torch.stack([v[n] for v, n in zip(values, prompt, strict=True)]).to(DEVICE),
+        k_cache, v_cache, torch.cat([slots(b, [n]) for b, n in enumerate(prompt)]),
+    )
+    qd = torch.randn(2, hq, d, generator=g).to(dtype).to(DEVICE)
+    out = be.decode(qd, k_cache, v_cache, block_tables, ctx + 1, d**-0.5)
+    for b, n in enumerate(prompt):
+        ref = ref_attention(qd[b : b + 1], keys[b], values[b], [n], d**-0.5)
+        assert_close_rows(out[b : b + 1], ref, dtype)
+
+
+# ---------------------------------------------------------------------------------------------- API
+def test_unsupported_reason(monkeypatch):
+    reason = TritonAttentionBackend.unsupported_reason
+    assert "block_size 7 not supported" in reason(128, torch.bfloat16, 7, DEVICE)
+    assert "head_dim 96" in reason(96, torch.bfloat16, 16, DEVICE)
+    assert "dtype" in reason(128, torch.int8, 16, DEVICE)
+    assert reason(128, torch.bfloat16, 16, DEVICE) is None
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "needs CUDA device" in reason(128, torch.bfloat16, 16, "cpu")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert reason(64, torch.float32, 32, torch.device("cpu")) is None
+    assert TritonAttentionBackend.name == "triton"
+
+
+def test_hook_lists_backend_and_survives_missing_triton(monkeypatch):
+    assert triton_attention.pagedserve_attention_backends() == [TritonAttentionBackend]
+    monkeypatch.setitem(sys.modules, "triton", None)  # "import triton" now raises ImportError
+    monkeypatch.delitem(sys.modules, backend_mod.__name__)
+    monkeypatch.delattr(triton_attention, "backend", raising=False)
+    assert triton_attention.pagedserve_attention_backends() == []
+
+
+# ---------------------------------------------------------------------------------------------- GPU sizes
+LLAMA = dict(hq=32, hkv=8, d=128)
+
+
+@pytest.mark.gpu
+@gpu_only
+@pytest.mark.parametrize("block_size", [16, 32, 64, 128])
+@pytest.mark.parametrize("num_splits", [None, 1, 5])
+def test_gpu_decode_llama_shapes(be, block_size, num_splits):
+    ctx = torch.randint(1, 5000, (37,), generator=_gen(block_size)).tolist() + [0, 1, 16383]
+    run_decode(be, ctx, LLAMA["hq"], LLAMA["hkv"], LLAMA["d"], block_size, torch.bfloat16, seed=3,
+               num_splits=num_splits)
+
+
+@pytest.mark.gpu
+@gpu_only
+@pytest.mark.parametrize(("group", "d"), [(1, 64), (4, 128), (8, 128), (4, 256)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gpu_decode_gqa_dtypes(be, group, d, dtype):
+    ctx = torch.randint(1, 3000, (19,), generator=_gen(group * d)).tolist()
+    run_decode(be, ctx, 4 * group, 4, d, 16, dtype, seed=group)
+
+
+@pytest.mark.gpu
+@gpu_only
+@pytest.mark.parametrize("block_size", [16, 32, 64, 128, 1, 8])
+def test_gpu_prefill_llama_shapes(be, block_size):
+    g = _gen(block_size)
+    seqs = []
+    for _ in range(13):
+        c = int(torch.randint(1, 2500, (1,), generator=g))
+        n = int(torch.randint(1, c + 1, (1,), generator=g))
+        seqs.append((n, c))
+    seqs += [(1024, 1024), (1, 777), (513, 2049)]
+    run_prefill(be, seqs, LLAMA["hq"], LLAMA["hkv"], LLAMA["d"], block_size, torch.bfloat16, seed=block_size)
+
+
+@pytest.mark.gpu
+@gpu_only
+@pytest.mark.parametrize(("group", "d"), [(1, 64), (8, 128), (4, 256), (3, 64)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gpu_prefill_gqa_dtypes(be, group, d, dtype):
+    seqs = [(300, 300), (77, 1000), (1, 1), (129, 129), (64, 640)]
+    run_prefill(be, seqs, 2 * group, 2, d, 32, dtype, seed=group + d)
+
+
+@pytest.mark.gpu
+@gpu_only
+def test_gpu_decode_cuda_graph_replay(be):
+    """Captured once, replayed with new lengths and tables: nothing in the wrappers may sync or re-plan."""
+    hq, hkv, d, bs = 32, 8, 128, 16
+    paged = Paged([300, 1000, 5, 2000], hkv, d, bs, torch.bfloat16, DEVICE, seed=9)
+    q = torch.randn(4, hq, d, generator=_gen(1)).to(torch.bfloat16).to(DEVICE)
+    ctx = paged.context_lens.clone()
+    out = torch.empty_like(q)
+    be.decode(q, paged.k_cache, paged.v_cache, paged.block_tables, ctx, d**-0.5, out=out)  # compile first
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        be.decode(q, paged.k_cache, paged.v_cache, paged.block_tables, ctx, d**-0.5, out=out)
+    new_lens = [299, 17, 5, 1999]
+    ctx.copy_(torch.tensor(new_lens, dtype=torch.int32))
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    for b, c in enumerate(new_lens):
+        ref = ref_attention(q[b : b + 1], paged.keys[b][:c], paged.values[b][:c], [c - 1], d**-0.5)
+        assert_close_rows(out[b : b + 1], ref, torch.bfloat16)
