@@ -45,6 +45,12 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
+def _interpreter_live() -> bool:
+    """Triton's own library functions (``tl.cdiv``, ``tl.max``...) are built for the interpreter only when
+    ``TRITON_INTERPRET=1`` was set before ``triton`` was first imported; our kernels need that too."""
+    return type(triton.language.cdiv).__name__ == "InterpretedFunction"
+
+
 _kernel_module: ModuleType | None = None
 
 
@@ -140,6 +146,8 @@ class TritonAttentionBackend(_Base):  # type: ignore[misc,valid-type]
                 return f"needs compute capability 8.0 or newer (device has {major}.x)"
             return None
         if dev.type == "cpu" and _interpreting():
+            if not _interpreter_live():
+                return "TRITON_INTERPRET=1 was set after triton was imported; set it before the first import"
             return None
         return f"needs CUDA device (device is {dev.type}; set TRITON_INTERPRET=1 to run on the CPU interpreter)"
 

@@ -1,0 +1,1 @@
+"""Building blocks shared by the architectures, written so tensor parallelism can be added later."""

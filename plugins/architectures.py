@@ -1,0 +1,18 @@
+"""Built-in model architectures: Llama (2/3/3.1), Qwen2 and Qwen3."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pagedserve.hookspecs import hookimpl
+
+if TYPE_CHECKING:
+    from pagedserve.models.registry import ModelArchitecture
+
+
+@hookimpl
+def pagedserve_model_architectures() -> list[type[ModelArchitecture]]:
+    # Imported here so registering the plugin does not import the model code.
+    from pagedserve.models.llama import LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
+
+    return [LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM]

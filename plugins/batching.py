@@ -1,0 +1,629 @@
+"""Built-in batching policies: ``direct``, ``dynamic`` (Triton's dynamic batcher) and ``sequence``.
+
+Every policy runs one worker thread per model instance (``instance_group`` counts). Workers form their
+own batches under one condition variable, so a request goes from ``submit`` to ``execute`` without an
+extra thread hop. This module knows nothing about the wire: it only sees decoded requests and answers
+errors through each request's responder.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar
+
+import grpc
+import numpy as np
+from pagedserve import datatypes
+from pagedserve.backend import Model, ModelSpec
+from pagedserve.batching import BatchingPolicy
+from pagedserve.errors import InferenceError
+from pagedserve.hookspecs import hookimpl
+from pagedserve.inference import InferenceRequest, InferenceResponse, Responder
+from pagedserve.statistics import ModelStats
+
+if TYPE_CHECKING:
+    from google.protobuf.message import Message
+    from pagedserve.protocol import model_config_pb2
+
+log = logging.getLogger(__name__)
+
+_NS_PER_US = 1_000
+# Triton releases a sequence slot after one idle second when the config leaves the field at 0.
+_DEFAULT_SEQUENCE_IDLE_US = 1_000_000
+
+
+def enum_name(message: Message, field_name: str) -> str:
+    """The symbolic name of an enum field (``KIND_GPU``, ``TYPE_INT32``...), whichever generated module
+    built the message."""
+    enum = message.DESCRIPTOR.fields_by_name[field_name].enum_type
+    return enum.values_by_number[getattr(message, field_name)].name
+
+
+def instance_count(spec: ModelSpec) -> int:
+    """Total instances over all instance groups; a group's count of 0 means Triton's default of 1."""
+    groups = spec.config.instance_group
+    return sum(max(group.count, 1) for group in groups) if groups else 1
+
+
+class _TrackedResponder(Responder):
+    """Wraps a request's responder to know whether its final response went out, so a failed batch
+    only answers the requests that are still open, and to stamp the end of compute at that moment
+    (non-decoupled models answer from inside ``execute``, before the policy regains control)."""
+
+    def __init__(self, inner: Responder, request: InferenceRequest) -> None:
+        self.inner = inner
+        self.request = request
+        self.finished = False
+        self._lock = threading.Lock()
+
+    @property
+    def cancelled(self) -> bool:
+        return self.inner.cancelled
+
+    def send(self, response: InferenceResponse | None, final: bool) -> None:
+        # Held across the inner send so a late error from the policy cannot overtake a model's response.
+        with self._lock:
+            if final and not self.finished:
+                self.finished = True
+                if not self.request.timing.compute_end_ns:
+                    self.request.timing.compute_end_ns = time.monotonic_ns()
+            self.inner.send(response, final)
+
+    def fail(self, error: InferenceError) -> None:
+        with self._lock:
+            if self.finished:
+                return
+        try:
+            self.send(InferenceResponse(error=error), final=True)
+        except Exception:  # noqa: BLE001 - the client may be gone; nothing else can be done
+            log.exception("could not deliver error to request '%s'", self.request.id)
+
+
+def _tracked(request: InferenceRequest) -> _TrackedResponder:
+    responder = request.responder
+    if not isinstance(responder, _TrackedResponder):
+        responder = _TrackedResponder(responder, request)
+        request.responder = responder
+    return responder
+
+
+def fail_requests(requests: Iterable[InferenceRequest], error: InferenceError) -> None:
+    """Send ``error`` as the final response of every request that has not finished yet."""
+    for request in requests:
+        _tracked(request).fail(error)
+
+
+def _error_from(exception: Exception) -> InferenceError:
+    if isinstance(exception, InferenceError):
+        return exception
+    return InferenceError.internal(str(exception) or type(exception).__name__)
+
+
+@dataclass
+class _Take:
+    """One planning step of a worker: a batch to run, requests to reject, or a time to wake up."""
+
+    batch: list[InferenceRequest] = field(default_factory=list)
+    rejected: list[tuple[InferenceRequest, InferenceError]] = field(default_factory=list)
+    wake_at_ns: int | None = None
+    done: bool = False
+
+
+class _WorkerPolicy(BatchingPolicy, abc.ABC):
+    """Worker threads plus the shared bookkeeping; subclasses decide what a worker runs next."""
+
+    def __init__(self, model: Model, spec: ModelSpec, stats: ModelStats) -> None:
+        super().__init__(model, spec, stats)
+        self._cond = threading.Condition()
+        self._closing = False
+        self._workers: list[threading.Thread] = []
+
+    def _start(self) -> None:
+        """Called by subclasses once their queue state exists."""
+        for index in range(instance_count(self.spec)):
+            thread = threading.Thread(
+                target=self._work, args=(index,), name=f"{self.spec.name}-{self.name}-{index}", daemon=True
+            )
+            self._workers.append(thread)
+            thread.start()
+
+    # -- what subclasses provide (always called with self._cond held) -----------------------------
+
+    @abc.abstractmethod
+    def _enqueue(self, request: InferenceRequest, now_ns: int) -> None:
+        """Queue an accepted request; raise InferenceError to reject it."""
+
+    @abc.abstractmethod
+    def _take(self, instance: int, now_ns: int) -> _Take:
+        """Pick the next batch for ``instance``; ``done`` once closing and nothing is left."""
+
+    def _finished(self, instance: int, batch: list[InferenceRequest]) -> None:
+        """Bookkeeping after a batch ran."""
+
+    def _prepare(self, batch: list[InferenceRequest]) -> None:
+        """Last changes to the requests before execute, outside the lock (control tensors...)."""
+
+    # -- public API -------------------------------------------------------------------------------
+
+    def submit(self, request: InferenceRequest) -> None:
+        _tracked(request)
+        with self._cond:
+            if self._closing:
+                raise InferenceError.unavailable(
+                    f"Request for unknown model: '{self.spec.name}' version {request.model_version} "
+                    "is not at ready state"
+                )
+            self._enqueue(request, time.monotonic_ns())
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        for thread in self._workers:
+            thread.join()
+
+    # -- workers ----------------------------------------------------------------------------------
+
+    def _work(self, instance: int) -> None:
+        while True:
+            take = self._wait_for_work(instance)
+            for request, error in take.rejected:
+                fail_requests([request], error)
+            if take.batch:
+                self._run(take.batch)
+                with self._cond:
+                    self._finished(instance, take.batch)
+                    self._cond.notify_all()
+            elif take.done:
+                return
+
+    def _wait_for_work(self, instance: int) -> _Take:
+        with self._cond:
+            while True:
+                take = self._take(instance, time.monotonic_ns())
+                if take.batch or take.rejected or take.done:
+                    return take
+                timeout = None
+                if take.wake_at_ns is not None:
+                    timeout = max(take.wake_at_ns - time.monotonic_ns(), 0) / 1e9
+                self._cond.wait(timeout)
+
+    def _run(self, batch: list[InferenceRequest]) -> None:
+        cancelled = [r for r in batch if r.responder.cancelled]
+        if cancelled:
+            fail_requests(cancelled, InferenceError("Request was cancelled", grpc.StatusCode.CANCELLED))
+            batch = [r for r in batch if not r.responder.cancelled]
+            if not batch:
+                return
+        prepare_start = time.monotonic_ns()
+        try:
+            self._prepare(batch)
+        except Exception as error:  # noqa: BLE001 - a request the policy cannot complete
+            fail_requests(batch, _error_from(error))
+            return
+        input_ns = sum(r.timing.compute_input_ns for r in batch) + time.monotonic_ns() - prepare_start
+        start = time.monotonic_ns()
+        for request in batch:
+            request.timing.compute_start_ns = start
+        try:
+            self.model.execute(batch)
+        except Exception as error:  # noqa: BLE001 - every model failure becomes the batch's answer
+            self._stamp_end(batch)
+            log.debug("%s: execute failed: %s", self.spec.name, error, exc_info=True)
+            fail_requests(batch, _error_from(error))
+            return
+        end = self._stamp_end(batch)
+        self.stats.record_execution(
+            sum(r.batch_size for r in batch), input_ns=input_ns, infer_ns=end - start, output_ns=0
+        )
+
+    @staticmethod
+    def _stamp_end(batch: list[InferenceRequest]) -> int:
+        end = time.monotonic_ns()
+        for request in batch:
+            if not request.timing.compute_end_ns:
+                request.timing.compute_end_ns = end
+        return end
+
+
+class DirectPolicy(_WorkerPolicy):
+    """No batching: each request is executed alone, in arrival order, by the next free instance."""
+
+    name: ClassVar[str] = "direct"
+
+    def __init__(self, model: Model, spec: ModelSpec, stats: ModelStats) -> None:
+        super().__init__(model, spec, stats)
+        self._queue: deque[InferenceRequest] = deque()
+        self._start()
+
+    def _enqueue(self, request: InferenceRequest, now_ns: int) -> None:
+        self._queue.append(request)
+
+    def _take(self, instance: int, now_ns: int) -> _Take:
+        if self._queue:
+            return _Take(batch=[self._queue.popleft()])
+        return _Take(done=self._closing)
+
+
+@dataclass
+class _QueuedRequest:
+    request: InferenceRequest
+    enqueued_ns: int
+    deadline_ns: int = 0
+    """Monotonic time after which the request times out in the queue; 0 = never."""
+
+
+@dataclass(frozen=True)
+class _QueuePolicy:
+    """One priority level's ``ModelQueuePolicy``."""
+
+    max_size: int = 0
+    default_timeout_us: int = 0
+    allow_override: bool = False
+    delay_on_timeout: bool = False
+
+    def deadline_ns(self, request: InferenceRequest, now_ns: int) -> int:
+        timeout_us = self.default_timeout_us
+        # A request may only shorten the model's timeout (0 = no timeout, so any request value counts).
+        if (
+            self.allow_override
+            and request.timeout_us > 0
+            and (timeout_us == 0 or request.timeout_us < timeout_us)
+        ):
+            timeout_us = request.timeout_us
+        return now_ns + timeout_us * _NS_PER_US if timeout_us else 0
+
+
+class DynamicPolicy(_WorkerPolicy):
+    """Triton's dynamic batcher: batches up to ``max_batch_size`` with preferred sizes, a queue delay,
+    priority levels and per-level queue policies (size limit, timeouts)."""
+
+    name: ClassVar[str] = "dynamic"
+
+    def __init__(self, model: Model, spec: ModelSpec, stats: ModelStats) -> None:
+        super().__init__(model, spec, stats)
+        config = spec.config.dynamic_batching
+        self._max_size = max(spec.config.max_batch_size, 1)
+        self._preferred = sorted({size for size in config.preferred_batch_size if 0 < size <= self._max_size})
+        self._max_preferred = self._preferred[-1] if self._preferred else self._max_size
+        self._delay_ns = config.max_queue_delay_microseconds * _NS_PER_US
+        self._levels = max(config.priority_levels, 1)
+        self._default_level = self._check_default_level(config.priority_levels, config.default_priority_level)
+        self._policies = [self._queue_policy(level) for level in range(1, self._levels + 1)]
+        self._queues: list[deque[_QueuedRequest]] = [deque() for _ in range(self._levels)]
+        # Requests whose timeout passed under timeout_action DELAY: they run after everything else.
+        self._delayed: deque[_QueuedRequest] = deque()
+        self._with_deadline = 0
+        self._start()
+
+    @staticmethod
+    def _check_default_level(levels: int, default: int) -> int:
+        if levels == 0:
+            return 1
+        if not 1 <= default <= levels:
+            raise ValueError(
+                f"dynamic_batching.default_priority_level must be in [1, {levels}] when priority_levels "
+                f"is {levels}, got {default}"
+            )
+        return default
+
+    def _queue_policy(self, level: int) -> _QueuePolicy:
+        config = self.spec.config.dynamic_batching
+        source = config.priority_queue_policy.get(level, config.default_queue_policy)
+        return _QueuePolicy(
+            max_size=source.max_queue_size,
+            default_timeout_us=source.default_timeout_microseconds,
+            allow_override=source.allow_timeout_override,
+            delay_on_timeout=source.timeout_action == type(source).DELAY,
+        )
+
+    def level_of(self, request: InferenceRequest) -> int:
+        """Priority level (1 = highest); 0 or out of range means the default level, as in Triton."""
+        priority = request.priority
+        if priority <= 0 or priority > self._levels:
+            return self._default_level
+        return priority
+
+    def _enqueue(self, request: InferenceRequest, now_ns: int) -> None:
+        index = self.level_of(request) - 1
+        policy = self._policies[index]
+        queue = self._queues[index]
+        if policy.max_size and len(queue) >= policy.max_size:
+            raise InferenceError.unavailable("Exceeds maximum queue size")
+        entry = _QueuedRequest(request, now_ns, policy.deadline_ns(request, now_ns))
+        self._with_deadline += bool(entry.deadline_ns)
+        queue.append(entry)
+
+    def _entries(self) -> Iterator[_QueuedRequest]:
+        for queue in self._queues:
+            yield from queue
+        yield from self._delayed
+
+    def _expire(self, now_ns: int) -> list[tuple[InferenceRequest, InferenceError]]:
+        if not self._with_deadline:
+            return []
+        rejected: list[tuple[InferenceRequest, InferenceError]] = []
+        for queue, policy in zip(self._queues, self._policies, strict=True):
+            keep: deque[_QueuedRequest] = deque()
+            for entry in queue:
+                if not entry.deadline_ns or entry.deadline_ns > now_ns:
+                    keep.append(entry)
+                    continue
+                self._with_deadline -= 1
+                entry.deadline_ns = 0
+                if policy.delay_on_timeout:
+                    self._delayed.append(entry)
+                else:
+                    rejected.append((entry.request, InferenceError.unavailable("Request timeout expired")))
+            queue.clear()
+            queue.extend(keep)
+        return rejected
+
+    def _next_deadline(self) -> int | None:
+        if not self._with_deadline:
+            return None
+        return min((e.deadline_ns for e in self._entries() if e.deadline_ns), default=None)
+
+    def _take(self, instance: int, now_ns: int) -> _Take:
+        rejected = self._expire(now_ns)
+        count, wait_until = self._plan(now_ns)
+        if count:
+            return _Take(batch=self._pop(count), rejected=rejected)
+        wake = [t for t in (wait_until, self._next_deadline()) if t is not None]
+        idle = not any(self._queues) and not self._delayed
+        return _Take(rejected=rejected, wake_at_ns=min(wake) if wake else None, done=self._closing and idle)
+
+    def _plan(self, now_ns: int) -> tuple[int, int | None]:
+        """How many queued requests (in priority order) to run now, or when to look again."""
+        sizes: list[int] = []
+        total = 0
+        oldest = None
+        best = 0  # request count of the largest prefix whose batch size is a preferred size
+        overflow = False
+        for entry in self._entries():
+            if total + entry.request.batch_size > self._max_size:
+                overflow = True
+                break
+            total += entry.request.batch_size
+            sizes.append(total)
+            oldest = entry.enqueued_ns if oldest is None else min(oldest, entry.enqueued_ns)
+            if total in self._preferred:
+                best = len(sizes)
+        if not sizes:
+            return 0, None
+        # Like Triton: a preferred size is cut out once more is queued than the largest preferred size.
+        if best and (overflow or total > self._max_preferred):
+            return best, None
+        if overflow or total >= self._max_preferred or self._closing or not self._delay_ns:
+            return len(sizes), None
+        assert oldest is not None
+        due = oldest + self._delay_ns
+        return (len(sizes), None) if now_ns >= due else (0, due)
+
+    def _pop(self, count: int) -> list[InferenceRequest]:
+        batch: list[InferenceRequest] = []
+        for queue in [*self._queues, self._delayed]:
+            while queue and len(batch) < count:
+                entry = queue.popleft()
+                self._with_deadline -= bool(entry.deadline_ns)
+                batch.append(entry.request)
+        return batch
+
+
+@dataclass(frozen=True)
+class _Control:
+    """One control tensor of ``sequence_batching.control_input``."""
+
+    input_name: str
+    kind: str  # CONTROL_SEQUENCE_START / READY / END / CORRID
+    dtype: np.dtype
+    values: tuple[object, object] = (0, 1)
+    """(false, true) values for START/READY/END."""
+
+
+def _false_true(control: model_config_pb2.ModelSequenceBatching.Control) -> tuple[np.dtype, list[object]]:
+    """The dtype and (false, true) values of a START/READY/END control, whichever list is set."""
+    if control.fp32_false_true:
+        return np.dtype(np.float32), list(control.fp32_false_true)
+    if control.bool_false_true:
+        return np.dtype(np.bool_), list(control.bool_false_true)
+    return np.dtype(np.int32), list(control.int32_false_true)
+
+
+@dataclass
+class _Sequence:
+    correlation_id: int | str
+    pending: deque[InferenceRequest] = field(default_factory=deque)
+    instance: int | None = None
+    running: bool = False
+    last_active_ns: int = 0
+
+
+class SequencePolicy(_WorkerPolicy):
+    """Triton's sequence batcher: all requests of a correlation ID run in order on one instance, with
+    the configured control tensors filled in; batches mix requests of different sequences."""
+
+    name: ClassVar[str] = "sequence"
+
+    def __init__(self, model: Model, spec: ModelSpec, stats: ModelStats) -> None:
+        super().__init__(model, spec, stats)
+        config = spec.config.sequence_batching
+        self._controls = [control for ci in config.control_input for control in self._parse_control(ci)]
+        idle_us = config.max_sequence_idle_microseconds or _DEFAULT_SEQUENCE_IDLE_US
+        self._idle_ns = idle_us * _NS_PER_US
+        self._batch_limit = max(spec.config.max_batch_size, 1)
+        instances = instance_count(spec)
+        # Concurrent sequences per instance: one per batch slot, or the oldest strategy's candidates.
+        candidates = config.oldest.max_candidate_sequences if config.HasField("oldest") else 0
+        self._capacity = -(-candidates // instances) if candidates > 0 else self._batch_limit
+        self._load = [0] * instances
+        self._sequences: dict[int | str, _Sequence] = {}
+        self._backlog: deque[_Sequence] = deque()
+        self._open: set[int | str] = set()
+        self._start()
+
+    @staticmethod
+    def _parse_control(control_input: model_config_pb2.ModelSequenceBatching.ControlInput) -> list[_Control]:
+        parsed = []
+        name = control_input.name
+        for control in control_input.control:
+            kind = enum_name(control, "kind")
+            if kind == "CONTROL_SEQUENCE_CORRID":
+                type_name = enum_name(control, "data_type")
+                if type_name not in ("TYPE_UINT64", "TYPE_INT64", "TYPE_UINT32", "TYPE_INT32", "TYPE_STRING"):
+                    raise ValueError(
+                        f"control input '{name}': CORRID data_type must be an integer type or "
+                        f"TYPE_STRING, got {type_name}"
+                    )
+                parsed.append(_Control(name, kind, datatypes.numpy_dtype(datatypes.from_config(type_name))))
+                continue
+            dtype, values = _false_true(control)
+            if len(values) != 2:
+                raise ValueError(
+                    f"control input '{name}' ({kind}) needs exactly two false/true values "
+                    "(int32_false_true, fp32_false_true or bool_false_true)"
+                )
+            parsed.append(_Control(name, kind, dtype, (values[0], values[1])))
+        return parsed
+
+    # -- submit side ------------------------------------------------------------------------------
+
+    def _enqueue(self, request: InferenceRequest, now_ns: int) -> None:
+        cid = request.sequence_id
+        if cid == 0 or cid == "":
+            raise InferenceError(
+                f"inference request to model '{self.spec.name}' must specify a non-zero or non-empty "
+                "correlation ID"
+            )
+        self._check_corrid_type(cid)
+        if not request.sequence_start and cid not in self._open:
+            raise InferenceError(
+                f"inference request for sequence {cid} to model '{self.spec.name}' must specify the START "
+                "flag on the first request of the sequence"
+            )
+        if request.sequence_start and cid in self._open:
+            log.warning("%s: sequence %s restarted before its END request", self.spec.name, cid)
+        if request.sequence_start:
+            self._open.add(cid)
+        if request.sequence_end:
+            self._open.discard(cid)
+        sequence = self._sequences.get(cid)
+        if sequence is None:
+            sequence = self._sequences[cid] = _Sequence(cid)
+            self._assign(sequence)
+        sequence.pending.append(request)
+        sequence.last_active_ns = now_ns
+
+    def _check_corrid_type(self, cid: int | str) -> None:
+        for control in self._controls:
+            if (
+                control.kind == "CONTROL_SEQUENCE_CORRID"
+                and control.dtype != np.object_
+                and isinstance(cid, str)
+            ):
+                raise InferenceError(
+                    f"inference request to model '{self.spec.name}' must specify an integer correlation ID "
+                    f"(control input '{control.input_name}' is numeric), got '{cid}'"
+                )
+
+    def _assign(self, sequence: _Sequence) -> None:
+        free = [i for i, load in enumerate(self._load) if load < self._capacity]
+        if not free:
+            self._backlog.append(sequence)
+            return
+        instance = min(free, key=lambda i: self._load[i])
+        self._load[instance] += 1
+        sequence.instance = instance
+
+    def _release(self, sequence: _Sequence) -> None:
+        del self._sequences[sequence.correlation_id]
+        assert sequence.instance is not None
+        self._load[sequence.instance] -= 1
+        while self._backlog and self._load[sequence.instance] < self._capacity:
+            waiting = self._backlog.popleft()
+            self._load[sequence.instance] += 1
+            waiting.instance = sequence.instance
+
+    # -- worker side ------------------------------------------------------------------------------
+
+    def _take(self, instance: int, now_ns: int) -> _Take:
+        self._release_idle(now_ns)
+        ready = [
+            s for s in self._sequences.values() if s.instance == instance and s.pending and not s.running
+        ]
+        ready.sort(key=lambda s: s.pending[0].timing.queued_ns)
+        batch: list[InferenceRequest] = []
+        total = 0
+        for sequence in ready:
+            size = sequence.pending[0].batch_size
+            if batch and total + size > self._batch_limit:
+                break
+            sequence.running = True
+            batch.append(sequence.pending.popleft())
+            total += size
+        if batch:
+            return _Take(batch=batch)
+        busy = any(s.pending or s.running for s in self._sequences.values())
+        return _Take(wake_at_ns=self._next_idle_ns(), done=self._closing and not busy)
+
+    def _idle(self, sequence: _Sequence) -> bool:
+        return sequence.instance is not None and not sequence.pending and not sequence.running
+
+    def _release_idle(self, now_ns: int) -> None:
+        for sequence in list(self._sequences.values()):
+            if self._idle(sequence) and now_ns - sequence.last_active_ns >= self._idle_ns:
+                log.info("%s: releasing idle sequence %s", self.spec.name, sequence.correlation_id)
+                self._open.discard(sequence.correlation_id)
+                self._release(sequence)
+
+    def _next_idle_ns(self) -> int | None:
+        times = [s.last_active_ns + self._idle_ns for s in self._sequences.values() if self._idle(s)]
+        return min(times, default=None)
+
+    def _finished(self, instance: int, batch: list[InferenceRequest]) -> None:
+        now = time.monotonic_ns()
+        for request in batch:
+            sequence = self._sequences.get(request.sequence_id)
+            if sequence is None:
+                continue
+            sequence.running = False
+            sequence.last_active_ns = now
+            if request.sequence_end and not sequence.pending:
+                self._release(sequence)
+
+    def _prepare(self, batch: list[InferenceRequest]) -> None:
+        for request in batch:
+            request.inputs.update(self.control_tensors(request))
+
+    def control_tensors(self, request: InferenceRequest) -> dict[str, np.ndarray]:
+        """The configured control inputs for one request, shaped ``[batch, 1]`` (``[1]`` without
+        batching). READY is always true: only real requests are sent to the model, never padding."""
+        shape = (request.batch_size, 1) if self.spec.config.max_batch_size > 0 else (1,)
+        tensors = {}
+        for control in self._controls:
+            if control.kind == "CONTROL_SEQUENCE_CORRID":
+                cid = request.sequence_id
+                value: object = str(cid).encode() if control.dtype == np.object_ else int(cid)
+            else:
+                flag = {
+                    "CONTROL_SEQUENCE_START": request.sequence_start,
+                    "CONTROL_SEQUENCE_END": request.sequence_end,
+                    "CONTROL_SEQUENCE_READY": True,
+                }[control.kind]
+                value = control.values[int(flag)]
+            array = np.empty(shape, dtype=control.dtype)
+            array.fill(value)  # type: ignore[arg-type]
+            tensors[control.input_name] = array
+        return tensors
+
+
+@hookimpl
+def pagedserve_batching_policies() -> list[type[BatchingPolicy]]:
+    return [DirectPolicy, DynamicPolicy, SequencePolicy]

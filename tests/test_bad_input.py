@@ -1,0 +1,76 @@
+"""A few hundred randomized malformed requests: each gets a clear error, and the server keeps serving."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+from .test_server_api import simple_inputs
+
+DATATYPES = ["INT32", "FP32", "BYTES", "BOOL", "INT8", "UINT64", "FP16", "BF16", "NOPE", ""]
+NAMES = ["INPUT0", "INPUT1", "INPUT2", "", "../INPUT0"]
+MODELS = ["simple", "simple_string", "simple_identity", "simple", "missing_model", "../simple"]
+ERROR_CODES = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.UNIMPLEMENTED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+
+tensors = st.builds(
+    lambda name, datatype, shape: service_pb2.ModelInferRequest.InferInputTensor(
+        name=name, datatype=datatype, shape=shape
+    ),
+    st.sampled_from(NAMES),
+    st.sampled_from(DATATYPES),
+    st.lists(st.one_of(st.integers(-3, 20), st.sampled_from([2**40, 2**62, -(2**62)])), max_size=3),
+)
+raw = st.one_of(st.binary(max_size=80), st.sampled_from([b"\x05\x00\x00\x00ab", b"\xff\xff\xff\xff", b"\x00" * 64]))
+
+
+@st.composite
+def malformed(draw: st.DrawFn) -> service_pb2.ModelInferRequest:
+    request = service_pb2.ModelInferRequest(
+        model_name=draw(st.sampled_from(MODELS)), model_version=draw(st.sampled_from(["", "1", "2", "x", "-1"]))
+    )
+    request.inputs.extend(draw(st.lists(tensors, max_size=3)))
+    request.raw_input_contents.extend(draw(st.lists(raw, max_size=4)))
+    for name in draw(st.lists(st.sampled_from(["OUTPUT0", "OUTPUT0", "OUTPUT9"]), max_size=2)):
+        request.outputs.add(name=name)
+    if draw(st.booleans()):
+        request.parameters["priority"].int64_param = draw(st.integers(-5, 5))
+    if draw(st.booleans()):
+        request.parameters[draw(st.sampled_from(["triton_x", "sequence_id", "k"]))].double_param = 1.0
+    return request
+
+
+@pytest.fixture(scope="module")
+def stub(url: str):  # noqa: ANN201
+    with grpc.insecure_channel(url) as channel:
+        yield service_pb2_grpc.GRPCInferenceServiceStub(channel)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(request=malformed())
+def test_malformed_requests_get_clear_errors(stub, request: service_pb2.ModelInferRequest) -> None:  # noqa: ANN001
+    try:
+        stub.ModelInfer(request, timeout=10)
+    except grpc.RpcError as error:
+        assert error.code() in ERROR_CODES, (error.code(), error.details())
+        assert error.details()
+
+
+def test_oversized_payload_rejected_and_server_keeps_serving(stub, client) -> None:  # noqa: ANN001
+    request = service_pb2.ModelInferRequest(model_name="simple_identity")
+    request.inputs.add(name="INPUT0", datatype="BYTES", shape=[1, 1])
+    request.raw_input_contents.append(b"\x00" * 10)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ModelInfer(request, timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    result = client.infer("simple", simple_inputs())
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), np.arange(16).reshape(1, 16) + 1)

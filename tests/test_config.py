@@ -1,0 +1,98 @@
+"""The Hydra configuration: composition, typed validation and the exact command lines we document."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from hydra import compose, initialize_config_module
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+from pagedserve.config import ModelControlMode, ServeConfig, register_configs
+
+from .conftest import REPO
+
+
+def compose_config(*overrides: str) -> ServeConfig:
+    register_configs(ConfigStore.instance())
+    with initialize_config_module(config_module="pagedserve.conf", version_base=None):
+        cfg = compose(config_name="config", overrides=list(overrides))
+    config = OmegaConf.to_object(cfg)
+    assert isinstance(config, ServeConfig)
+    return config
+
+
+def test_documented_command_line_parses() -> None:
+    config = compose_config("model=llama3", "scheduler=fcfs", "cache.block_size=16")
+    assert config.startup_models() == ["llama3"]
+    assert config.scheduler.policy == "fcfs"
+    assert config.cache.block_size == 16
+
+
+def test_defaults() -> None:
+    config = compose_config()
+    assert config.server.grpc_port == 8001
+    assert config.model_control_mode is ModelControlMode.none
+    assert config.startup_models() is None
+    assert (config.repository_path() / "simple.yaml").is_file()
+
+
+@pytest.mark.parametrize("option", ["fcfs", "priority"])
+def test_every_scheduler_option_composes(option: str) -> None:
+    assert compose_config(f"scheduler={option}").scheduler.policy == option
+
+
+def test_model_list_and_modes() -> None:
+    config = compose_config("model=[simple,repeat_int32]", "model_control_mode=explicit")
+    assert config.startup_models() == ["simple", "repeat_int32"]
+    assert config.model_control_mode is ModelControlMode.explicit
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("cache.block_size=7", "cache.block_size must be one of [1, 8, 16, 32, 64, 128]"),
+        ("server.grpc_port=70000", "server.grpc_port must be in [0, 65535]"),
+        ("model_control_mode=sometimes", "model_control_mode"),
+        ("cache.block_size=abc", "block_size"),
+    ],
+)
+def test_bad_values_name_the_key(override: str, message: str) -> None:
+    with pytest.raises(Exception, match=None) as info:
+        compose_config(override)
+    assert message in str(info.value)
+
+
+def _serve(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pagedserve", *args], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
+
+
+def test_bad_key_exits_non_zero_naming_it() -> None:
+    result = _serve("server.grpc_prot=1")
+    assert result.returncode != 0
+    assert "grpc_prot" in result.stdout + result.stderr
+
+
+def test_bad_value_exits_non_zero_with_allowed_values() -> None:
+    result = _serve("model_control_mode=sometimes", "check=true")
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "model_control_mode" in output and "explicit" in output
+
+
+def test_multirun_runs_each_job(tmp_path) -> None:  # noqa: ANN001
+    result = _serve(
+        "-m",
+        "check=true",
+        "server.grpc_port=0",
+        "server.host=127.0.0.1",
+        "model=simple",
+        "scheduler=fcfs,priority",
+        f"hydra.sweep.dir={tmp_path}",
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("listening on") == 2
