@@ -58,7 +58,7 @@ class Model(abc.ABC):
         from this call or later (decoupled models may answer from their own threads). Called from a
         worker thread; never from the server's event loop."""
 
-    def finalize(self) -> None:
+    def finalize(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release resources; called once after the last execute returned and all requests finished."""
 
     def memory_bytes(self) -> dict[str, int]:
@@ -71,7 +71,7 @@ class ModelBackend(abc.ABC):
 
     name: ClassVar[str]
 
-    @classmethod
+    @classmethod  # noqa: B027 - optional hook; most backends have nothing to add
     def auto_complete(cls, config: model_config_pb2.ModelConfig) -> None:
         """Fill in what the backend knows (default inputs/outputs, decoupled...), like Triton's
         auto-complete; raise ``ValueError`` naming the bad field for a config it cannot serve."""

@@ -12,7 +12,6 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-
 from pagedserve.config import BackendSettings, ModelControlMode, ServeConfig, register_configs
 from pagedserve.console import console, model_table, plugin_table, setup_logging
 from pagedserve.errors import InferenceError
@@ -145,7 +144,9 @@ async def _poll(config: ServeConfig, manager: ModelManager) -> None:
     while True:
         await asyncio.sleep(config.poll_interval_s)
         current = _mtimes(manager)
-        for name in current.keys() - seen.keys() | {n for n in current if n in seen and current[n] != seen[n]}:
+        for name in current.keys() - seen.keys() | {
+            n for n in current if n in seen and current[n] != seen[n]
+        }:
             try:
                 await loop.run_in_executor(None, manager.load, name)
             except InferenceError as error:

@@ -11,7 +11,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-
 from pagedserve import datatypes
 from pagedserve.backend import ModelSpec
 from pagedserve.errors import InferenceError
@@ -183,7 +182,9 @@ class RequestDecoder:
                     f"inference request batch-size must be <= {self.max_batch_size} for '{name}'"
                 )
             if batch_sizes and batch not in batch_sizes:
-                raise InferenceError(f"input '{input_name}' batch size does not match other inputs for '{name}'")
+                raise InferenceError(
+                    f"input '{input_name}' batch size does not match other inputs for '{name}'"
+                )
             batch_sizes.add(batch)
             body = shape[1:]
         if len(body) != len(dims) or any(d != -1 and d != s for d, s in zip(dims, body, strict=False)):
@@ -225,13 +226,17 @@ class RequestDecoder:
             return request.raw_input_contents[raw_index], raw_index + 1
         if math.prod(tensor.shape) == 0 and not request.raw_input_contents:
             return b"", raw_index
-        raise InferenceError(f"unable to find data for input tensor '{tensor.name}' for model '{name}' in request.")
+        raise InferenceError(
+            f"unable to find data for input tensor '{tensor.name}' for model '{name}' in request."
+        )
 
     def _shm_data(self, tensor: pb.ModelInferRequest.InferInputTensor) -> bytes:
         params = tensor.parameters
         region = params["shared_memory_region"]
         if region.WhichOneof("parameter_choice") != "string_param":
-            raise InferenceError("invalid value type for 'shared_memory_region' parameter, expected string_param.")
+            raise InferenceError(
+                "invalid value type for 'shared_memory_region' parameter, expected string_param."
+            )
         if "shared_memory_byte_size" not in params:
             raise InferenceError(
                 "'shared_memory_byte_size' must be specified along with 'shared_memory_region' parameter "
@@ -266,7 +271,9 @@ class RequestDecoder:
                 )
         return list(getattr(tensor.contents, expected)) if expected else []
 
-    def _to_array(self, input_name: str, datatype: str, shape: list[int], data: bytes | list[object]) -> np.ndarray:
+    def _to_array(
+        self, input_name: str, datatype: str, shape: list[int], data: bytes | list[object]
+    ) -> np.ndarray:
         name = self.spec.name
         count = math.prod(shape)
         if datatype == "BYTES":
@@ -336,7 +343,9 @@ class RequestDecoder:
             if output.name in names:
                 raise InferenceError(f"output '{output.name}' already exists in request")
             if output.name not in self.outputs:
-                raise InferenceError(f"unexpected inference output '{output.name}' for model '{self.spec.name}'")
+                raise InferenceError(
+                    f"unexpected inference output '{output.name}' for model '{self.spec.name}'"
+                )
             names.append(output.name)
         return names
 
@@ -345,7 +354,9 @@ def encode_response(
     spec: ModelSpec, request: InferenceRequest, response: InferenceResponse | None
 ) -> pb.ModelInferResponse:
     """One ModelInferResponse; every output gets exactly one raw_output_contents entry, aligned."""
-    message = pb.ModelInferResponse(model_name=spec.name, model_version=str(request.model_version), id=request.id)
+    message = pb.ModelInferResponse(
+        model_name=spec.name, model_version=str(request.model_version), id=request.id
+    )
     if response is None:
         return message
     declared = {o.name: datatypes.from_config(_enum(o.data_type)) for o in spec.config.output}

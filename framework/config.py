@@ -15,7 +15,6 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
-
 from pagedserve import __version__
 from pagedserve.engine.config import CacheConfig, SchedulerConfig
 
@@ -67,7 +66,9 @@ class ServerConfig:
         if not 0 <= self.grpc_port <= 65535:
             raise ValueError(f"server.grpc_port must be in [0, 65535], got {self.grpc_port}")
         if self.max_message_bytes <= 0 or self.max_message_bytes > 2**31 - 1:
-            raise ValueError(f"server.max_message_bytes must be in [1, {2**31 - 1}], got {self.max_message_bytes}")
+            raise ValueError(
+                f"server.max_message_bytes must be in [1, {2**31 - 1}], got {self.max_message_bytes}"
+            )
         if self.workers < 1:
             raise ValueError(f"server.workers must be >= 1, got {self.workers}")
 
@@ -147,7 +148,9 @@ class BackendSettings:
 
     @classmethod
     def from_config(cls, config: ServeConfig, registries: Any = None) -> BackendSettings:
-        return cls(config.cache, config.scheduler, config.kernel, config.cuda_graphs, config.engine, registries)
+        return cls(
+            config.cache, config.scheduler, config.kernel, config.cuda_graphs, config.engine, registries
+        )
 
 
 def register_configs(store: ConfigStore) -> None:

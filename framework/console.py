@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import logging
 
+from pagedserve.model_manager import IndexEntry
+from pagedserve.plugin_manager import PluginHost, Registries
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
-
-from pagedserve.model_manager import IndexEntry
-from pagedserve.plugin_manager import PluginHost, Registries
 
 console = Console(stderr=True)
 
@@ -54,7 +53,9 @@ def plugin_table(host: PluginHost, registries: Registries) -> Table:
         for name in registry.names():
             provides.setdefault(registry.provider(name), []).append(f"{registry.kind}: {name}")
     for info in host.plugins:
-        table.add_row(info.name, info.module, info.distribution, info.version, "\n".join(provides.get(info.name, [])))
+        table.add_row(
+            info.name, info.module, info.distribution, info.version, "\n".join(provides.get(info.name, []))
+        )
     if host.disabled:
         table.caption = "disabled: " + ", ".join(host.disabled)
     return table

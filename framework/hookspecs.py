@@ -25,7 +25,6 @@ import pluggy
 
 if TYPE_CHECKING:
     from hydra.core.config_store import ConfigStore
-
     from pagedserve.backend import ModelBackend
     from pagedserve.batching import BatchingPolicy
     from pagedserve.engine.attention import AttentionBackend

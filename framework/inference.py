@@ -12,7 +12,6 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-
 from pagedserve.errors import InferenceError
 
 ParameterValue = bool | int | float | str

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 import grpc
-
 from pagedserve.backend import LoadContext, ModelBackend, ModelSpec
 from pagedserve.batching import BatchingPolicy, policy_name_for
 from pagedserve.config import BackendSettings
@@ -149,7 +148,9 @@ class ModelManager:
     def _backend_for(self, spec: ModelSpec) -> type[ModelBackend]:
         name = spec.config.backend or _PLATFORM_BACKENDS.get(spec.config.platform, spec.config.platform)
         if not name:
-            raise ValueError(f"model '{spec.name}' names no 'backend'; available: {', '.join(self.backends.names())}")
+            raise ValueError(
+                f"model '{spec.name}' names no 'backend'; available: {', '.join(self.backends.names())}"
+            )
         return self.backends.get(name)
 
     def _load_versions(self, spec: ModelSpec) -> dict[int, VersionRecord]:
@@ -236,16 +237,22 @@ class ModelManager:
             entry = self._entries.get(name)
             if entry is None or entry.spec is None:
                 if name in self._entries:
-                    raise InferenceError.not_found(f"Request for unknown model: '{name}' has no available versions")
+                    raise InferenceError.not_found(
+                        f"Request for unknown model: '{name}' has no available versions"
+                    )
                 raise InferenceError.not_found(f"Request for unknown model: '{name}' is not found")
             if number is None:
                 ready = [r.loaded for v, r in sorted(entry.versions.items()) if r.state == ModelState.READY]
                 if not ready:
-                    raise InferenceError.not_found(f"Request for unknown model: '{name}' has no available versions")
+                    raise InferenceError.not_found(
+                        f"Request for unknown model: '{name}' has no available versions"
+                    )
                 return ready[-1]  # type: ignore[return-value]
             record = entry.versions.get(number)
             if record is None:
-                raise InferenceError.not_found(f"Request for unknown model: '{name}' version {number} is not found")
+                raise InferenceError.not_found(
+                    f"Request for unknown model: '{name}' version {number} is not found"
+                )
             if record.state != ModelState.READY or record.loaded is None:
                 raise InferenceError.unavailable(
                     f"Request for unknown model: '{name}' version {number} is not at ready state"
@@ -301,7 +308,9 @@ class ModelManager:
                 for version, record in sorted(entry.versions.items()):
                     if ready_only and record.state != ModelState.READY:
                         continue
-                    rows.append(IndexEntry(name, str(version) if version else "", record.state.value, record.reason))
+                    rows.append(
+                        IndexEntry(name, str(version) if version else "", record.state.value, record.reason)
+                    )
             return rows
 
 

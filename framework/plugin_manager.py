@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Generic, TypeVar
 
 import pluggy
-
 from pagedserve import hookspecs
 
 if TYPE_CHECKING:
@@ -94,21 +93,27 @@ class PluginHost:
         self.pm.check_pending()
 
     def _load_entry_points(self) -> None:
-        for ep in sorted(importlib.metadata.entry_points(group=hookspecs.ENTRY_POINT_GROUP), key=lambda e: e.name):
+        for ep in sorted(
+            importlib.metadata.entry_points(group=hookspecs.ENTRY_POINT_GROUP), key=lambda e: e.name
+        ):
             if self.pm.is_blocked(ep.name) or self.pm.has_plugin(ep.name):
                 continue
             try:
                 plugin = ep.load()
             except Exception as error:
                 raise RuntimeError(f"plugin '{ep.name}' ({ep.value}) failed to import: {error}") from error
-            self.register(plugin, ep.name, ep.dist.name if ep.dist else "?", ep.dist.version if ep.dist else "?")
+            self.register(
+                plugin, ep.name, ep.dist.name if ep.dist else "?", ep.dist.version if ep.dist else "?"
+            )
 
     def register(self, plugin: object, name: str, distribution: str = "local", version: str = "") -> None:
         """Register a plugin object (a module with hookimpls); used by entry points and by tests."""
         if self.pm.is_blocked(name):
             return
         self.pm.register(plugin, name=name)
-        self.plugins.append(PluginInfo(name, getattr(plugin, "__name__", repr(plugin)), distribution, version))
+        self.plugins.append(
+            PluginInfo(name, getattr(plugin, "__name__", repr(plugin)), distribution, version)
+        )
 
     def registry(self, kind: str, hook: Callable[..., list[list[T]]]) -> Registry[T]:
         """Call a registration hook and collect every plugin's answer into a registry."""

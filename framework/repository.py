@@ -1,11 +1,13 @@
 """The model repository: a folder of YAML files, one per model, each a Triton ``ModelConfig``.
 
 A YAML holds the fields of Triton's ``config.pbtxt`` in protobuf-JSON shape (``max_batch_size``,
-``input``, ``output``, ``dynamic_batching``...) plus two pagedserve keys: ``versions`` (the versions
-this model provides; default ``[1]``), since a YAML file has no version sub-folders, and ``autoload``
-(default true; false keeps a model that needs external files, such as real weights, out of the
-"load everything" start-up of ``model_control_mode=none|poll`` unless it is named with ``model=``). ``parameters``
-values may be written as plain scalars (``key: value``) as shorthand for ``{string_value: value}``.
+``input``, ``output``, ``dynamic_batching``...) plus two pagedserve keys:
+
+* ``versions``: the versions this model provides (default ``[1]``); a YAML has no version folders.
+* ``autoload``: default true; false keeps a model that needs external files (real weights) out of
+  the "load everything" start-up of ``model_control_mode=none|poll`` unless ``model=`` names it.
+
+``parameters`` values may be plain scalars (``key: value``), shorthand for ``{string_value: value}``.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from typing import Any
 import grpc
 import yaml
 from google.protobuf import json_format
-
 from pagedserve.backend import ModelSpec
 from pagedserve.errors import InferenceError
 from pagedserve.protocol import model_config_pb2
@@ -107,7 +108,9 @@ def spec_from_document(name: str, document: dict[str, Any], source: Path | None 
     if config.name and config.name != name:
         raise ValueError(f"model '{name}': config name '{config.name}' does not match the file name")
     config.name = name
-    return ModelSpec(name=name, config=config, versions=tuple(_select_versions(config, versions)), source=source)
+    return ModelSpec(
+        name=name, config=config, versions=tuple(_select_versions(config, versions)), source=source
+    )
 
 
 def _expand_parameters(parameters: Any) -> dict[str, Any]:

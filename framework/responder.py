@@ -8,6 +8,7 @@ model version (unload waits for that).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -63,10 +64,9 @@ class ServerResponder(Responder):
         delivery = self._encode(response, final)
         if final:
             self._finish(delivery.error is None)
-        try:
+        # RuntimeError: the loop is gone (server stopped) and nobody is left to read it.
+        with contextlib.suppress(RuntimeError):
             self.loop.call_soon_threadsafe(self.deliver, delivery)
-        except RuntimeError:
-            pass  # the loop is gone (server stopped); nobody is left to read it
 
     def fail(self, error: InferenceError) -> None:
         """Finish with an error unless a final response already went out."""

@@ -18,7 +18,6 @@ import grpc
 from google.protobuf import json_format
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-
 from pagedserve import protocol
 from pagedserve.codec import RequestDecoder, RequestOptions, set_parameter
 from pagedserve.config import ServeConfig
@@ -69,9 +68,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         ready = await self._call(context, self.manager.is_ready, request.name, request.version)
         return pb.ModelReadyResponse(ready=ready)
 
-    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Any) -> pb.ServerMetadataResponse:
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: Any
+    ) -> pb.ServerMetadataResponse:
         server = self.config.server
-        return pb.ServerMetadataResponse(name=server.name, version=server.version, extensions=server.extensions)
+        return pb.ServerMetadataResponse(
+            name=server.name, version=server.version, extensions=server.extensions
+        )
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
         loaded = await self._call(context, self.manager.resolve, request.name, request.version)
@@ -90,11 +93,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
         for tensor in config.input:
             response.inputs.add(
-                name=tensor.name, datatype=from_config(mc.DataType.Name(tensor.data_type)), shape=batch + list(tensor.dims)
+                name=tensor.name,
+                datatype=from_config(mc.DataType.Name(tensor.data_type)),
+                shape=batch + list(tensor.dims),
             )
         for tensor in config.output:
             response.outputs.add(
-                name=tensor.name, datatype=from_config(mc.DataType.Name(tensor.data_type)), shape=batch + list(tensor.dims)
+                name=tensor.name,
+                datatype=from_config(mc.DataType.Name(tensor.data_type)),
+                shape=batch + list(tensor.dims),
             )
         return response
 
@@ -107,7 +114,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelStatisticsResponse:
         loaded_versions = self.manager.ready_versions(request.name)
         if request.name and not loaded_versions:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"requested model '{request.name}' is not available")
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"requested model '{request.name}' is not available"
+            )
         if request.version:
             loaded_versions = [v for v in loaded_versions if str(v.version) == request.version]
             if not loaded_versions:
@@ -122,9 +131,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # -- repository -------------------------------------------------------------------------------
 
-    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Any) -> pb.RepositoryIndexResponse:
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: Any
+    ) -> pb.RepositoryIndexResponse:
         if request.repository_name:
-            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "'repository_name' specification is not supported")
+            await context.abort(
+                grpc.StatusCode.UNIMPLEMENTED, "'repository_name' specification is not supported"
+            )
         response = pb.RepositoryIndexResponse()
         for row in self.manager.index(request.ready):
             response.models.add(name=row.name, version=row.version, state=row.state, reason=row.reason)
@@ -169,10 +182,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def _check_model_control(self, context: Any) -> None:
         if self.config.model_control_mode.value != "explicit":
             await context.abort(
-                grpc.StatusCode.UNAVAILABLE, "explicit model load / unload is not allowed if polling is enabled"
+                grpc.StatusCode.UNAVAILABLE,
+                "explicit model load / unload is not allowed if polling is enabled",
             )
 
-    async def _call(self, context: Any, function: Callable[..., Any], *args: Any, blocking: bool = False) -> Any:
+    async def _call(
+        self, context: Any, function: Callable[..., Any], *args: Any, blocking: bool = False
+    ) -> Any:
         """Run a manager call (in a thread when it may block) and map InferenceError to a status."""
         try:
             if blocking:
@@ -194,7 +210,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> tuple[ServerResponder, RequestOptions]:
         """Resolve, decode and queue one request; raise InferenceError if it cannot start."""
         if self.exiting:
-            raise InferenceError.unavailable("GRPC server is shutting down and has stopped accepting new requests.")
+            raise InferenceError.unavailable(
+                "GRPC server is shutting down and has stopped accepting new requests."
+            )
         arrival = time.monotonic_ns()
         loaded = self.manager.acquire(message.model_name, message.model_version)
         responder = ServerResponder(asyncio.get_running_loop(), loaded, deliver)
@@ -242,8 +260,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 last = delivery.message
             if delivery.final:
                 break
-        return last if last is not None else pb.ModelInferResponse(
-            model_name=request.model_name, model_version=request.model_version, id=request.id
+        return (
+            last
+            if last is not None
+            else pb.ModelInferResponse(
+                model_name=request.model_name, model_version=request.model_version, id=request.id
+            )
         )
 
     async def ModelStreamInfer(
@@ -379,7 +401,10 @@ class _Stream:
             self._maybe_end()
 
     def _fill_slot(
-        self, slot: list[pb.ModelStreamInferResponse | None], out: pb.ModelStreamInferResponse | None, delivery: Delivery
+        self,
+        slot: list[pb.ModelStreamInferResponse | None],
+        out: pb.ModelStreamInferResponse | None,
+        delivery: Delivery,
     ) -> None:
         # A non-decoupled model may send its response and the final flag separately: keep the last
         # real message and mark it final.
@@ -458,7 +483,11 @@ class GrpcServer:
         )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        names = (protocol.SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+        names = (
+            protocol.SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        )
         reflection.enable_server_reflection(names, self.server, pool=_reflection_pool())
         self.port = self.server.add_insecure_port(f"{config.server.host}:{config.server.grpc_port}")
         if self.port == 0:
@@ -472,7 +501,11 @@ class GrpcServer:
         self.update_health()
 
     def update_health(self) -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if self.servicer.server_ready() else health_pb2.HealthCheckResponse.NOT_SERVING
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if self.servicer.server_ready()
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
         self.health.set("", status)
         self.health.set(protocol.SERVICE_NAME, status)
 

@@ -128,7 +128,9 @@ class ModelStats:
                     for size, b in sorted(self._batches.items())
                 },
                 responses={
-                    i: ResponseDurations(*(copy(getattr(r, f)) for f in ResponseDurations.__dataclass_fields__))
+                    i: ResponseDurations(
+                        *(copy(getattr(r, f)) for f in ResponseDurations.__dataclass_fields__)
+                    )
                     for i, r in sorted(self._responses.items())
                 },
             )

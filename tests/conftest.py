@@ -17,7 +17,14 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-STOCK_MODELS = ["simple", "simple_int8", "simple_identity", "simple_string", "repeat_int32", "simple_sequence"]
+STOCK_MODELS = [
+    "simple",
+    "simple_int8",
+    "simple_identity",
+    "simple_string",
+    "repeat_int32",
+    "simple_sequence",
+]
 _LISTENING = re.compile(r"listening on [^:]+:(\d+)")
 
 

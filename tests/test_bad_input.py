@@ -30,13 +30,16 @@ tensors = st.builds(
     st.sampled_from(DATATYPES),
     st.lists(st.one_of(st.integers(-3, 20), st.sampled_from([2**40, 2**62, -(2**62)])), max_size=3),
 )
-raw = st.one_of(st.binary(max_size=80), st.sampled_from([b"\x05\x00\x00\x00ab", b"\xff\xff\xff\xff", b"\x00" * 64]))
+raw = st.one_of(
+    st.binary(max_size=80), st.sampled_from([b"\x05\x00\x00\x00ab", b"\xff\xff\xff\xff", b"\x00" * 64])
+)
 
 
 @st.composite
 def malformed(draw: st.DrawFn) -> service_pb2.ModelInferRequest:
     request = service_pb2.ModelInferRequest(
-        model_name=draw(st.sampled_from(MODELS)), model_version=draw(st.sampled_from(["", "1", "2", "x", "-1"]))
+        model_name=draw(st.sampled_from(MODELS)),
+        model_version=draw(st.sampled_from(["", "1", "2", "x", "-1"])),
     )
     request.inputs.extend(draw(st.lists(tensors, max_size=3)))
     request.raw_input_contents.extend(draw(st.lists(raw, max_size=4)))

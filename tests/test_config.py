@@ -9,7 +9,6 @@ import pytest
 from hydra import compose, initialize_config_module
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
-
 from pagedserve.config import ModelControlMode, ServeConfig, register_configs
 
 from .conftest import REPO

@@ -45,15 +45,37 @@ def test_load_override_and_reload(client: grpcclient.InferenceServerClient) -> N
 @pytest.mark.parametrize(
     ("name", "config", "code", "message"),
     [
-        ("wrong_model_name", None, "StatusCode.INTERNAL", "failed to load 'wrong_model_name', failed to poll from model repository"),
-        ("../simple", None, "StatusCode.INVALID_ARGUMENT", "model name must not contain path traversal characters"),
-        ("a/../b", None, "StatusCode.INVALID_ARGUMENT", "model name must not contain path traversal characters"),
-        ("  ", None, "StatusCode.INVALID_ARGUMENT", "Model name cannot be empty. Please enter a valid name to deploy."),
+        (
+            "wrong_model_name",
+            None,
+            "StatusCode.INTERNAL",
+            "failed to load 'wrong_model_name', failed to poll from model repository",
+        ),
+        (
+            "../simple",
+            None,
+            "StatusCode.INVALID_ARGUMENT",
+            "model name must not contain path traversal characters",
+        ),
+        (
+            "a/../b",
+            None,
+            "StatusCode.INVALID_ARGUMENT",
+            "model name must not contain path traversal characters",
+        ),
+        (
+            "  ",
+            None,
+            "StatusCode.INVALID_ARGUMENT",
+            "Model name cannot be empty. Please enter a valid name to deploy.",
+        ),
         ("simple", '{"max_batch_size": "lots"}', "StatusCode.INVALID_ARGUMENT", "failed to load 'simple'"),
         ("simple", "not json", "StatusCode.INVALID_ARGUMENT", "failed to load 'simple'"),
     ],
 )
-def test_bad_loads(client: grpcclient.InferenceServerClient, name: str, config: str | None, code: str, message: str) -> None:
+def test_bad_loads(
+    client: grpcclient.InferenceServerClient, name: str, config: str | None, code: str, message: str
+) -> None:
     with pytest.raises(InferenceServerException) as info:
         client.load_model(name, config=config)
     assert info.value.status() == code
@@ -66,8 +88,11 @@ def test_unload_waits_for_in_flight_requests(client: grpcclient.InferenceServerC
     results: queue.Queue = queue.Queue()
     client.start_stream(callback=lambda result, error: results.put((result, error)))
     values = np.arange(5, dtype=np.int32)
-    inputs = [grpcclient.InferInput("IN", [5], "INT32"), grpcclient.InferInput("DELAY", [5], "UINT32"),
-              grpcclient.InferInput("WAIT", [1], "UINT32")]
+    inputs = [
+        grpcclient.InferInput("IN", [5], "INT32"),
+        grpcclient.InferInput("DELAY", [5], "UINT32"),
+        grpcclient.InferInput("WAIT", [1], "UINT32"),
+    ]
     inputs[0].set_data_from_numpy(values)
     inputs[1].set_data_from_numpy(np.full(5, 100, dtype=np.uint32))
     inputs[2].set_data_from_numpy(np.array([0], dtype=np.uint32))

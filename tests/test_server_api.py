@@ -49,14 +49,36 @@ def test_model_metadata_and_config(client: grpcclient.InferenceServerClient) -> 
 @pytest.mark.parametrize(
     ("call", "code", "message"),
     [
-        (lambda c: c.get_model_metadata("wrong_model_name"), "NOT_FOUND", "Request for unknown model: 'wrong_model_name' is not found"),
-        (lambda c: c.get_model_metadata("simple", "99"), "NOT_FOUND", "Request for unknown model: 'simple' version 99 is not found"),
-        (lambda c: c.get_model_config("simple", "abc"), "INVALID_ARGUMENT", "version should be an integral value > 0"),
-        (lambda c: c.get_model_repository_index() and c.load_model("simple"), "UNAVAILABLE", "explicit model load / unload is not allowed if polling is enabled"),
-        (lambda c: c.get_inference_statistics("no_such_model"), "INVALID_ARGUMENT", "requested model 'no_such_model' is not available"),
+        (
+            lambda c: c.get_model_metadata("wrong_model_name"),
+            "NOT_FOUND",
+            "Request for unknown model: 'wrong_model_name' is not found",
+        ),
+        (
+            lambda c: c.get_model_metadata("simple", "99"),
+            "NOT_FOUND",
+            "Request for unknown model: 'simple' version 99 is not found",
+        ),
+        (
+            lambda c: c.get_model_config("simple", "abc"),
+            "INVALID_ARGUMENT",
+            "version should be an integral value > 0",
+        ),
+        (
+            lambda c: c.get_model_repository_index() and c.load_model("simple"),
+            "UNAVAILABLE",
+            "explicit model load / unload is not allowed if polling is enabled",
+        ),
+        (
+            lambda c: c.get_inference_statistics("no_such_model"),
+            "INVALID_ARGUMENT",
+            "requested model 'no_such_model' is not available",
+        ),
     ],
 )
-def test_error_codes_and_texts(client: grpcclient.InferenceServerClient, call, code: str, message: str) -> None:  # noqa: ANN001
+def test_error_codes_and_texts(
+    client: grpcclient.InferenceServerClient, call, code: str, message: str
+) -> None:  # noqa: ANN001
     with pytest.raises(InferenceServerException) as info:
         call(client)
     assert info.value.status() == f"StatusCode.{code}"
@@ -82,7 +104,11 @@ def test_batched_request(client: grpcclient.InferenceServerClient) -> None:
 
 def test_custom_parameters_priority_and_timeout_accepted(client: grpcclient.InferenceServerClient) -> None:
     result = client.infer(
-        "simple", simple_inputs(), priority=1, timeout=10_000_000, parameters={"k": "v", "n": 3, "f": 0.5, "b": True}
+        "simple",
+        simple_inputs(),
+        priority=1,
+        timeout=10_000_000,
+        parameters={"k": "v", "n": 3, "f": 0.5, "b": True},
     )
     assert result.as_numpy("OUTPUT0") is not None
 
@@ -103,7 +129,9 @@ def test_reserved_parameter_rejected(url: str) -> None:
 def test_decoupled_model_rejects_unary(client: grpcclient.InferenceServerClient) -> None:
     tensor = grpcclient.InferInput("IN", [1], "INT32")
     tensor.set_data_from_numpy(np.array([1], dtype=np.int32))
-    with pytest.raises(InferenceServerException, match="doesn't support models with decoupled transaction policy"):
+    with pytest.raises(
+        InferenceServerException, match="doesn't support models with decoupled transaction policy"
+    ):
         client.infer("repeat_int32", [tensor])
 
 
@@ -125,7 +153,9 @@ def test_failures_are_counted(client: grpcclient.InferenceServerClient) -> None:
     before = client.get_inference_statistics("simple").model_stats[0].inference_stats.fail.count
     bad = grpcclient.InferInput("INPUT0", [1, 16], "FP32")
     bad.set_data_from_numpy(np.zeros((1, 16), np.float32))
-    with pytest.raises(InferenceServerException, match="data-type is 'FP32', but model 'simple' expects 'INT32'"):
+    with pytest.raises(
+        InferenceServerException, match="data-type is 'FP32', but model 'simple' expects 'INT32'"
+    ):
         client.infer("simple", [bad, simple_inputs()[1]])
     assert client.get_inference_statistics("simple").model_stats[0].inference_stats.fail.count == before + 1
 

@@ -9,7 +9,6 @@ from typing import Any
 
 import grpc
 import numpy as np
-
 from pagedserve.protocol import grpc_service_pb2 as pb
 from pagedserve.protocol import grpc_service_pb2_grpc as pb_grpc
 

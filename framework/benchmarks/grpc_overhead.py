@@ -56,7 +56,10 @@ def measure(url: str, concurrency: int, seconds: float) -> float:
 
     def worker(slot: int) -> None:
         client = grpcclient.InferenceServerClient(url)
-        inputs = [grpcclient.InferInput("INPUT0", [1, 16], "INT32"), grpcclient.InferInput("INPUT1", [1, 16], "INT32")]
+        inputs = [
+            grpcclient.InferInput("INPUT0", [1, 16], "INT32"),
+            grpcclient.InferInput("INPUT1", [1, 16], "INT32"),
+        ]
         inputs[0].set_data_from_numpy(a)
         inputs[1].set_data_from_numpy(np.ones_like(a))
         client.infer("simple", inputs)  # warm-up
@@ -73,15 +76,21 @@ def measure(url: str, concurrency: int, seconds: float) -> float:
     return sum(counts) / (time.monotonic() - start_time)
 
 
-def run(concurrencies: list[int], seconds: float, print_table: Callable[[Table], None]) -> list[tuple[int, float, float]]:
-    ours, our_url = start([sys.executable, "-m", "pagedserve", "model=simple", "server.grpc_port=0", "server.host=127.0.0.1"])
+def run(
+    concurrencies: list[int], seconds: float, print_table: Callable[[Table], None]
+) -> list[tuple[int, float, float]]:
+    ours, our_url = start(
+        [sys.executable, "-m", "pagedserve", "model=simple", "server.grpc_port=0", "server.host=127.0.0.1"]
+    )
     bare, bare_url = start([sys.executable, "-m", "pagedserve.benchmarks.bare_server", "0"])
     try:
         wait_ready(our_url, ready=True)
         wait_ready(bare_url, ready=False)
         rows = []
         for concurrency in concurrencies:
-            rows.append((concurrency, measure(our_url, concurrency, seconds), measure(bare_url, concurrency, seconds)))
+            rows.append(
+                (concurrency, measure(our_url, concurrency, seconds), measure(bare_url, concurrency, seconds))
+            )
     finally:
         for process in (ours, bare):
             process.terminate()

@@ -17,18 +17,10 @@ from dataclasses import dataclass, field
 
 from pagedserve.engine.block_manager import BlockManager
 from pagedserve.engine.config import SchedulerConfig
+from pagedserve.engine.outputs import Sample
 from pagedserve.engine.policy import SchedulingPolicy
 from pagedserve.engine.sampling_params import SamplingParams
 from pagedserve.engine.sequence import Sequence, SequenceStatus
-
-
-@dataclass
-class Sample:
-    """One sampled token for one sequence."""
-
-    token_id: int
-    logprob: float
-    top_logprobs: dict[int, float] | None = None
 
 
 @dataclass

@@ -49,7 +49,7 @@ def store_kv_kernel(
     """One program per new token: copy its K and V rows (all KV heads) into the token's cache slot."""
     n = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + n).to(tl.int64)
-    keep = slot >= -1
+    keep = slot >= 0
     slot = tl.maximum(slot, 0)
     page = slot // BLOCK_SIZE
     row = slot % BLOCK_SIZE

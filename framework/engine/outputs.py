@@ -1,0 +1,50 @@
+"""Values that cross module boundaries: a sampled token, and what a request has produced so far."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Sample:
+    """One sampled token for one sequence, with its log-probability (and the top ones if asked)."""
+
+    token_id: int
+    logprob: float
+    top_logprobs: dict[int, float] | None = None
+
+
+@dataclass
+class CompletionOutput:
+    """One of the ``n`` sequences of a request.
+
+    ``text`` is everything generated so far (cut at a stop string); ``text_delta`` is what this
+    output adds to the previous one. ``logprobs`` has one ``{token_id: logprob}`` per generated token
+    when the request asked for them.
+    """
+
+    index: int
+    text: str = ""
+    text_delta: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    num_new_tokens: int = 0
+    cumulative_logprob: float = 0.0
+    logprobs: list[dict[int, float]] | None = None
+    finish_reason: str | None = None  # "stop", "length", "abort" or None while running
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool = False
+    error: str | None = None  # set when the engine failed while serving the request
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
