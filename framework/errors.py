@@ -26,6 +26,10 @@ class InferenceError(Exception):
         return cls(message, grpc.StatusCode.INTERNAL)
 
     @classmethod
+    def cancelled(cls, message: str) -> InferenceError:
+        return cls(message, grpc.StatusCode.CANCELLED)
+
+    @classmethod
     def unimplemented(cls, message: str) -> InferenceError:
         return cls(message, grpc.StatusCode.UNIMPLEMENTED)
 

@@ -63,7 +63,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerReadyResponse(ready=self.server_ready())
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
-        if not self.server_ready() and not self.started:
+        if not self.started:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "Server not ready")
         ready = await self._call(context, self.manager.is_ready, request.name, request.version)
         return pb.ModelReadyResponse(ready=ready)
@@ -257,6 +257,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             if delivery.error is not None:
                 await context.abort(delivery.error.code, delivery.error.message)
             if delivery.message is not None:
+                if last is not None and last.outputs and spec is not None and spec.decoupled:
+                    responder.cancel()
+                    await context.abort(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        f"model '{request.model_name}' sent more than one response; ModelInfer returns one, "
+                        "use ModelStreamInfer for streaming",
+                    )
                 last = delivery.message
             if delivery.final:
                 break

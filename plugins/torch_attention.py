@@ -44,7 +44,7 @@ class TorchAttentionBackend(AttentionBackend):
             begin, end = starts[b], starts[b + 1]
             k, v = _gather(k_cache, v_cache, block_tables[b:b + 1], context_lens[b:b + 1])
             query_pos = torch.arange(context_len - (end - begin), context_len, device=q.device)
-            visible = torch.arange(context_len, device=q.device)[None, :] <= query_pos[:, None]
+            visible = torch.arange(k.shape[1], device=q.device)[None, :] <= query_pos[:, None]
             out[begin:end] = _attend(q[begin:end][None], k, v, visible[None], scale)[0]
         return out
 

@@ -10,6 +10,7 @@ else under the YAML's folder. torch is imported on load only, so listing plugins
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -206,7 +207,11 @@ class TorchScriptBackend(ModelBackend):
         _check_types(spec.config)
         path = model_path(spec, context.version)
         device = _device(spec)
-        module = torch.jit.load(str(path), map_location=device)
+        with warnings.catch_warnings():
+            # TorchScript is exactly what Triton's pytorch_libtorch platform serves; torch's advice to
+            # move to torch.export is for the model's author, not something a server log can act on.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            module = torch.jit.load(str(path), map_location=device)
         module.eval()
         return TorchScriptModel(spec, module, device)
 

@@ -5,7 +5,8 @@ With CUDA the kernels run compiled. Without it they run on Triton's CPU interpre
 test modules of the same pytest process, a plain CPU run re-runs this module in a child pytest with the
 variable set (``test_cpu_interpreter_suite``) and skips the kernel tests in the parent. Running
 ``TRITON_INTERPRET=1 pytest tests/test_triton_attention.py`` runs them in-process instead.
-Larger shapes are ``@pytest.mark.gpu``; on the device: ``python -m pytest -m gpu tests/test_triton_attention.py``.
+Larger shapes are ``@pytest.mark.gpu``; on a GPU machine:
+``python -m pytest -m gpu tests/test_triton_attention.py``.
 """
 
 from __future__ import annotations
@@ -46,8 +47,20 @@ def test_cpu_interpreter_suite():
     """Run this module's CPU tests in a child pytest under ``TRITON_INTERPRET=1`` (small sizes, < 60 s)."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", __file__, "-q", "-m", "not gpu", "-p", "no:cacheprovider",
-         "-o", "addopts=", "--no-header"],
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            __file__,
+            "-q",
+            "-m",
+            "not gpu",
+            "-p",
+            "no:cacheprovider",
+            "-o",
+            "addopts=",
+            "--no-header",
+        ],
         cwd=Path(__file__).resolve().parents[1],
         env=env,
         capture_output=True,
@@ -102,21 +115,22 @@ class Paged:
 
 
 def ref_attention(q, keys, values, positions, scale):
-    """float64 causal attention of ``q`` [n, Hq, D] at ``positions`` over contiguous keys/values [L, Hkv, D]."""
-    q = q.detach().cpu().double()
-    k = keys.cpu().double()
-    v = values.cpu().double()
+    """float64 causal attention of ``q`` [n, Hq, D] at ``positions`` over keys/values [L, Hkv, D]."""
+    q = q.detach().double()  # on the GPU when there is one: float64 there is fast enough for big shapes
+    k = keys.to(q.device).double()
+    v = values.to(q.device).double()
     group = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(group, dim=1)
     v = v.repeat_interleave(group, dim=1)
     s = torch.einsum("nhd,lhd->nhl", q, k) * scale
-    visible = torch.arange(k.shape[0])[None, :] <= torch.as_tensor(positions)[:, None]
+    positions = torch.as_tensor(positions, device=q.device)
+    visible = torch.arange(k.shape[0], device=q.device)[None, :] <= positions[:, None]
     s = s.masked_fill(~visible[:, None, :], float("-inf"))
     return torch.einsum("nhl,lhd->nhd", s.softmax(-1), v)
 
 
 def assert_close_rows(out, ref, dtype):
-    out = out.detach().cpu().double()
+    out = out.detach().double().to(ref.device)
     assert not torch.isnan(out).any(), "output holds NaN (unwritten element or poisoned read)"
     err = (out - ref).norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-12)
     assert err.max().item() < TOL[dtype], f"max row error {err.max().item():.3g} >= {TOL[dtype]}"
@@ -128,8 +142,14 @@ def run_decode(be, ctx_lens, hq, hkv, d, bs, dtype, seed, num_splits=None):
     out = torch.full_like(q, float("nan"))
     scale = d**-0.5
     res = be.decode(
-        q, paged.k_cache, paged.v_cache, paged.block_tables, paged.context_lens, scale,
-        out=out, num_splits=num_splits,
+        q,
+        paged.k_cache,
+        paged.v_cache,
+        paged.block_tables,
+        paged.context_lens,
+        scale,
+        out=out,
+        num_splits=num_splits,
     )
     assert res is out
     for b, c in enumerate(ctx_lens):
@@ -150,7 +170,9 @@ def run_prefill(be, seqs, hq, hkv, d, bs, dtype, seed):
     cu = torch.tensor([0] + list(torch.tensor(q_lens).cumsum(0)), dtype=torch.int32, device=DEVICE)
     out = torch.full_like(q, float("nan"))
     scale = d**-0.5
-    res = be.prefill(q, paged.k_cache, paged.v_cache, cu, paged.context_lens, paged.block_tables, scale, out=out)
+    res = be.prefill(
+        q, paged.k_cache, paged.v_cache, cu, paged.context_lens, paged.block_tables, scale, out=out
+    )
     assert res is out
     start = 0
     for b, (n, c) in enumerate(seqs):
@@ -202,13 +224,17 @@ def test_store_kv(be, block_size, hkv, d, dtype):
 @pytest.mark.parametrize("group", [1, 4, 8])
 def test_decode_block_sizes_and_gqa(be, block_size, group):
     hkv = 2
-    run_decode(be, [1, 37, 150, 9, 70], hkv * group, hkv, 64, block_size, torch.bfloat16, seed=block_size + group)
+    run_decode(
+        be, [1, 37, 150, 9, 70], hkv * group, hkv, 64, block_size, torch.bfloat16, seed=block_size + group
+    )
 
 
 @pytest.mark.parametrize("num_splits", [1, 2, 3, 7])
 def test_decode_splits(be, num_splits):
     # odd lengths; split counts that do not divide the tile counts; a zero-length (padding) row
-    run_decode(be, [193, 0, 64, 65, 3, 260], 8, 2, 64, 16, torch.bfloat16, seed=num_splits, num_splits=num_splits)
+    run_decode(
+        be, [193, 0, 64, 65, 3, 260], 8, 2, 64, 16, torch.bfloat16, seed=num_splits, num_splits=num_splits
+    )
 
 
 @pytest.mark.parametrize(
@@ -263,7 +289,9 @@ def test_store_then_prefill_then_decode(be):
     be.store_kv(
         torch.cat([k[:n] for k, n in zip(keys, prompt, strict=True)]).to(DEVICE),
         torch.cat([v[:n] for v, n in zip(values, prompt, strict=True)]).to(DEVICE),
-        k_cache, v_cache, slot_map,
+        k_cache,
+        v_cache,
+        slot_map,
     )
     q = torch.randn(sum(prompt), hq, d, generator=g).to(dtype).to(DEVICE)
     cu = torch.tensor([0, prompt[0], sum(prompt)], dtype=torch.int32, device=DEVICE)
@@ -276,7 +304,9 @@ def test_store_then_prefill_then_decode(be):
     be.store_kv(
         torch.stack([k[n] for k, n in zip(keys, prompt, strict=True)]).to(DEVICE),
         torch.stack([v[n] for v, n in zip(values, prompt, strict=True)]).to(DEVICE),
-        k_cache, v_cache, torch.cat([slots(b, [n]) for b, n in enumerate(prompt)]),
+        k_cache,
+        v_cache,
+        torch.cat([slots(b, [n]) for b, n in enumerate(prompt)]),
     )
     qd = torch.randn(2, hq, d, generator=g).to(dtype).to(DEVICE)
     out = be.decode(qd, k_cache, v_cache, block_tables, ctx + 1, d**-0.5)
@@ -311,6 +341,14 @@ def test_hook_lists_backend_and_survives_missing_triton(monkeypatch):
     assert triton_attention.pagedserve_attention_backends() == []
 
 
+@pytest.mark.skipif(INTERPRETED_HERE, reason="kernels are built for the interpreter in this process")
+def test_kernels_compile_for_hopper(capsys):
+    """The compiled path, with no GPU: build each kernel for sm_90 with the ptxas shipped in the wheel."""
+    from pagedserve_plugins.triton_attention import aot_check
+
+    assert aot_check.main(["--quick"]) == 0, capsys.readouterr().out
+
+
 # ---------------------------------------------------------------------------------------------- GPU sizes
 LLAMA = dict(hq=32, hkv=8, d=128)
 
@@ -321,8 +359,17 @@ LLAMA = dict(hq=32, hkv=8, d=128)
 @pytest.mark.parametrize("num_splits", [None, 1, 5])
 def test_gpu_decode_llama_shapes(be, block_size, num_splits):
     ctx = torch.randint(1, 5000, (37,), generator=_gen(block_size)).tolist() + [0, 1, 16383]
-    run_decode(be, ctx, LLAMA["hq"], LLAMA["hkv"], LLAMA["d"], block_size, torch.bfloat16, seed=3,
-               num_splits=num_splits)
+    run_decode(
+        be,
+        ctx,
+        LLAMA["hq"],
+        LLAMA["hkv"],
+        LLAMA["d"],
+        block_size,
+        torch.bfloat16,
+        seed=3,
+        num_splits=num_splits,
+    )
 
 
 @pytest.mark.gpu

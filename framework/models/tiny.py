@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 TINY_LLAMA_NAME = "tiny-llama"
-_VERSION = 1
+_VERSION = 2
 _MARKER = "pagedserve-tiny.json"
 _BOS, _EOS = "<|begin_of_text|>", "<|end_of_text|>"
 _SEED = 1234
@@ -27,7 +27,7 @@ CONFIG = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
     "intermediate_size": 192, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
     "head_dim": 16, "vocab_size": 512, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5,
-    "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}, "tie_word_embeddings": True,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}, "tie_word_embeddings": False,
     "hidden_act": "silu", "bos_token_id": 0, "eos_token_id": 1, "dtype": "float32",
 }
 
@@ -113,7 +113,8 @@ def _random_weights() -> dict[str, torch.Tensor]:
     def normal(*shape: int, std: float = 0.08) -> torch.Tensor:
         return torch.randn(*shape, generator=generator) * std
 
-    weights = {"model.embed_tokens.weight": normal(c["vocab_size"], hidden, std=0.5),
+    weights = {"model.embed_tokens.weight": normal(c["vocab_size"], hidden, std=1.0),
+               "lm_head.weight": normal(c["vocab_size"], hidden, std=0.25),
                "model.norm.weight": torch.ones(hidden)}
     for i in range(c["num_hidden_layers"]):
         p = f"model.layers.{i}."

@@ -17,11 +17,7 @@ from typing import Any, ClassVar
 
 import torch
 import triton
-
-try:  # the engine's base class is written in parallel; duck-type its methods until it exists
-    from pagedserve.engine.attention import AttentionBackend as _Base
-except ImportError:  # pragma: no cover - depends on the engine's progress
-    _Base = object
+from pagedserve.engine.attention import AttentionBackend
 
 SUPPORTED_BLOCK_SIZES = (1, 8, 16, 32, 64, 128)
 SUPPORTED_HEAD_DIMS = (32, 64, 128, 256)
@@ -75,15 +71,15 @@ def _patch_interpreter_scalar_index() -> None:
 
 
 def _kernels() -> ModuleType:
-    """The kernels module, compiled or interpreted as ``TRITON_INTERPRET`` says now (re-imported on a change)."""
+    """The kernels module, built compiled or interpreted as ``TRITON_INTERPRET`` says now."""
     global _kernel_module
     want = _interpreting()
     mod = _kernel_module
-    if mod is None or mod.INTERPRETED != want:
+    if mod is None or want != mod.INTERPRETED:
         if want:
             _patch_interpreter_scalar_index()
         mod = importlib.import_module(f"{__package__}.kernels")
-        if mod.INTERPRETED != want:
+        if want != mod.INTERPRETED:
             mod = importlib.reload(mod)
         _kernel_module = mod
     return mod
@@ -110,18 +106,18 @@ def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, int
     return block_size, num_kv_heads, head_dim
 
 
+def _names(values: tuple[int, ...]) -> str:
+    return ", ".join(map(str, values))
+
+
 def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-class TritonAttentionBackend(_Base):  # type: ignore[misc,valid-type]
+class TritonAttentionBackend(AttentionBackend):
     """Paged attention over ``[num_blocks, block_size, num_kv_heads, head_dim]`` caches, in Triton."""
 
     name: ClassVar[str] = "triton"
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        if _Base is not object:
-            super().__init__(*args, **kwargs)
 
     # ------------------------------------------------------------------ capability check
     @classmethod
@@ -130,9 +126,9 @@ class TritonAttentionBackend(_Base):  # type: ignore[misc,valid-type]
     ) -> str | None:
         """``None`` when these kernels run for this configuration, else why not."""
         if block_size not in SUPPORTED_BLOCK_SIZES:
-            return f"block_size {block_size} not supported (supported: {', '.join(map(str, SUPPORTED_BLOCK_SIZES))})"
+            return f"block_size {block_size} not supported (supported: {_names(SUPPORTED_BLOCK_SIZES)})"
         if head_dim not in SUPPORTED_HEAD_DIMS:
-            return f"head_dim {head_dim} not supported (supported: {', '.join(map(str, SUPPORTED_HEAD_DIMS))})"
+            return f"head_dim {head_dim} not supported (supported: {_names(SUPPORTED_HEAD_DIMS)})"
         if dtype not in SUPPORTED_DTYPES:
             return f"dtype {dtype} not supported (float16, bfloat16, float32)"
         dev = torch.device(device)
@@ -149,7 +145,7 @@ class TritonAttentionBackend(_Base):  # type: ignore[misc,valid-type]
             if not _interpreter_live():
                 return "TRITON_INTERPRET=1 was set after triton was imported; set it before the first import"
             return None
-        return f"needs CUDA device (device is {dev.type}; set TRITON_INTERPRET=1 to run on the CPU interpreter)"
+        return f"needs CUDA device (device is {dev.type}; TRITON_INTERPRET=1 runs the CPU interpreter)"
 
     # ------------------------------------------------------------------ (a) K/V store
     def store_kv(
@@ -160,7 +156,7 @@ class TritonAttentionBackend(_Base):  # type: ignore[misc,valid-type]
         v_cache: torch.Tensor,
         slot_mapping: torch.Tensor,
     ) -> None:
-        """Write ``key``/``value`` ``[N, num_kv_heads, head_dim]`` at cache slots ``slot_mapping`` (-1: skip)."""
+        """Write ``key``/``value`` ``[N, Hkv, D]`` at cache slots ``slot_mapping`` (-1: skip the row)."""
         block_size, num_kv_heads, head_dim = _check_cache(k_cache, v_cache)
         n = key.shape[0]
         if key.shape != (n, num_kv_heads, head_dim) or value.shape != key.shape:
@@ -231,7 +227,9 @@ class TritonAttentionBackend(_Base):  # type: ignore[misc,valid-type]
         max_ctx = block_tables.shape[1] * block_size
         if num_splits is None:
             if q.device.type == "cuda":
-                want = triton.cdiv(DECODE_PROGRAMS_PER_SM * _sm_count(q.device.index or 0), batch * num_kv_heads)
+                want = triton.cdiv(
+                    DECODE_PROGRAMS_PER_SM * _sm_count(q.device.index or 0), batch * num_kv_heads
+                )
             else:
                 want = 4
             num_splits = max(1, min(want, triton.cdiv(max_ctx, max(DECODE_MIN_SPLIT_TOKENS, tile))))

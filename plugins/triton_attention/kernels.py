@@ -69,14 +69,20 @@ def _kv_tile_offsets(
     block_table_row_ptr,
     tok,
     tok_ok,
-    stride_blk,
-    stride_off,
-    head_off,
+    stride_kc_blk,
+    stride_kc_off,
+    k_head_off,
+    stride_vc_blk,
+    stride_vc_off,
+    v_head_off,
     BLOCK_SIZE: tl.constexpr,
 ):
-    """Element offsets (int64) of tokens ``tok`` of one sequence and one KV head in a paged cache."""
+    """Element offsets (int64) of tokens ``tok`` of one sequence and one KV head in the K and V caches."""
     page = tl.load(block_table_row_ptr + tok // BLOCK_SIZE, mask=tok_ok, other=0).to(tl.int64)
-    return page * stride_blk + (tok % BLOCK_SIZE).to(tl.int64) * stride_off + head_off
+    row = (tok % BLOCK_SIZE).to(tl.int64)
+    k_off = page * stride_kc_blk + row * stride_kc_off + k_head_off
+    v_off = page * stride_vc_blk + row * stride_vc_off + v_head_off
+    return k_off, v_off
 
 
 @triton.jit
@@ -164,8 +170,18 @@ def decode_partition_kernel(
     for t in range(t_begin, t_end):
         tok = t * TILE + tl.arange(0, TILE)
         tok_ok = tok < ctx
-        k_off = _kv_tile_offsets(bt_row, tok, tok_ok, stride_kc_blk, stride_kc_off, k_head, BLOCK_SIZE)
-        v_off = _kv_tile_offsets(bt_row, tok, tok_ok, stride_vc_blk, stride_vc_off, v_head, BLOCK_SIZE)
+        k_off, v_off = _kv_tile_offsets(
+            bt_row,
+            tok,
+            tok_ok,
+            stride_kc_blk,
+            stride_kc_off,
+            k_head,
+            stride_vc_blk,
+            stride_vc_off,
+            v_head,
+            BLOCK_SIZE,
+        )
         k = tl.load(k_cache_ptr + k_off[:, None] + dims[None, :], mask=tok_ok[:, None], other=0.0)
         qk = _mm(q, tl.trans(k), IEEE, UPCAST)
         qk = tl.where(tok_ok[None, :], qk * qk_scale, float("-inf"))
@@ -333,8 +349,18 @@ def prefill_kernel(
     for t in range(0, n_free):
         tok = t * TILE + tl.arange(0, TILE)
         tok_ok = tok < ctx
-        k_off = _kv_tile_offsets(bt_row, tok, tok_ok, stride_kc_blk, stride_kc_off, k_head, BLOCK_SIZE)
-        v_off = _kv_tile_offsets(bt_row, tok, tok_ok, stride_vc_blk, stride_vc_off, v_head, BLOCK_SIZE)
+        k_off, v_off = _kv_tile_offsets(
+            bt_row,
+            tok,
+            tok_ok,
+            stride_kc_blk,
+            stride_kc_off,
+            k_head,
+            stride_vc_blk,
+            stride_vc_off,
+            v_head,
+            BLOCK_SIZE,
+        )
         k = tl.load(k_cache_ptr + k_off[:, None] + dims[None, :])
         qk = _mm(q, tl.trans(k), IEEE, UPCAST)
         qk = qk * qk_scale
@@ -350,8 +376,18 @@ def prefill_kernel(
     for t in range(n_free, n_all):
         tok = t * TILE + tl.arange(0, TILE)
         tok_ok = tok < ctx
-        k_off = _kv_tile_offsets(bt_row, tok, tok_ok, stride_kc_blk, stride_kc_off, k_head, BLOCK_SIZE)
-        v_off = _kv_tile_offsets(bt_row, tok, tok_ok, stride_vc_blk, stride_vc_off, v_head, BLOCK_SIZE)
+        k_off, v_off = _kv_tile_offsets(
+            bt_row,
+            tok,
+            tok_ok,
+            stride_kc_blk,
+            stride_kc_off,
+            k_head,
+            stride_vc_blk,
+            stride_vc_off,
+            v_head,
+            BLOCK_SIZE,
+        )
         k = tl.load(k_cache_ptr + k_off[:, None] + dims[None, :], mask=tok_ok[:, None], other=0.0)
         qk = _mm(q, tl.trans(k), IEEE, UPCAST)
         visible = (tok[None, :] <= q_pos[:, None]) & tok_ok[None, :]

@@ -1,0 +1,151 @@
+"""The LLM engine: requests in, one ``step()`` at a time, :class:`RequestOutput` values out.
+
+``step()`` reads as schedule → run → postprocess. The engine is not thread-safe; see
+:mod:`pagedserve.engine.engine_loop` for running it on its own thread.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from pagedserve.engine.attention import AttentionBackend, select_attention_backend
+from pagedserve.engine.block_manager import BlockManager, BlockUsage
+from pagedserve.engine.config import EngineConfig
+from pagedserve.engine.model_runner import ModelRunner
+from pagedserve.engine.model_setup import ModelSetup, build_model, cpu_num_blocks, cuda_num_blocks
+from pagedserve.engine.output_processor import OutputProcessor
+from pagedserve.engine.outputs import RequestOutput
+from pagedserve.engine.registries import EngineRegistries
+from pagedserve.engine.request import EngineRequest
+from pagedserve.engine.sampler import Sampler
+from pagedserve.engine.sampling_params import SamplingParams
+from pagedserve.engine.scheduler import ScheduledBatch, Scheduler
+from pagedserve.engine.sequence import Sequence
+from pagedserve.models.tokenizer import Tokenizer, read_eos_token_ids
+
+log = logging.getLogger(__name__)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, registries: EngineRegistries | None = None) -> None:
+        self.config = config
+        registries = registries or EngineRegistries.builtin()
+        setup = build_model(config, registries.architectures)
+        self.max_model_len = setup.max_model_len
+        self.tokenizer = Tokenizer.from_dir(setup.directory) if setup.directory else None
+        self.eos_token_ids = self._eos_ids(setup)
+        self._check_budgets()
+        backend_cls = select_attention_backend(
+            registries.attention_backends, config.kernel, head_dim=setup.arch.head_dim, dtype=setup.dtype,
+            block_size=config.cache.block_size, device=setup.device)
+        num_blocks = self._num_blocks(setup, backend_cls)
+        self.block_manager = BlockManager(num_blocks, config.cache.block_size, config.cache.prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager, self._policy(registries),
+                                   max_model_len=self.max_model_len, eos_token_ids=self.eos_token_ids)
+        sampler = Sampler(setup.arch.vocab_size, self.eos_token_ids, config.seed)
+        self.runner = ModelRunner(setup.model, backend_cls(), sampler, num_blocks=num_blocks,
+                                  block_size=config.cache.block_size, device=setup.device, dtype=setup.dtype)
+        self.outputs = OutputProcessor(self.tokenizer)
+        log.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens, attention=%s",
+                 setup.arch.architecture, setup.device, setup.dtype, num_blocks, config.cache.block_size,
+                 backend_cls.name)
+
+    # ---- requests (make_request is safe to call from any thread) ---------------------------------
+
+    def make_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                     priority: int = 0) -> EngineRequest:
+        """Tokenize and validate; raises ``ValueError`` for a request the engine could never serve."""
+        params = params or SamplingParams()
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer.json; send token ids instead of text")
+            token_ids = self.tokenizer.encode(prompt)
+        else:
+            token_ids = [int(t) for t in prompt]
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer, and this model has no tokenizer.json")
+        self.scheduler.check_request(len(token_ids), params)
+        return EngineRequest(request_id, token_ids, params, priority)
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                    priority: int = 0) -> None:
+        self.add(self.make_request(request_id, prompt, params, priority))
+
+    def add(self, request: EngineRequest) -> None:
+        if self.outputs.has(request.request_id):
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        self.outputs.add(request)
+        self.scheduler.add(Sequence(request.request_id, request.prompt_token_ids, request.params,
+                                    priority=request.priority))
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and free its blocks; returns its final output (``None`` if unknown)."""
+        self.scheduler.abort(request_id)
+        return self.outputs.abort(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def block_usage(self) -> BlockUsage:
+        return self.block_manager.usage()
+
+    # ---- one step ----------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if batch.is_empty:
+            return []
+        samples = self.runner.run(batch)
+        updated = self.scheduler.postprocess(batch, samples)
+        return self.outputs.process(updated, self.scheduler)
+
+    # ---- set-up helpers ----------------------------------------------------------------------------
+
+    def _eos_ids(self, setup: ModelSetup) -> frozenset[int]:
+        if self.tokenizer is not None:
+            return self.tokenizer.eos_token_ids
+        if setup.directory is not None:
+            return frozenset(read_eos_token_ids(setup.directory))
+        return frozenset(setup.arch.eos_token_ids)
+
+    def _check_budgets(self) -> None:
+        scheduler = self.config.scheduler
+        if not scheduler.chunked_prefill and scheduler.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(f"scheduler.max_num_batched_tokens ({scheduler.max_num_batched_tokens}) must be "
+                             f">= max_model_len ({self.max_model_len}) when scheduler.chunked_prefill is off")
+
+    def _policy(self, registries: EngineRegistries):  # noqa: ANN202 - a SchedulingPolicy
+        name = self.config.scheduler.policy
+        if name not in registries.scheduling_policies:
+            raise ValueError(f"scheduler.policy={name!r} is not a registered scheduling policy; "
+                             f"registered: {sorted(registries.scheduling_policies)}")
+        return registries.scheduling_policies[name]()
+
+    def _num_blocks(self, setup: ModelSetup, backend_cls: type[AttentionBackend]) -> int:
+        cache = self.config.cache
+        if cache.num_blocks is not None:
+            return cache.num_blocks
+        if setup.device.type == "cuda":
+            return cuda_num_blocks(cache, setup, self._profile_activation_bytes(setup, backend_cls))
+        return cpu_num_blocks(cache, setup, self.config.scheduler.max_num_seqs * self.max_model_len)
+
+    def _profile_activation_bytes(self, setup: ModelSetup, backend_cls: type[AttentionBackend]) -> int:
+        """Peak activation memory of the largest step (one long prefill) with a throw-away cache."""
+        num_tokens = min(self.config.scheduler.max_num_batched_tokens, self.max_model_len - 1)
+        block_size = self.config.cache.block_size
+        num_blocks = -(-num_tokens // block_size)
+        sampler = Sampler(setup.arch.vocab_size, frozenset(), self.config.seed)
+        runner = ModelRunner(setup.model, backend_cls(), sampler, num_blocks=num_blocks, block_size=block_size,
+                             device=setup.device, dtype=setup.dtype)
+        seq = Sequence("profile", [0] * num_tokens, SamplingParams(max_tokens=1))
+        seq.block_table = list(range(num_blocks))
+        torch.cuda.synchronize(setup.device)
+        baseline = torch.cuda.memory_allocated(setup.device)
+        torch.cuda.reset_peak_memory_stats(setup.device)
+        runner.run(ScheduledBatch([seq], [num_tokens], [(seq, 0)]))
+        peak = torch.cuda.max_memory_allocated(setup.device) - baseline
+        del runner
+        torch.cuda.empty_cache()
+        return peak

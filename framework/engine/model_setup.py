@@ -1,0 +1,110 @@
+"""Start-up decisions for one engine: device, dtype, context length, model weights, KV cache size.
+
+Everything here runs once; the results live in :class:`ModelSetup`, never written back into the
+config.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import torch
+
+from pagedserve.engine.config import CacheConfig, EngineConfig
+from pagedserve.models.hf_config import ModelArchConfig
+from pagedserve.models.loader import init_dummy_weights, load_weights
+from pagedserve.models.presets import resolve_model_source
+from pagedserve.models.registry import ModelArchitecture, resolve_architecture
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class ModelSetup:
+    model: ModelArchitecture
+    arch: ModelArchConfig
+    directory: Path | None
+    device: torch.device
+    dtype: torch.dtype
+    max_model_len: int
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} but CUDA is not available on this machine")
+    return device
+
+
+def resolve_dtype(name: str, arch: ModelArchConfig, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return _DTYPES[name]
+    if device.type == "cpu":
+        return torch.float32  # half precision matmuls are slow or missing on many CPUs
+    if arch.dtype in ("float16", "bfloat16"):
+        return _DTYPES[arch.dtype]
+    return torch.bfloat16
+
+
+def resolve_max_model_len(requested: int | None, arch: ModelArchConfig) -> int:
+    if requested is None:
+        return arch.max_position_embeddings
+    if requested > arch.max_position_embeddings:
+        raise ValueError(f"max_model_len={requested} exceeds the model's max_position_embeddings "
+                         f"({arch.max_position_embeddings})")
+    return requested
+
+
+def build_model(config: EngineConfig, architectures: Mapping[str, type[ModelArchitecture]]) -> ModelSetup:
+    source = resolve_model_source(config.model, config.load_format)
+    arch = ModelArchConfig.from_hf(source.hf_config)
+    model_cls = resolve_architecture(architectures, arch)
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, arch, device)
+    max_model_len = resolve_max_model_len(config.max_model_len, arch)
+    model = _instantiate(model_cls, arch, device, dtype)
+    if config.load_format == "dummy":
+        init_dummy_weights(model, config.seed)
+    else:
+        load_weights(model, source.directory)
+    return ModelSetup(model.eval(), arch, source.directory, device, dtype, max_model_len)
+
+
+def _instantiate(model_cls: type[ModelArchitecture], arch: ModelArchConfig, device: torch.device,
+                 dtype: torch.dtype) -> ModelArchitecture:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return model_cls(arch)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def kv_bytes_per_block(arch: ModelArchConfig, block_size: int, dtype: torch.dtype) -> int:
+    element = torch.empty(0, dtype=dtype).element_size()
+    return 2 * arch.num_layers * block_size * arch.num_kv_heads * arch.head_dim * element
+
+
+def cpu_num_blocks(cache: CacheConfig, setup: ModelSetup, max_tokens_in_flight: int) -> int:
+    """Blocks from a fraction of free RAM, capped at what ``max_num_seqs`` full contexts could use."""
+    per_block = kv_bytes_per_block(setup.arch, cache.block_size, setup.dtype)
+    by_memory = int(psutil.virtual_memory().available * cache.memory_fraction) // per_block
+    by_demand = -(-max_tokens_in_flight // cache.block_size)
+    return max(1, min(by_memory, by_demand))
+
+
+def cuda_num_blocks(cache: CacheConfig, setup: ModelSetup, peak_activation_bytes: int) -> int:
+    """Blocks from ``memory_fraction`` of the GPU after weights and the profiled activation peak."""
+    free, total = torch.cuda.mem_get_info(setup.device)
+    budget = total * cache.memory_fraction - (total - free) - peak_activation_bytes
+    num_blocks = int(budget) // kv_bytes_per_block(setup.arch, cache.block_size, setup.dtype)
+    if num_blocks < 1:
+        raise RuntimeError(f"no GPU memory is left for the KV cache (cache.memory_fraction="
+                           f"{cache.memory_fraction}); raise it, or lower scheduler.max_num_batched_tokens")
+    return num_blocks

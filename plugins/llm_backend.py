@@ -1,0 +1,323 @@
+"""The ``llm`` model backend: the paged-KV engine behind the Triton vLLM backend's interface.
+
+Inputs ``text_input``, ``stream``, ``sampling_parameters`` (JSON; string values coerced as the vLLM
+backend does; falls back to the request's parameters), ``exclude_input_in_output`` and the
+``return_*`` flags; outputs ``text_output`` and the optional ``finish_reason``,
+``cumulative_logprob``, ``logprobs``, ``num_input_tokens``, ``num_output_tokens``.
+
+Threads: the gRPC worker thread that calls :meth:`LLMModel.execute` parses and tokenizes; the engine
+runs on its own thread (:class:`EngineLoop`); a third, the output thread, turns engine outputs into
+responses and encodes them, so protocol work overlaps with model steps.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from pagedserve.backend import LoadContext, Model, ModelBackend, ModelSpec
+from pagedserve.errors import InferenceError
+from pagedserve.hookspecs import hookimpl
+from pagedserve.inference import InferenceRequest, InferenceResponse
+
+if TYPE_CHECKING:
+    from pagedserve.engine.engine_loop import EngineLoop
+    from pagedserve.engine.outputs import CompletionOutput, RequestOutput
+    from pagedserve.engine.sampling_params import SamplingParams
+    from pagedserve.protocol import model_config_pb2
+
+log = logging.getLogger(__name__)
+
+# name, data type, dims, optional: exactly the vLLM backend's auto-completed config.
+INPUTS = [
+    ("text_input", "TYPE_STRING", [1], False),
+    ("stream", "TYPE_BOOL", [1], True),
+    ("sampling_parameters", "TYPE_STRING", [1], True),
+    ("exclude_input_in_output", "TYPE_BOOL", [1], True),
+    ("return_finish_reason", "TYPE_BOOL", [1], True),
+    ("return_cumulative_logprob", "TYPE_BOOL", [1], True),
+    ("return_logprobs", "TYPE_BOOL", [1], True),
+    ("return_num_input_tokens", "TYPE_BOOL", [1], True),
+    ("return_num_output_tokens", "TYPE_BOOL", [1], True),
+]
+OUTPUTS = [
+    ("text_output", "TYPE_STRING", [-1]),
+    ("finish_reason", "TYPE_STRING", [-1]),
+    ("cumulative_logprob", "TYPE_FP32", [-1]),
+    ("logprobs", "TYPE_STRING", [-1]),
+    ("num_input_tokens", "TYPE_UINT32", [1]),
+    ("num_output_tokens", "TYPE_UINT32", [-1]),
+]
+_OPTIONAL_OUTPUTS = {
+    "return_finish_reason": "finish_reason",
+    "return_cumulative_logprob": "cumulative_logprob",
+    "return_logprobs": "logprobs",
+    "return_num_input_tokens": "num_input_tokens",
+    "return_num_output_tokens": "num_output_tokens",
+}
+_ERROR_PREFIX = "Error generating stream: "
+
+
+class LLMBackend(ModelBackend):
+    name = "llm"
+
+    @classmethod
+    def auto_complete(cls, config: model_config_pb2.ModelConfig) -> None:
+        from pagedserve.protocol import model_config_pb2 as mc
+
+        if config.max_batch_size != 0:
+            raise ValueError(f"max_batch_size must be 0 for the llm backend, got {config.max_batch_size}")
+        config.model_transaction_policy.decoupled = True
+        have_inputs = {i.name for i in config.input}
+        for name, data_type, dims, optional in INPUTS:
+            if name not in have_inputs:
+                config.input.add(name=name, data_type=mc.DataType.Value(data_type), dims=dims, optional=optional)
+        have_outputs = {o.name for o in config.output}
+        for name, data_type, dims in OUTPUTS:
+            if name not in have_outputs:
+                config.output.add(name=name, data_type=mc.DataType.Value(data_type), dims=dims)
+        # Our documented extension: unary ModelInfer with stream=false gets the whole text at once.
+        config.parameters["unary_decoupled"].string_value = "true"
+
+    def load(self, spec: ModelSpec, context: LoadContext) -> Model:
+        from pagedserve.engine.engine_loop import EngineLoop
+        from pagedserve.engine.llm_engine import LLMEngine
+
+        engine = LLMEngine(self._engine_config(spec, context), _engine_registries(context))
+        loop = EngineLoop(engine)
+        loop.start()
+        return LLMModel(loop)
+
+    @staticmethod
+    def _engine_config(spec: ModelSpec, context: LoadContext) -> Any:
+        from pagedserve.engine.config import EngineConfig
+        from pagedserve.models.presets import PRESETS
+
+        settings = context.settings
+        engine = settings.engine
+        weights = spec.parameter("weights") or engine.weights or ""
+        if weights and spec.source is not None and not Path(weights).expanduser().is_absolute():
+            local = spec.source.parent / weights
+            weights = str(local) if local.exists() else weights
+        model = weights
+        if not (weights and (weights == "tiny-llama" or Path(weights).expanduser().is_dir())):
+            preset = spec.parameter("preset")
+            if engine.load_format == "dummy" and preset in PRESETS:
+                model = preset  # type: ignore[assignment]
+            else:
+                where = f"'{weights}' is not a directory" if weights else "no weights directory is set"
+                raise ValueError(
+                    f"model '{spec.name}' cannot load: {where}. Set engine.weights=/path/to/hf_model "
+                    "(a Hugging Face directory with config.json, *.safetensors and tokenizer.json), or "
+                    f"run its architecture with random weights: engine.load_format=dummy"
+                )
+        return EngineConfig(
+            model=model,
+            dtype=engine.dtype,
+            device=engine.device,
+            load_format=engine.load_format,
+            kernel=settings.kernel,
+            cuda_graphs=settings.cuda_graphs,
+            max_model_len=engine.max_model_len,
+            seed=engine.seed,
+            cache=settings.cache,
+            scheduler=settings.scheduler,
+        )
+
+
+def _engine_registries(context: LoadContext) -> Any:
+    from pagedserve.engine.registries import EngineRegistries
+
+    registries = context.settings.registries
+    if registries is None:
+        return EngineRegistries.builtin()
+    return EngineRegistries(
+        attention_backends=registries.attention_backends.items(),
+        scheduling_policies=registries.scheduling_policies.items(),
+        architectures=registries.model_architectures.items(),
+    )
+
+
+@dataclass
+class _Active:
+    """One request in the engine, as the output thread tracks it."""
+
+    request: InferenceRequest
+    engine_id: str
+    prompt: str
+    stream: bool
+    exclude_input: bool
+    wanted: set[str]
+    params: SamplingParams
+    logprobs_sent: dict[int, int] = field(default_factory=dict)
+    aborted: bool = False
+
+
+class LLMModel(Model):
+    def __init__(self, loop: EngineLoop) -> None:
+        self.loop = loop
+        self._outputs: queue.Queue[tuple[_Active, RequestOutput] | None] = queue.Queue()
+        self._active: dict[str, _Active] = {}
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._output_thread, name="pagedserve-llm-output", daemon=True)
+        self._thread.start()
+
+    # -- requests in (worker thread) --------------------------------------------------------------
+
+    def execute(self, requests: list[InferenceRequest]) -> None:
+        for request in requests:
+            try:
+                active = self._parse(request)
+                engine_request = self.loop.make_request(active.engine_id, active.prompt, active.params, request.priority)
+            except (ValueError, InferenceError) as error:
+                request.responder.send(InferenceResponse(error=InferenceError(_ERROR_PREFIX + str(error))), True)
+                continue
+            with self._lock:
+                self._active[active.engine_id] = active
+            self.loop.submit(engine_request, lambda output, a=active: self._outputs.put((a, output)))
+
+    def _parse(self, request: InferenceRequest) -> _Active:
+        from pagedserve.engine.sampling_params import SamplingParams
+
+        inputs = request.inputs
+        prompt = _scalar(inputs["text_input"]).decode("utf-8", errors="replace")
+        stream = bool(_scalar(inputs["stream"])) if "stream" in inputs else False
+        if "exclude_input_in_output" in inputs:
+            exclude = bool(_scalar(inputs["exclude_input_in_output"]))
+            if stream and not exclude:
+                raise ValueError("When streaming, `exclude_input_in_output` = False is not allowed.")
+        else:
+            exclude = stream
+        if "sampling_parameters" in inputs:
+            params = SamplingParams.from_json(_scalar(inputs["sampling_parameters"]).decode("utf-8"))
+        else:
+            params = SamplingParams.from_json_dict(dict(request.parameters))
+        wanted = {"text_output"} | {
+            output for flag, output in _OPTIONAL_OUTPUTS.items() if flag in inputs and bool(_scalar(inputs[flag]))
+        }
+        wanted &= set(request.requested_outputs)
+        return _Active(request, uuid.uuid4().hex, prompt, stream, exclude, wanted, params)
+
+    # -- responses out (output thread) ------------------------------------------------------------
+
+    def _output_thread(self) -> None:
+        while True:
+            try:
+                item = self._outputs.get(timeout=0.05)
+            except queue.Empty:
+                self._abort_cancelled()
+                continue
+            if item is None:
+                return
+            active, output = item
+            try:
+                self._respond(active, output)
+            except Exception as error:  # noqa: BLE001 - never leave a client waiting
+                log.exception("failed to build an LLM response")
+                if output.finished or not active.request.responder.cancelled:
+                    self._finish(active, InferenceResponse(error=InferenceError(_ERROR_PREFIX + str(error))))
+                    self.loop.abort(active.engine_id)
+            self._abort_cancelled()
+
+    def _abort_cancelled(self) -> None:
+        with self._lock:
+            cancelled = [a for a in self._active.values() if a.request.responder.cancelled and not a.aborted]
+        for active in cancelled:
+            active.aborted = True
+            self.loop.abort(active.engine_id)
+
+    def _respond(self, active: _Active, output: RequestOutput) -> None:
+        if active.engine_id not in self._active:
+            return  # already answered (an error ended it)
+        if output.error is not None:
+            self._finish(active, InferenceResponse(error=InferenceError(_ERROR_PREFIX + output.error)))
+        elif active.aborted or any(c.finish_reason == "abort" for c in output.outputs):
+            self._finish(active, InferenceResponse(error=InferenceError.cancelled("Request was cancelled")))
+        elif active.stream:
+            response = self._response(active, output)
+            if output.finished:
+                self._finish(active, response)
+            else:
+                active.request.responder.send(response, final=False)
+        elif output.finished:
+            self._finish(active, self._response(active, output))
+
+    def _finish(self, active: _Active, response: InferenceResponse) -> None:
+        with self._lock:
+            if self._active.pop(active.engine_id, None) is None:
+                return
+        active.request.responder.send(response, final=True)
+
+    def _response(self, active: _Active, output: RequestOutput) -> InferenceResponse:
+        completions = output.outputs
+        outputs: dict[str, np.ndarray] = {}
+        if active.stream:
+            texts = [c.text_delta for c in completions]
+        else:
+            texts = [c.text if active.exclude_input else active.prompt + c.text for c in completions]
+        outputs["text_output"] = _bytes_array(texts)
+        if "finish_reason" in active.wanted:
+            outputs["finish_reason"] = _bytes_array([str(c.finish_reason) for c in completions])
+        if "cumulative_logprob" in active.wanted:
+            outputs["cumulative_logprob"] = np.array([c.cumulative_logprob for c in completions], np.float32)
+        if "logprobs" in active.wanted:
+            outputs["logprobs"] = _bytes_array([self._logprobs_json(active, c) for c in completions])
+        if "num_input_tokens" in active.wanted:
+            outputs["num_input_tokens"] = np.array(output.num_prompt_tokens, dtype=np.uint32)
+        if "num_output_tokens" in active.wanted:
+            counts = [c.num_new_tokens if active.stream else len(c.token_ids) for c in completions]
+            outputs["num_output_tokens"] = np.array(counts, dtype=np.uint32)
+        return InferenceResponse(outputs=outputs)
+
+    def _logprobs_json(self, active: _Active, completion: CompletionOutput) -> str:
+        if active.params.logprobs is None or completion.logprobs is None:
+            return "null"
+        start = active.logprobs_sent.get(completion.index, 0) if active.stream else 0
+        new = completion.logprobs[start:]
+        active.logprobs_sent[completion.index] = len(completion.logprobs)
+        tokenizer = self.loop.engine.tokenizer
+        entries = []
+        for step in new:
+            ranked = sorted(step.items(), key=lambda item: -item[1])
+            entries.append(
+                {
+                    str(token): {
+                        "logprob": logprob,
+                        "rank": rank,
+                        "decoded_token": tokenizer.decode([token], skip_special_tokens=False) if tokenizer else "",
+                    }
+                    for rank, (token, logprob) in enumerate(ranked, start=1)
+                }
+            )
+        return json.dumps(entries)
+
+    def finalize(self) -> None:
+        self.loop.stop()
+        self._outputs.put(None)
+        self._thread.join(5)
+
+
+def _scalar(array: np.ndarray) -> Any:
+    flat = np.asarray(array).reshape(-1)
+    if flat.size != 1:
+        raise ValueError(f"expected one element, got {flat.size}")
+    return flat[0]
+
+
+def _bytes_array(texts: list[str]) -> np.ndarray:
+    array = np.empty(len(texts), dtype=np.object_)
+    array[:] = [t.encode("utf-8") for t in texts]
+    return array
+
+
+@hookimpl
+def pagedserve_model_backends() -> list[type[ModelBackend]]:
+    return [LLMBackend]

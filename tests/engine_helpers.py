@@ -1,0 +1,111 @@
+"""Shared helpers for the engine and model tests: HF reference checkpoints, configs, fake runners."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+
+from pagedserve.engine.block_manager import BlockManager
+from pagedserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from pagedserve.engine.outputs import Sample
+from pagedserve.engine.scheduler import ScheduledBatch, Scheduler
+from pagedserve.engine.sequence import Sequence
+
+TINY_DIMS = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, vocab_size=320, max_position_embeddings=512,
+                 initializer_range=0.1)
+
+
+def build_hf_checkpoint(directory: Path, arch: str = "llama", seed: int = 0, **overrides: object) -> Path:
+    """Save a tiny random transformers model (float32) to ``directory``; transformers is test-only."""
+    import transformers
+
+    config_cls, model_cls = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+    }[arch]
+    torch.manual_seed(seed)
+    config = config_cls(**{**TINY_DIMS, **overrides})
+    model = model_cls(config).float().eval()
+    model.save_pretrained(directory)
+    return directory
+
+
+def hf_greedy(directory: Path, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """Greedy continuations from transformers, one prompt at a time (no padding effects)."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    eos = set(_as_list(model.generation_config.eos_token_id))
+    results = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = torch.tensor([prompt])
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                 do_sample=False, pad_token_id=0)
+            results.append(_cut_after_eos(out[0, len(prompt):].tolist(), eos))
+    return results
+
+
+def _as_list(value: object) -> list[int]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, list | tuple) else [int(value)]
+
+
+def _cut_after_eos(tokens: list[int], eos: set[int]) -> list[int]:
+    for i, token in enumerate(tokens):
+        if token in eos:
+            return tokens[:i + 1]
+    return tokens
+
+
+def engine_config(model: str | Path, *, block_size: int = 16, num_blocks: int | None = 256,
+                  prefix_caching: bool = True, max_num_batched_tokens: int = 512, max_num_seqs: int = 64,
+                  policy: str = "fcfs", **kwargs: object) -> EngineConfig:
+    return EngineConfig(
+        model=str(model), dtype="float32", device="cpu",
+        cache=CacheConfig(block_size=block_size, num_blocks=num_blocks, prefix_caching=prefix_caching),
+        scheduler=SchedulerConfig(policy=policy, max_num_seqs=max_num_seqs,
+                                  max_num_batched_tokens=max_num_batched_tokens),
+        **kwargs,
+    )
+
+
+def random_prompts(lengths: list[int], vocab_size: int, seed: int = 0, prefix: list[int] | None = None
+                   ) -> list[list[int]]:
+    rng = random.Random(seed)
+    # Avoid low ids: they are the special/eos tokens of the HF test configs.
+    return [(prefix or []) + [rng.randrange(3, vocab_size) for _ in range(n)] for n in lengths]
+
+
+class FakeRunner:
+    """Stands in for the model: each sampled token is a deterministic function of the sequence."""
+
+    def __init__(self, vocab_size: int = 100) -> None:
+        self.vocab_size = vocab_size
+        self.batches: list[ScheduledBatch] = []
+
+    def run(self, batch: ScheduledBatch) -> list[Sample]:
+        self.batches.append(batch)
+        return [Sample(self.next_token(seq), -0.5) for seq, _ in batch.sample_rows]
+
+    def next_token(self, seq: Sequence) -> int:
+        return (sum(seq.token_ids) * 31 + len(seq) * 7 + seq.index) % (self.vocab_size - 10) + 10
+
+
+def run_to_completion(scheduler: Scheduler, runner: FakeRunner, max_steps: int = 10_000) -> int:
+    steps = 0
+    while scheduler.has_unfinished():
+        batch = scheduler.schedule()
+        scheduler.postprocess(batch, runner.run(batch))
+        steps += 1
+        assert steps < max_steps, "the scheduler made no progress"
+    return steps
+
+
+def assert_pool_free(pool: BlockManager) -> None:
+    assert pool.is_all_free(), f"leaked blocks: {[b for b in pool.blocks if b.ref_count]}"
