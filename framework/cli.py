@@ -47,7 +47,9 @@ def _hydra_main(cfg: DictConfig) -> None:
         console.print(f"[red]invalid configuration:[/] {error}")
         sys.exit(2)
     assert isinstance(config, ServeConfig) and _host is not None
-    sys.exit(run(config, _host))
+    code = run(config, _host)
+    if code:
+        sys.exit(code)  # returning instead on success lets a multirun go on to its next job
 
 
 def run(config: ServeConfig, host: PluginHost) -> int:

@@ -9,7 +9,6 @@ the result. Every optimised backend is tested against this one.
 from __future__ import annotations
 
 import torch
-
 from pagedserve.engine.attention import AttentionBackend
 from pagedserve.hookspecs import hookimpl
 
@@ -19,14 +18,22 @@ class TorchAttentionBackend(AttentionBackend):
 
     @classmethod
     def unsupported_reason(
-        cls, head_dim: int, dtype: torch.dtype, block_size: int, device: torch.device,
+        cls,
+        head_dim: int,
+        dtype: torch.dtype,
+        block_size: int,
+        device: torch.device,
     ) -> str | None:
         if not dtype.is_floating_point:
             return f"dtype {dtype} is not a floating-point type"
         return None
 
     def store_kv(
-        self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+        self,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
         slot_mapping: torch.Tensor,
     ) -> None:
         keep = slot_mapping >= 0
@@ -35,22 +42,33 @@ class TorchAttentionBackend(AttentionBackend):
         v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, value[keep].to(v_cache.dtype))
 
     def prefill(
-        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
-        context_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        cu_seqlens_q: torch.Tensor,
+        context_lens: torch.Tensor,
+        block_tables: torch.Tensor,
+        scale: float,
     ) -> torch.Tensor:
         out = torch.empty_like(q)
         starts, lens = cu_seqlens_q.tolist(), context_lens.tolist()
         for b, context_len in enumerate(lens):
             begin, end = starts[b], starts[b + 1]
-            k, v = _gather(k_cache, v_cache, block_tables[b:b + 1], context_lens[b:b + 1])
+            k, v = _gather(k_cache, v_cache, block_tables[b : b + 1], context_lens[b : b + 1])
             query_pos = torch.arange(context_len - (end - begin), context_len, device=q.device)
             visible = torch.arange(k.shape[1], device=q.device)[None, :] <= query_pos[:, None]
             out[begin:end] = _attend(q[begin:end][None], k, v, visible[None], scale)[0]
         return out
 
     def decode(
-        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-        context_lens: torch.Tensor, scale: float,
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        block_tables: torch.Tensor,
+        context_lens: torch.Tensor,
+        scale: float,
     ) -> torch.Tensor:
         k, v = _gather(k_cache, v_cache, block_tables, context_lens)
         visible = _valid_positions(context_lens, k.shape[1])  # [B, L]
@@ -62,7 +80,10 @@ def _valid_positions(context_lens: torch.Tensor, length: int) -> torch.Tensor:
 
 
 def _gather(
-    k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """K and V of each sequence as ``[B, L, Hkv, D]`` with ``L`` covering the longest context."""
     block_size = k_cache.shape[1]
@@ -76,7 +97,11 @@ def _gather(
 
 
 def _attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scale: float,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    visible: torch.Tensor,
+    scale: float,
 ) -> torch.Tensor:
     """q ``[B, S, Hq, D]``, k/v ``[B, L, Hkv, D]``, visible ``[B, S, L]`` → ``[B, S, Hq, D]``."""
     batch, num_q, num_heads, head_dim = q.shape

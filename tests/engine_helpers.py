@@ -6,16 +6,23 @@ import random
 from pathlib import Path
 
 import torch
-
 from pagedserve.engine.block_manager import BlockManager
 from pagedserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from pagedserve.engine.outputs import Sample
 from pagedserve.engine.scheduler import ScheduledBatch, Scheduler
 from pagedserve.engine.sequence import Sequence
 
-TINY_DIMS = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, head_dim=16, vocab_size=320, max_position_embeddings=512,
-                 initializer_range=0.1)
+TINY_DIMS = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    vocab_size=320,
+    max_position_embeddings=512,
+    initializer_range=0.1,
+)
 
 
 def build_hf_checkpoint(directory: Path, arch: str = "llama", seed: int = 0, **overrides: object) -> Path:
@@ -44,9 +51,14 @@ def hf_greedy(directory: Path, prompts: list[list[int]], max_new_tokens: int) ->
     with torch.no_grad():
         for prompt in prompts:
             ids = torch.tensor([prompt])
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                 do_sample=False, pad_token_id=0)
-            results.append(_cut_after_eos(out[0, len(prompt):].tolist(), eos))
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=0,
+            )
+            results.append(_cut_after_eos(out[0, len(prompt) :].tolist(), eos))
     return results
 
 
@@ -59,24 +71,36 @@ def _as_list(value: object) -> list[int]:
 def _cut_after_eos(tokens: list[int], eos: set[int]) -> list[int]:
     for i, token in enumerate(tokens):
         if token in eos:
-            return tokens[:i + 1]
+            return tokens[: i + 1]
     return tokens
 
 
-def engine_config(model: str | Path, *, block_size: int = 16, num_blocks: int | None = 256,
-                  prefix_caching: bool = True, max_num_batched_tokens: int = 512, max_num_seqs: int = 64,
-                  policy: str = "fcfs", **kwargs: object) -> EngineConfig:
+def engine_config(
+    model: str | Path,
+    *,
+    block_size: int = 16,
+    num_blocks: int | None = 256,
+    prefix_caching: bool = True,
+    max_num_batched_tokens: int = 512,
+    max_num_seqs: int = 64,
+    policy: str = "fcfs",
+    **kwargs: object,
+) -> EngineConfig:
     return EngineConfig(
-        model=str(model), dtype="float32", device="cpu",
+        model=str(model),
+        dtype="float32",
+        device="cpu",
         cache=CacheConfig(block_size=block_size, num_blocks=num_blocks, prefix_caching=prefix_caching),
-        scheduler=SchedulerConfig(policy=policy, max_num_seqs=max_num_seqs,
-                                  max_num_batched_tokens=max_num_batched_tokens),
+        scheduler=SchedulerConfig(
+            policy=policy, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens
+        ),
         **kwargs,
     )
 
 
-def random_prompts(lengths: list[int], vocab_size: int, seed: int = 0, prefix: list[int] | None = None
-                   ) -> list[list[int]]:
+def random_prompts(
+    lengths: list[int], vocab_size: int, seed: int = 0, prefix: list[int] | None = None
+) -> list[list[int]]:
     rng = random.Random(seed)
     # Avoid low ids: they are the special/eos tokens of the HF test configs.
     return [(prefix or []) + [rng.randrange(3, vocab_size) for _ in range(n)] for n in lengths]

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-
 from pagedserve.engine.attention import AttentionBackend, NoAttentionBackendError, select_attention_backend
 from pagedserve_plugins.torch_attention import TorchAttentionBackend
 
@@ -37,7 +36,9 @@ def paged_cache(lengths: list[int], block_size: int, num_kv_heads: int, head_dim
     return k_cache, v_cache, table, keys, values
 
 
-def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context_len: int, scale: float) -> torch.Tensor:
+def reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context_len: int, scale: float
+) -> torch.Tensor:
     """q [S, Hq, D] for the last S positions of a context; k/v [L, Hkv, D]; float64 loops-free math."""
     q, k, v = q.double(), k.double(), v.double()
     group = q.shape[1] // k.shape[1]
@@ -53,16 +54,19 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context_len: in
 @pytest.mark.parametrize(("num_heads", "num_kv_heads"), [(4, 4), (8, 2), (6, 1)])
 def test_prefill_matches_reference(block_size, num_heads, num_kv_heads):
     head_dim, lengths, q_lens = 16, [1, 37, 130, 9], [1, 20, 130, 4]
-    k_cache, v_cache, table, keys, values = paged_cache(lengths, block_size, num_kv_heads, head_dim, seed=block_size)
+    k_cache, v_cache, table, keys, values = paged_cache(
+        lengths, block_size, num_kv_heads, head_dim, seed=block_size
+    )
     g = torch.Generator().manual_seed(1)
     q = torch.randn(sum(q_lens), num_heads, head_dim, generator=g)
     cu = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32)
-    scale = head_dim ** -0.5
-    out = TorchAttentionBackend().prefill(q, k_cache, v_cache, cu, torch.tensor(lengths, dtype=torch.int32),
-                                          table, scale)
+    scale = head_dim**-0.5
+    out = TorchAttentionBackend().prefill(
+        q, k_cache, v_cache, cu, torch.tensor(lengths, dtype=torch.int32), table, scale
+    )
     for b, n in enumerate(lengths):
-        expected = reference(q[cu[b]:cu[b + 1]], keys[b], values[b], n, scale)
-        torch.testing.assert_close(out[cu[b]:cu[b + 1]].double(), expected, atol=2e-5, rtol=1e-4)
+        expected = reference(q[cu[b] : cu[b + 1]], keys[b], values[b], n, scale)
+        torch.testing.assert_close(out[cu[b] : cu[b + 1]].double(), expected, atol=2e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("block_size", BLOCK_SIZES)
@@ -71,10 +75,12 @@ def test_decode_matches_reference(block_size, num_heads, num_kv_heads):
     head_dim, lengths = 32, [1, 17, 200, 64]
     k_cache, v_cache, table, keys, values = paged_cache(lengths, block_size, num_kv_heads, head_dim, seed=7)
     q = torch.randn(len(lengths), num_heads, head_dim, generator=torch.Generator().manual_seed(2))
-    out = TorchAttentionBackend().decode(q, k_cache, v_cache, table, torch.tensor(lengths, dtype=torch.int32), 0.2)
+    out = TorchAttentionBackend().decode(
+        q, k_cache, v_cache, table, torch.tensor(lengths, dtype=torch.int32), 0.2
+    )
     for b, n in enumerate(lengths):
-        expected = reference(q[b:b + 1], keys[b], values[b], n, 0.2)
-        torch.testing.assert_close(out[b:b + 1].double(), expected, atol=2e-5, rtol=1e-4)
+        expected = reference(q[b : b + 1], keys[b], values[b], n, 0.2)
+        torch.testing.assert_close(out[b : b + 1].double(), expected, atol=2e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("block_size", [1, 16])
@@ -92,8 +98,9 @@ def test_store_kv_writes_slots_and_skips_padding(block_size):
 def test_bfloat16_output_keeps_input_dtype():
     k_cache, v_cache, table, _, _ = paged_cache([5], 8, 2, 16, seed=0)
     q = torch.randn(1, 4, 16, dtype=torch.bfloat16)
-    out = TorchAttentionBackend().decode(q, k_cache.bfloat16(), v_cache.bfloat16(), table,
-                                         torch.tensor([5], dtype=torch.int32), 0.25)
+    out = TorchAttentionBackend().decode(
+        q, k_cache.bfloat16(), v_cache.bfloat16(), table, torch.tensor([5], dtype=torch.int32), 0.25
+    )
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from pagedserve.engine.block_manager import BlockManager
 from pagedserve.engine.sampling_params import SamplingParams
 from pagedserve.engine.sequence import Sequence

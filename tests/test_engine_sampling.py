@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from pagedserve.engine.llm import LLM
 from pagedserve.engine.sampler import Sampler
 from pagedserve.engine.sampling_params import SamplingParams
@@ -13,7 +12,12 @@ from pagedserve.models.tiny import ensure_tiny_llama
 
 from .engine_helpers import assert_pool_free, engine_config
 
-PROMPTS = ["The scheduler hands out", "Prefix caching lets many requests", "Hello", "café 東京 and numbers 1 2 3"]
+PROMPTS = [
+    "The scheduler hands out",
+    "Prefix caching lets many requests",
+    "Hello",
+    "café 東京 and numbers 1 2 3",
+]
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +62,9 @@ def test_n_sequences_share_the_prompt_and_differ(llm):
 
 
 def _greedy(llm, prompt: str, **kwargs):
-    return llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, **kwargs))[0]
+    return llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, **kwargs))[
+        0
+    ]
 
 
 def _token_texts(llm, prompt: str, token_ids: list[int]) -> list[str]:
@@ -67,7 +73,7 @@ def _token_texts(llm, prompt: str, token_ids: list[int]) -> list[str]:
     pieces, previous = [], tok.decode(prompt_ids)
     for i in range(1, len(token_ids) + 1):
         text = tok.decode(prompt_ids + token_ids[:i])
-        pieces.append(text[len(previous):])
+        pieces.append(text[len(previous) :])
         previous = text
     return pieces
 
@@ -77,12 +83,16 @@ def test_stop_string_split_across_tokens(llm, include):
     full = _greedy(llm, PROMPTS[0]).outputs[0]
     pieces = _token_texts(llm, PROMPTS[0], full.token_ids)
     # A stop string made of the end of token 5 and the start of token 6.
-    i = next(i for i in range(4, len(pieces) - 1) if pieces[i] and pieces[i + 1] and "\ufffd" not in pieces[i] + pieces[i + 1])
+    i = next(
+        i
+        for i in range(4, len(pieces) - 1)
+        if pieces[i] and pieces[i + 1] and "\ufffd" not in pieces[i] + pieces[i + 1]
+    )
     stop = pieces[i][-1] + pieces[i + 1][:1]
     out = _greedy(llm, PROMPTS[0], stop=[stop], include_stop_str_in_output=include).outputs[0]
     cut = full.text.index(stop)
     assert out.finish_reason == "stop"
-    assert out.text == full.text[:cut + (len(stop) if include else 0)]
+    assert out.text == full.text[: cut + (len(stop) if include else 0)]
 
 
 def test_streamed_deltas_add_up_to_the_text(llm):
@@ -102,7 +112,7 @@ def test_stop_token_ids(llm):
     full = _greedy(llm, PROMPTS[2]).outputs[0].token_ids
     stop_id = full[3]
     out = _greedy(llm, PROMPTS[2], stop_token_ids=[stop_id]).outputs[0]
-    assert out.token_ids == full[:full.index(stop_id) + 1] and out.finish_reason == "stop"
+    assert out.token_ids == full[: full.index(stop_id) + 1] and out.finish_reason == "stop"
 
 
 def test_logprobs_and_cumulative_logprob(llm):
@@ -111,13 +121,17 @@ def test_logprobs_and_cumulative_logprob(llm):
     for token_id, top in zip(out.token_ids, out.logprobs, strict=True):
         assert token_id in top and len(top) == 3
         assert top[token_id] == max(top.values())  # greedy picks the most likely token
-    assert out.cumulative_logprob == pytest.approx(sum(t[i] for i, t in zip(out.token_ids, out.logprobs, strict=True)))
+    assert out.cumulative_logprob == pytest.approx(
+        sum(t[i] for i, t in zip(out.token_ids, out.logprobs, strict=True))
+    )
 
 
 def test_truncation_to_a_single_token_is_greedy(llm):
     greedy = texts(llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=12)))
     for params in (dict(top_k=1), dict(top_p=1e-6), dict(min_p=1.0)):
-        assert texts(llm.generate(PROMPTS, SamplingParams(temperature=1.5, max_tokens=12, **params))) == greedy
+        assert (
+            texts(llm.generate(PROMPTS, SamplingParams(temperature=1.5, max_tokens=12, **params))) == greedy
+        )
 
 
 def test_abort_frees_blocks_and_reports(llm):
@@ -140,6 +154,7 @@ def test_bad_requests_fail_at_add_time(llm):
 
 # ---- sampler units -----------------------------------------------------------------------------------
 
+
 def _seq(params: SamplingParams, prompt=(1, 2), output=()) -> Sequence:
     seq = Sequence("r", list(prompt), params)
     for t in output:
@@ -151,7 +166,10 @@ def test_min_tokens_masks_eos():
     sampler = Sampler(5, frozenset({4}), seed=0)
     logits = torch.tensor([[0.0, 1.0, 0.0, 0.0, 9.0]])
     assert sampler(logits.clone(), [_seq(SamplingParams(temperature=0, min_tokens=1))])[0].token_id == 1
-    assert sampler(logits.clone(), [_seq(SamplingParams(temperature=0, min_tokens=1), output=[3])])[0].token_id == 4
+    assert (
+        sampler(logits.clone(), [_seq(SamplingParams(temperature=0, min_tokens=1), output=[3])])[0].token_id
+        == 4
+    )
 
 
 def test_penalties_push_away_from_seen_tokens():
@@ -160,7 +178,9 @@ def test_penalties_push_away_from_seen_tokens():
     seen = dict(prompt=(0,), output=(0, 0))
     assert sampler(logits.clone(), [_seq(SamplingParams(temperature=0), **seen)])[0].token_id == 0
     for params in (dict(repetition_penalty=1.2), dict(presence_penalty=0.2), dict(frequency_penalty=0.1)):
-        assert sampler(logits.clone(), [_seq(SamplingParams(temperature=0, **params), **seen)])[0].token_id == 1
+        assert (
+            sampler(logits.clone(), [_seq(SamplingParams(temperature=0, **params), **seen)])[0].token_id == 1
+        )
 
 
 def test_sampling_follows_the_distribution():

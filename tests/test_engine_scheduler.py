@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from pagedserve.engine.block_manager import BlockManager
 from pagedserve.engine.config import SchedulerConfig
 from pagedserve.engine.sampling_params import SamplingParams
@@ -16,17 +15,37 @@ from pagedserve_plugins.scheduling_policies import FcfsPolicy, PriorityPolicy, S
 from .engine_helpers import FakeRunner, assert_pool_free, run_to_completion
 
 
-def make_scheduler(num_blocks: int = 64, block_size: int = 4, policy=None, max_model_len: int = 512,
-                   prefix_caching: bool = True, **config) -> Scheduler:
+def make_scheduler(
+    num_blocks: int = 64,
+    block_size: int = 4,
+    policy=None,
+    max_model_len: int = 512,
+    prefix_caching: bool = True,
+    **config,
+) -> Scheduler:
     pool = BlockManager(num_blocks, block_size, prefix_caching)
-    return Scheduler(SchedulerConfig(**config), pool, policy or FcfsPolicy(), max_model_len=max_model_len,
-                     eos_token_ids=frozenset({0}))
+    return Scheduler(
+        SchedulerConfig(**config),
+        pool,
+        policy or FcfsPolicy(),
+        max_model_len=max_model_len,
+        eos_token_ids=frozenset({0}),
+    )
 
 
-def add(scheduler: Scheduler, rid: str, num_prompt: int, max_tokens: int = 8, priority: int = 0,
-        first_token: int = 10, **params) -> Sequence:
+def add(
+    scheduler: Scheduler,
+    rid: str,
+    num_prompt: int,
+    max_tokens: int = 8,
+    priority: int = 0,
+    first_token: int = 10,
+    **params,
+) -> Sequence:
     prompt = [first_token + (i * 7) % 50 for i in range(num_prompt)]
-    seq = Sequence(rid, prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True, **params), priority=priority)
+    seq = Sequence(
+        rid, prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True, **params), priority=priority
+    )
     scheduler.check_request(len(prompt), seq.params)
     scheduler.add(seq)
     return seq
@@ -71,7 +90,9 @@ def test_without_chunked_prefill_a_prompt_is_scheduled_whole():
 
 def _outputs(num_blocks: int, prompts: list[int], max_tokens: int, policy=None, **config) -> tuple:
     scheduler = make_scheduler(num_blocks=num_blocks, policy=policy, **config)
-    seqs = [add(scheduler, f"r{i}", n, max_tokens=max_tokens, first_token=10 + i) for i, n in enumerate(prompts)]
+    seqs = [
+        add(scheduler, f"r{i}", n, max_tokens=max_tokens, first_token=10 + i) for i, n in enumerate(prompts)
+    ]
     run_to_completion(scheduler, FakeRunner())
     assert_pool_free(scheduler.block_manager)
     return [s.output_token_ids for s in seqs], scheduler.num_preemptions
@@ -94,9 +115,13 @@ def test_preemption_by_recompute_leaves_outputs_unchanged(policy):
     budget=st.integers(1, 40),
     max_num_seqs=st.integers(1, 4),
 )
-def test_any_pool_and_budget_finish_with_the_same_outputs(prompts, max_tokens, num_blocks, budget, max_num_seqs):
+def test_any_pool_and_budget_finish_with_the_same_outputs(
+    prompts, max_tokens, num_blocks, budget, max_num_seqs
+):
     expected, _ = _outputs(400, prompts, max_tokens)
-    got, _ = _outputs(num_blocks, prompts, max_tokens, max_num_batched_tokens=budget, max_num_seqs=max_num_seqs)
+    got, _ = _outputs(
+        num_blocks, prompts, max_tokens, max_num_batched_tokens=budget, max_num_seqs=max_num_seqs
+    )
     assert got == expected
 
 
@@ -172,7 +197,9 @@ def test_n_greater_than_one_forks_and_copies_on_write():
     assert sorted(s.index for s in family) == [0, 1, 2]
     assert len({tuple(s.block_table) for s in family}) == 1  # all share the prompt's blocks
     batch = scheduler.schedule()
-    assert len(batch.block_copies) == 2  # two of three copy the shared partial block; the last writes in place
+    assert (
+        len(batch.block_copies) == 2
+    )  # two of three copy the shared partial block; the last writes in place
     scheduler.postprocess(batch, runner.run(batch))
     run_to_completion(scheduler, runner)
     assert [s.num_output_tokens for s in family] == [4, 4, 4]

@@ -3,25 +3,42 @@
 from __future__ import annotations
 
 import pytest
-
 from pagedserve.engine.llm import LLM
 from pagedserve.engine.sampling_params import SamplingParams
 
 from .engine_helpers import assert_pool_free, build_hf_checkpoint, engine_config, hf_greedy, random_prompts
 
 MAX_NEW = 12
-LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
 
 CHECKPOINTS = {
     "llama-gqa": ("llama", {}),
     "llama-tied-llama3-rope": ("llama", {"tie_word_embeddings": True, "rope_parameters": LLAMA3_ROPE}),
-    "llama-odd-heads": ("llama", {"hidden_size": 60, "num_attention_heads": 5, "num_key_value_heads": 5,
-                                  "head_dim": 12, "attention_bias": True}),
-    "qwen2-bias": ("qwen2", {"num_attention_heads": 6, "num_key_value_heads": 3, "head_dim": 8,
-                             "hidden_size": 48}),
-    "qwen3-qk-norm": ("qwen3", {"num_attention_heads": 3, "num_key_value_heads": 1, "head_dim": 16,
-                                "tie_word_embeddings": True}),
+    "llama-odd-heads": (
+        "llama",
+        {
+            "hidden_size": 60,
+            "num_attention_heads": 5,
+            "num_key_value_heads": 5,
+            "head_dim": 12,
+            "attention_bias": True,
+        },
+    ),
+    "qwen2-bias": (
+        "qwen2",
+        {"num_attention_heads": 6, "num_key_value_heads": 3, "head_dim": 8, "hidden_size": 48},
+    ),
+    "qwen3-qk-norm": (
+        "qwen3",
+        {"num_attention_heads": 3, "num_key_value_heads": 1, "head_dim": 16, "tie_word_embeddings": True},
+    ),
 }
 
 
@@ -72,8 +89,9 @@ def test_prefix_cache_hits_give_the_same_tokens(checkpoints, name):
 
 @pytest.mark.parametrize("name", ["llama-tied-llama3-rope", "qwen2-bias"])
 def test_chunked_prefill_gives_the_same_tokens(checkpoints, name):
-    llm = _check(checkpoints[name], _prompts(shared_prefix=False), _expected, block_size=16,
-                 max_num_batched_tokens=7)
+    llm = _check(
+        checkpoints[name], _prompts(shared_prefix=False), _expected, block_size=16, max_num_batched_tokens=7
+    )
     assert llm.engine.block_manager.usage().num_queried_tokens > 0
 
 

@@ -55,21 +55,35 @@ class AttentionBackend(ABC):
     @classmethod
     @abstractmethod
     def unsupported_reason(
-        cls, head_dim: int, dtype: torch.dtype, block_size: int, device: torch.device,
+        cls,
+        head_dim: int,
+        dtype: torch.dtype,
+        block_size: int,
+        device: torch.device,
     ) -> str | None:
         """``None`` when this backend can serve the configuration, else a short human reason."""
 
     @abstractmethod
     def store_kv(
-        self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+        self,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
         slot_mapping: torch.Tensor,
     ) -> None:
         """Write ``key``/``value`` ``[N, Hkv, D]`` into their slots; skip rows whose slot is -1."""
 
     @abstractmethod
     def prefill(
-        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
-        context_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        cu_seqlens_q: torch.Tensor,
+        context_lens: torch.Tensor,
+        block_tables: torch.Tensor,
+        scale: float,
     ) -> torch.Tensor:
         """Causal attention for query chunks ``q`` ``[T, Hq, D]``; returns ``[T, Hq, D]``.
 
@@ -80,8 +94,13 @@ class AttentionBackend(ABC):
 
     @abstractmethod
     def decode(
-        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-        context_lens: torch.Tensor, scale: float,
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        block_tables: torch.Tensor,
+        context_lens: torch.Tensor,
+        scale: float,
     ) -> torch.Tensor:
         """One query per sequence, ``q`` ``[B, Hq, D]``, attending to its first ``context_lens[b]``
         cached tokens; returns ``[B, Hq, D]``."""
@@ -92,8 +111,13 @@ class NoAttentionBackendError(RuntimeError):
 
 
 def select_attention_backend(
-    backends: Mapping[str, type[AttentionBackend]], kernel: str, *, head_dim: int, dtype: torch.dtype,
-    block_size: int, device: torch.device,
+    backends: Mapping[str, type[AttentionBackend]],
+    kernel: str,
+    *,
+    head_dim: int,
+    dtype: torch.dtype,
+    block_size: int,
+    device: torch.device,
 ) -> type[AttentionBackend]:
     """Resolve ``kernel`` (a backend name or ``auto``) to a backend class that supports the model.
 
@@ -101,8 +125,9 @@ def select_attention_backend(
     error lists every candidate's reason so the user can see what to change.
     """
     if kernel != "auto" and kernel not in backends:
-        raise NoAttentionBackendError(f"kernel={kernel!r} is not a registered attention backend; "
-                                      f"registered: {sorted(backends)}")
+        raise NoAttentionBackendError(
+            f"kernel={kernel!r} is not a registered attention backend; registered: {sorted(backends)}"
+        )
     candidates = list(backends.items()) if kernel == "auto" else [(kernel, backends[kernel])]
     reasons = []
     for name, backend in candidates:
@@ -111,12 +136,15 @@ def select_attention_backend(
             return backend
         reasons.append(f"{name}: {reason}")
     setup = f"head_dim={head_dim}, dtype={dtype}, block_size={block_size}, device={device}"
-    raise NoAttentionBackendError(f"no attention backend for kernel={kernel!r} can serve {setup}: "
-                                  + ("; ".join(reasons) or "no backends are registered"))
+    raise NoAttentionBackendError(
+        f"no attention backend for kernel={kernel!r} can serve {setup}: "
+        + ("; ".join(reasons) or "no backends are registered")
+    )
 
 
 _current: contextvars.ContextVar[AttentionMetadata | None] = contextvars.ContextVar(
-    "pagedserve_attention_metadata", default=None)
+    "pagedserve_attention_metadata", default=None
+)
 
 
 @contextlib.contextmanager

@@ -76,8 +76,14 @@ class BlockManager:
 
     def usage(self) -> BlockUsage:
         num_free = len(self.free_ids)
-        return BlockUsage(self.num_blocks, self.num_blocks - num_free, num_free, len(self.hash_to_block),
-                          self._num_queried_tokens, self._num_hit_tokens)
+        return BlockUsage(
+            self.num_blocks,
+            self.num_blocks - num_free,
+            num_free,
+            len(self.hash_to_block),
+            self._num_queried_tokens,
+            self._num_hit_tokens,
+        )
 
     def find_cached_prefix(self, seq: Sequence) -> list[int]:
         """Block ids of the longest cached prefix of ``seq``, leaving at least one token to compute."""
@@ -96,7 +102,10 @@ class BlockManager:
     # ---- allocation ------------------------------------------------------------------------------
 
     def allocate_slots(
-        self, seq: Sequence, num_new_tokens: int, cached_blocks: list[int] | None = None,
+        self,
+        seq: Sequence,
+        num_new_tokens: int,
+        cached_blocks: list[int] | None = None,
         num_reserve_tokens: int = 0,
     ) -> list[tuple[int, int]] | None:
         """Make room for ``num_new_tokens`` more tokens of ``seq``; ``None`` if the pool is too small.
@@ -162,7 +171,7 @@ class BlockManager:
     # ---- internals -------------------------------------------------------------------------------
 
     def _block_tokens(self, seq: Sequence, index: int) -> tuple[int, ...]:
-        return tuple(seq.token_ids[index * self.block_size:(index + 1) * self.block_size])
+        return tuple(seq.token_ids[index * self.block_size : (index + 1) * self.block_size])
 
     def _extend_hashes(self, seq: Sequence) -> None:
         for i in range(len(seq.block_hashes), len(seq) // self.block_size):

@@ -17,7 +17,9 @@ _CONTEXT_TOKENS = 5  # prompt tokens decoded with the first output token, for co
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer: Tokenizer | None, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def __init__(
+        self, tokenizer: Tokenizer | None, prompt_token_ids: list[int], params: SamplingParams
+    ) -> None:
         self.tokenizer = tokenizer
         self.params = params
         self.token_ids = list(prompt_token_ids)
@@ -29,7 +31,7 @@ class IncrementalDetokenizer:
 
     @property
     def emitted_text(self) -> str:
-        return self.text[:self.num_emitted]
+        return self.text[: self.num_emitted]
 
     def update(self, new_token_ids: list[int], finished: bool) -> tuple[str, bool]:
         """Add tokens; return the text released now and whether a stop string was found."""
@@ -43,12 +45,12 @@ class IncrementalDetokenizer:
 
     def _decode_new(self, flush: bool) -> str:
         skip = self.params.skip_special_tokens
-        prefix = self.tokenizer.decode(self.token_ids[self.prefix_offset:self.read_offset], skip)
-        full = self.tokenizer.decode(self.token_ids[self.prefix_offset:], skip)
+        prefix = self.tokenizer.decode(self.token_ids[self.prefix_offset : self.read_offset], skip)
+        full = self.tokenizer.decode(self.token_ids[self.prefix_offset :], skip)
         if len(full) <= len(prefix) or (full.endswith(_INCOMPLETE) and not flush):
             return ""  # nothing complete yet; decode these tokens again next time
         self.prefix_offset, self.read_offset = self.read_offset, len(self.token_ids)
-        return full[len(prefix):]
+        return full[len(prefix) :]
 
     def _cut_at_stop_string(self, start: int) -> bool:
         found = [(i, s) for s in self.params.stop if (i := self.text.find(s, start)) != -1]
@@ -65,6 +67,6 @@ class IncrementalDetokenizer:
             end -= self.max_stop_len - 1
         if end <= self.num_emitted:
             return ""
-        delta = self.text[self.num_emitted:end]
+        delta = self.text[self.num_emitted : end]
         self.num_emitted = end
         return delta

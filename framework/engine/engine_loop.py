@@ -51,8 +51,13 @@ class EngineLoop:
             self._thread.join(timeout)
             self._thread = None
 
-    def make_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
-                     priority: int = 0) -> EngineRequest:
+    def make_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        priority: int = 0,
+    ) -> EngineRequest:
         return self.engine.make_request(request_id, prompt, params, priority)
 
     def submit(self, request: EngineRequest, callback: OutputCallback) -> None:

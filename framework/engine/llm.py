@@ -22,7 +22,8 @@ class LLM:
         return self.engine.tokenizer
 
     def generate(
-        self, prompts: Sequence[str | list[int]] | str,
+        self,
+        prompts: Sequence[str | list[int]] | str,
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         priorities: Sequence[int] | None = None,
     ) -> list[RequestOutput]:

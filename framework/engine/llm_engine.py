@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 
 import torch
-
 from pagedserve.engine.attention import AttentionBackend, select_attention_backend
 from pagedserve.engine.block_manager import BlockManager, BlockUsage
 from pagedserve.engine.config import EngineConfig
@@ -38,24 +37,52 @@ class LLMEngine:
         self.eos_token_ids = self._eos_ids(setup)
         self._check_budgets()
         backend_cls = select_attention_backend(
-            registries.attention_backends, config.kernel, head_dim=setup.arch.head_dim, dtype=setup.dtype,
-            block_size=config.cache.block_size, device=setup.device)
+            registries.attention_backends,
+            config.kernel,
+            head_dim=setup.arch.head_dim,
+            dtype=setup.dtype,
+            block_size=config.cache.block_size,
+            device=setup.device,
+        )
         num_blocks = self._num_blocks(setup, backend_cls)
         self.block_manager = BlockManager(num_blocks, config.cache.block_size, config.cache.prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.block_manager, self._policy(registries),
-                                   max_model_len=self.max_model_len, eos_token_ids=self.eos_token_ids)
+        self.scheduler = Scheduler(
+            config.scheduler,
+            self.block_manager,
+            self._policy(registries),
+            max_model_len=self.max_model_len,
+            eos_token_ids=self.eos_token_ids,
+        )
         sampler = Sampler(setup.arch.vocab_size, self.eos_token_ids, config.seed)
-        self.runner = ModelRunner(setup.model, backend_cls(), sampler, num_blocks=num_blocks,
-                                  block_size=config.cache.block_size, device=setup.device, dtype=setup.dtype)
+        self.runner = ModelRunner(
+            setup.model,
+            backend_cls(),
+            sampler,
+            num_blocks=num_blocks,
+            block_size=config.cache.block_size,
+            device=setup.device,
+            dtype=setup.dtype,
+        )
         self.outputs = OutputProcessor(self.tokenizer)
-        log.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens, attention=%s",
-                 setup.arch.architecture, setup.device, setup.dtype, num_blocks, config.cache.block_size,
-                 backend_cls.name)
+        log.info(
+            "engine ready: %s on %s (%s), %d KV blocks of %d tokens, attention=%s",
+            setup.arch.architecture,
+            setup.device,
+            setup.dtype,
+            num_blocks,
+            config.cache.block_size,
+            backend_cls.name,
+        )
 
     # ---- requests (make_request is safe to call from any thread) ---------------------------------
 
-    def make_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
-                     priority: int = 0) -> EngineRequest:
+    def make_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        priority: int = 0,
+    ) -> EngineRequest:
         """Tokenize and validate; raises ``ValueError`` for a request the engine could never serve."""
         params = params or SamplingParams()
         if isinstance(prompt, str):
@@ -69,16 +96,22 @@ class LLMEngine:
         self.scheduler.check_request(len(token_ids), params)
         return EngineRequest(request_id, token_ids, params, priority)
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
-                    priority: int = 0) -> None:
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        priority: int = 0,
+    ) -> None:
         self.add(self.make_request(request_id, prompt, params, priority))
 
     def add(self, request: EngineRequest) -> None:
         if self.outputs.has(request.request_id):
             raise ValueError(f"request id {request.request_id!r} is already in use")
         self.outputs.add(request)
-        self.scheduler.add(Sequence(request.request_id, request.prompt_token_ids, request.params,
-                                    priority=request.priority))
+        self.scheduler.add(
+            Sequence(request.request_id, request.prompt_token_ids, request.params, priority=request.priority)
+        )
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request now and free its blocks; returns its final output (``None`` if unknown)."""
@@ -113,14 +146,18 @@ class LLMEngine:
     def _check_budgets(self) -> None:
         scheduler = self.config.scheduler
         if not scheduler.chunked_prefill and scheduler.max_num_batched_tokens < self.max_model_len:
-            raise ValueError(f"scheduler.max_num_batched_tokens ({scheduler.max_num_batched_tokens}) must be "
-                             f">= max_model_len ({self.max_model_len}) when scheduler.chunked_prefill is off")
+            raise ValueError(
+                f"scheduler.max_num_batched_tokens ({scheduler.max_num_batched_tokens}) must be "
+                f">= max_model_len ({self.max_model_len}) when scheduler.chunked_prefill is off"
+            )
 
     def _policy(self, registries: EngineRegistries):  # noqa: ANN202 - a SchedulingPolicy
         name = self.config.scheduler.policy
         if name not in registries.scheduling_policies:
-            raise ValueError(f"scheduler.policy={name!r} is not a registered scheduling policy; "
-                             f"registered: {sorted(registries.scheduling_policies)}")
+            raise ValueError(
+                f"scheduler.policy={name!r} is not a registered scheduling policy; "
+                f"registered: {sorted(registries.scheduling_policies)}"
+            )
         return registries.scheduling_policies[name]()
 
     def _num_blocks(self, setup: ModelSetup, backend_cls: type[AttentionBackend]) -> int:
@@ -137,8 +174,15 @@ class LLMEngine:
         block_size = self.config.cache.block_size
         num_blocks = -(-num_tokens // block_size)
         sampler = Sampler(setup.arch.vocab_size, frozenset(), self.config.seed)
-        runner = ModelRunner(setup.model, backend_cls(), sampler, num_blocks=num_blocks, block_size=block_size,
-                             device=setup.device, dtype=setup.dtype)
+        runner = ModelRunner(
+            setup.model,
+            backend_cls(),
+            sampler,
+            num_blocks=num_blocks,
+            block_size=block_size,
+            device=setup.device,
+            dtype=setup.dtype,
+        )
         seq = Sequence("profile", [0] * num_tokens, SamplingParams(max_tokens=1))
         seq.block_table = list(range(num_blocks))
         torch.cuda.synchronize(setup.device)

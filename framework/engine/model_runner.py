@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
 from pagedserve.engine.attention import AttentionBackend, AttentionMetadata, attention_metadata
 from pagedserve.engine.outputs import Sample
 from pagedserve.engine.sampler import Sampler
@@ -29,8 +28,15 @@ class ModelInputs:
 
 class ModelRunner:
     def __init__(
-        self, model: ModelArchitecture, backend: AttentionBackend, sampler: Sampler, *,
-        num_blocks: int, block_size: int, device: torch.device, dtype: torch.dtype,
+        self,
+        model: ModelArchitecture,
+        backend: AttentionBackend,
+        sampler: Sampler,
+        *,
+        num_blocks: int,
+        block_size: int,
+        device: torch.device,
+        dtype: torch.dtype,
     ) -> None:
         self.model = model
         self.sampler = sampler
@@ -74,7 +80,7 @@ class ModelRunner:
         for i in order:
             seq, num_new = batch.seqs[i], batch.num_new_tokens[i]
             start = seq.num_computed_tokens
-            token_ids += seq.token_ids[start:start + num_new]
+            token_ids += seq.token_ids[start : start + num_new]
             positions += range(start, start + num_new)
             slots += self._slots(seq, start, start + num_new)
             last_rows[i] = len(token_ids) - 1
@@ -87,8 +93,9 @@ class ModelRunner:
         bs, table = self.block_size, seq.block_table
         return [table[p // bs] * bs + p % bs for p in range(start, end)]
 
-    def _metadata(self, batch: ScheduledBatch, order: list[int], num_decodes: int,
-                  slots: list[int]) -> AttentionMetadata:
+    def _metadata(
+        self, batch: ScheduledBatch, order: list[int], num_decodes: int, slots: list[int]
+    ) -> AttentionMetadata:
         decodes, prefills = order[:num_decodes], order[num_decodes:]
         seqs, num_new = batch.seqs, batch.num_new_tokens
         context_lens = {i: seqs[i].num_computed_tokens + num_new[i] for i in order}

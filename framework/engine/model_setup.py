@@ -12,7 +12,6 @@ from pathlib import Path
 
 import psutil
 import torch
-
 from pagedserve.engine.config import CacheConfig, EngineConfig
 from pagedserve.models.hf_config import ModelArchConfig
 from pagedserve.models.loader import init_dummy_weights, load_weights
@@ -55,8 +54,10 @@ def resolve_max_model_len(requested: int | None, arch: ModelArchConfig) -> int:
     if requested is None:
         return arch.max_position_embeddings
     if requested > arch.max_position_embeddings:
-        raise ValueError(f"max_model_len={requested} exceeds the model's max_position_embeddings "
-                         f"({arch.max_position_embeddings})")
+        raise ValueError(
+            f"max_model_len={requested} exceeds the model's max_position_embeddings "
+            f"({arch.max_position_embeddings})"
+        )
     return requested
 
 
@@ -75,8 +76,9 @@ def build_model(config: EngineConfig, architectures: Mapping[str, type[ModelArch
     return ModelSetup(model.eval(), arch, source.directory, device, dtype, max_model_len)
 
 
-def _instantiate(model_cls: type[ModelArchitecture], arch: ModelArchConfig, device: torch.device,
-                 dtype: torch.dtype) -> ModelArchitecture:
+def _instantiate(
+    model_cls: type[ModelArchitecture], arch: ModelArchConfig, device: torch.device, dtype: torch.dtype
+) -> ModelArchitecture:
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -105,6 +107,8 @@ def cuda_num_blocks(cache: CacheConfig, setup: ModelSetup, peak_activation_bytes
     budget = total * cache.memory_fraction - (total - free) - peak_activation_bytes
     num_blocks = int(budget) // kv_bytes_per_block(setup.arch, cache.block_size, setup.dtype)
     if num_blocks < 1:
-        raise RuntimeError(f"no GPU memory is left for the KV cache (cache.memory_fraction="
-                           f"{cache.memory_fraction}); raise it, or lower scheduler.max_num_batched_tokens")
+        raise RuntimeError(
+            f"no GPU memory is left for the KV cache (cache.memory_fraction="
+            f"{cache.memory_fraction}); raise it, or lower scheduler.max_num_batched_tokens"
+        )
     return num_blocks

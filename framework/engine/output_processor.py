@@ -18,8 +18,9 @@ class RequestState:
     def __init__(self, request: EngineRequest, tokenizer: Tokenizer | None) -> None:
         self.request = request
         n = request.params.n
-        self.detokenizers = [IncrementalDetokenizer(tokenizer, request.prompt_token_ids, request.params)
-                             for _ in range(n)]
+        self.detokenizers = [
+            IncrementalDetokenizer(tokenizer, request.prompt_token_ids, request.params) for _ in range(n)
+        ]
         self.completions = [CompletionOutput(index=i) for i in range(n)]
         if request.params.logprobs is not None:
             for completion in self.completions:
@@ -66,7 +67,7 @@ class OutputProcessor:
 
     def _update(self, state: RequestState, seq: Sequence, scheduler: Scheduler) -> None:
         completion = state.completions[seq.index]
-        new_tokens = seq.output_token_ids[len(completion.token_ids):]
+        new_tokens = seq.output_token_ids[len(completion.token_ids) :]
         delta, hit_stop = state.detokenizers[seq.index].update(new_tokens, seq.is_finished)
         if hit_stop and not seq.is_finished:
             scheduler.finish(seq, "stop")
@@ -89,6 +90,13 @@ class OutputProcessor:
 
 
 def _copy(c: CompletionOutput) -> CompletionOutput:
-    return CompletionOutput(c.index, c.text, c.text_delta, list(c.token_ids), c.num_new_tokens,
-                            c.cumulative_logprob, None if c.logprobs is None else list(c.logprobs),
-                            c.finish_reason)
+    return CompletionOutput(
+        c.index,
+        c.text,
+        c.text_delta,
+        list(c.token_ids),
+        c.num_new_tokens,
+        c.cumulative_logprob,
+        None if c.logprobs is None else list(c.logprobs),
+        c.finish_reason,
+    )

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import pluggy
-
 from pagedserve import hookspecs
 
 
@@ -45,7 +44,9 @@ def _by_name(kind: str, results: list[list[Any]]) -> dict[str, type]:
     for provided in reversed(results):
         for cls in provided or []:
             if cls.name in registry and registry[cls.name] is not cls:
-                raise ValueError(f"two plugins register a {kind} named {cls.name!r}: "
-                                 f"{registry[cls.name].__module__} and {cls.__module__}")
+                raise ValueError(
+                    f"two plugins register a {kind} named {cls.name!r}: "
+                    f"{registry[cls.name].__module__} and {cls.__module__}"
+                )
             registry[cls.name] = cls
     return registry

@@ -12,9 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
-from pagedserve.engine.sampling_params import SamplingParams
 from pagedserve.engine.outputs import Sample
+from pagedserve.engine.sampling_params import SamplingParams
 from pagedserve.engine.sequence import Sequence
 
 
@@ -38,7 +37,7 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[Sample]:
         """``logits`` ``[B, V]``, row ``i`` for ``seqs[i]``; returns one sample per row."""
-        logits = logits[:, :self.vocab_size].float()
+        logits = logits[:, : self.vocab_size].float()
         logprobs = torch.log_softmax(logits, dim=-1)
         logits = self._apply_penalties(logits, seqs)
         logits = self._mask_early_stops(logits, seqs)
@@ -58,12 +57,15 @@ class Sampler:
         if params.repetition_penalty != 1.0:
             seen = torch.tensor(sorted(set(seq.token_ids)), dtype=torch.long, device=device)
             values = row[seen]
-            row[seen] = torch.where(values > 0, values / params.repetition_penalty,
-                                    values * params.repetition_penalty)
+            row[seen] = torch.where(
+                values > 0, values / params.repetition_penalty, values * params.repetition_penalty
+            )
         if seq.num_output_tokens and (params.presence_penalty or params.frequency_penalty):
             output = torch.tensor(seq.output_token_ids, dtype=torch.long, device=device)
-            counts = torch.bincount(output, minlength=row.numel())[:row.numel()].to(row.dtype)
-            row = row - params.frequency_penalty * counts - params.presence_penalty * (counts > 0).to(row.dtype)
+            counts = torch.bincount(output, minlength=row.numel())[: row.numel()].to(row.dtype)
+            row = (
+                row - params.frequency_penalty * counts - params.presence_penalty * (counts > 0).to(row.dtype)
+            )
         return row
 
     def _mask_early_stops(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
@@ -99,7 +101,9 @@ class Sampler:
             is_greedy=torch.tensor([p.is_greedy for p in params], device=device),
         )
 
-    def _exponential_noise(self, seqs: list[Sequence], shape: torch.Size, device: torch.device) -> torch.Tensor:
+    def _exponential_noise(
+        self, seqs: list[Sequence], shape: torch.Size, device: torch.device
+    ) -> torch.Tensor:
         noise = torch.ones(shape, device=device)
         for i, seq in enumerate(seqs):
             if not seq.params.is_greedy:
@@ -119,7 +123,9 @@ class Sampler:
 
     # ---- results ---------------------------------------------------------------------------------
 
-    def _to_samples(self, token_ids: torch.Tensor, logprobs: torch.Tensor, seqs: list[Sequence]) -> list[Sample]:
+    def _to_samples(
+        self, token_ids: torch.Tensor, logprobs: torch.Tensor, seqs: list[Sequence]
+    ) -> list[Sample]:
         chosen = logprobs.gather(1, token_ids[:, None])[:, 0].tolist()
         token_list = token_ids.tolist()
         samples = []
@@ -133,8 +139,9 @@ class Sampler:
 
 
 def _has_penalty(params: SamplingParams) -> bool:
-    return (params.repetition_penalty != 1.0 or params.presence_penalty != 0.0
-            or params.frequency_penalty != 0.0)
+    return (
+        params.repetition_penalty != 1.0 or params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
+    )
 
 
 def _truncated_probs(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:

@@ -88,11 +88,23 @@ class SamplingParams:
 
 
 _FIELD_KINDS = {
-    "n": int, "top_k": int, "max_tokens": int, "min_tokens": int, "seed": "opt_int", "logprobs": "opt_int",
-    "temperature": float, "top_p": float, "min_p": float, "repetition_penalty": float,
-    "presence_penalty": float, "frequency_penalty": float,
-    "ignore_eos": bool, "skip_special_tokens": bool, "include_stop_str_in_output": bool,
-    "stop": "str_list", "stop_token_ids": "int_list",
+    "n": int,
+    "top_k": int,
+    "max_tokens": int,
+    "min_tokens": int,
+    "seed": "opt_int",
+    "logprobs": "opt_int",
+    "temperature": float,
+    "top_p": float,
+    "min_p": float,
+    "repetition_penalty": float,
+    "presence_penalty": float,
+    "frequency_penalty": float,
+    "ignore_eos": bool,
+    "skip_special_tokens": bool,
+    "include_stop_str_in_output": bool,
+    "stop": "str_list",
+    "stop_token_ids": "int_list",
 }
 
 

@@ -49,8 +49,13 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(
-        self, config: SchedulerConfig, block_manager: BlockManager, policy: SchedulingPolicy,
-        *, max_model_len: int, eos_token_ids: frozenset[int] = frozenset(),
+        self,
+        config: SchedulerConfig,
+        block_manager: BlockManager,
+        policy: SchedulingPolicy,
+        *,
+        max_model_len: int,
+        eos_token_ids: frozenset[int] = frozenset(),
     ) -> None:
         self.config = config
         self.block_manager = block_manager
@@ -68,14 +73,18 @@ class Scheduler:
         if num_prompt_tokens == 0:
             raise ValueError("the prompt is empty")
         if num_prompt_tokens >= self.max_model_len:
-            raise ValueError(f"the prompt has {num_prompt_tokens} tokens, which leaves no room to "
-                             f"generate within the model context of {self.max_model_len} tokens")
+            raise ValueError(
+                f"the prompt has {num_prompt_tokens} tokens, which leaves no room to "
+                f"generate within the model context of {self.max_model_len} tokens"
+            )
         worst = min(num_prompt_tokens + params.max_tokens, self.max_model_len)
         pool = self.block_manager
         if pool.blocks_needed(worst) > pool.num_blocks:
-            raise ValueError(f"the request needs up to {worst} tokens of KV cache but the whole cache "
-                             f"holds {pool.num_blocks * pool.block_size} ({pool.num_blocks} blocks of "
-                             f"{pool.block_size}); lower max_tokens or raise cache.num_blocks")
+            raise ValueError(
+                f"the request needs up to {worst} tokens of KV cache but the whole cache "
+                f"holds {pool.num_blocks * pool.block_size} ({pool.num_blocks} blocks of "
+                f"{pool.block_size}); lower max_tokens or raise cache.num_blocks"
+            )
 
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
@@ -143,7 +152,11 @@ class Scheduler:
         batch.block_copies = [pair for seq in batch.seqs for pair in copies.get(id(seq), [])]
 
     def _allocate_or_preempt(
-        self, seq: Sequence, num_new: int, batch: ScheduledBatch, copies: dict,
+        self,
+        seq: Sequence,
+        num_new: int,
+        batch: ScheduledBatch,
+        copies: dict,
     ) -> list[tuple[int, int]] | None:
         while (seq_copies := self.block_manager.allocate_slots(seq, num_new)) is None:
             victim = self.policy.select_victim(self.running)

@@ -10,7 +10,6 @@ import itertools
 from enum import Enum, auto
 
 import torch
-
 from pagedserve.engine.sampling_params import SamplingParams
 
 _arrival_counter = itertools.count()
@@ -58,8 +57,10 @@ class Sequence:
         return len(self.token_ids)
 
     def __repr__(self) -> str:
-        return (f"Sequence({self.request_id}#{self.index}, {self.status.name}, tokens={len(self)}, "
-                f"computed={self.num_computed_tokens}, blocks={self.block_table})")
+        return (
+            f"Sequence({self.request_id}#{self.index}, {self.status.name}, tokens={len(self)}, "
+            f"computed={self.num_computed_tokens}, blocks={self.block_table})"
+        )
 
     @property
     def seq_key(self) -> tuple[str, int]:
@@ -71,7 +72,7 @@ class Sequence:
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
+        return self.token_ids[self.num_prompt_tokens :]
 
     @property
     def num_uncomputed_tokens(self) -> int:
@@ -89,8 +90,14 @@ class Sequence:
 
     def fork(self, index: int) -> Sequence:
         """A sibling sharing everything generated so far; the caller shares the KV blocks."""
-        child = Sequence(self.request_id, self.token_ids[:self.num_prompt_tokens], self.params,
-                         priority=self.priority, index=index, arrival=self.arrival)
+        child = Sequence(
+            self.request_id,
+            self.token_ids[: self.num_prompt_tokens],
+            self.params,
+            priority=self.priority,
+            index=index,
+            arrival=self.arrival,
+        )
         child.token_ids = list(self.token_ids)
         child.status = self.status
         child.num_computed_tokens = self.num_computed_tokens

@@ -9,8 +9,6 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-from torch import nn
-
 from pagedserve.models.hf_config import ModelArchConfig
 from pagedserve.models.layers.activation import SiluAndMul
 from pagedserve.models.layers.attention import Attention
@@ -19,18 +17,24 @@ from pagedserve.models.layers.linear import MergedColumnParallelLinear, QKVParal
 from pagedserve.models.layers.norm import RMSNorm
 from pagedserve.models.layers.rotary import RotaryEmbedding
 from pagedserve.models.registry import ModelArchitecture
+from torch import nn
 
 
 class DecoderAttention(nn.Module):
     def __init__(self, config: ModelArchConfig, qkv_bias: bool, qk_norm: bool) -> None:
         super().__init__()
         hd = config.head_dim
-        self.qkv_proj = QKVParallelLinear(config.hidden_size, hd, config.num_heads, config.num_kv_heads,
-                                          bias=qkv_bias)
-        self.num_heads, self.num_kv_heads, self.head_dim = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, hd
+        self.qkv_proj = QKVParallelLinear(
+            config.hidden_size, hd, config.num_heads, config.num_kv_heads, bias=qkv_bias
+        )
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            self.qkv_proj.num_heads,
+            self.qkv_proj.num_kv_heads,
+            hd,
+        )
         self.o_proj = RowParallelLinear(config.num_heads * hd, config.hidden_size, bias=config.attention_bias)
         self.rotary_emb = RotaryEmbedding(hd, config.max_position_embeddings, config.rope)
-        self.attn = Attention(self.num_heads, hd, self.num_kv_heads, scale=hd ** -0.5)
+        self.attn = Attention(self.num_heads, hd, self.num_kv_heads, scale=hd**-0.5)
         self.qk_norm = qk_norm
         if qk_norm:
             self.q_norm = RMSNorm(hd, config.rms_norm_eps)
@@ -56,7 +60,9 @@ class GatedMLP(nn.Module):
         if config.hidden_act != "silu":
             raise ValueError(f"hidden_act {config.hidden_act!r} is not supported (only silu)")
         inter = config.intermediate_size
-        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [inter, inter], bias=config.mlp_bias)
+        self.gate_up_proj = MergedColumnParallelLinear(
+            config.hidden_size, [inter, inter], bias=config.mlp_bias
+        )
         self.act = SiluAndMul()
         self.down_proj = RowParallelLinear(inter, config.hidden_size, bias=config.mlp_bias)
 
@@ -94,8 +100,11 @@ class DecoderModel(nn.Module):
 class LlamaForCausalLM(ModelArchitecture):
     name = "LlamaForCausalLM"
     packed_modules_mapping: ClassVar[dict[str, tuple[str, str | int]]] = {
-        "q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
-        "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
     }
     qkv_bias: ClassVar[bool | None] = None  # None: follow config.attention_bias
     qk_norm: ClassVar[bool] = False

@@ -14,11 +14,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from pagedserve.models.registry import ModelArchitecture
 from rich.progress import Progress
 from safetensors import safe_open
 from torch import nn
-
-from pagedserve.models.registry import ModelArchitecture
 
 _PROGRESS_MIN_BYTES = 512 * 2**20  # show a progress bar for checkpoints larger than this
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -31,8 +30,10 @@ def safetensors_files(model_dir: Path) -> list[Path]:
         return [model_dir / name for name in sorted(set(weight_map.values()))]
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"no *.safetensors weights in {model_dir}; point the model at a directory "
-                                f"with weights, or use load_format=dummy for random weights")
+        raise FileNotFoundError(
+            f"no *.safetensors weights in {model_dir}; point the model at a directory "
+            f"with weights, or use load_format=dummy for random weights"
+        )
     return files
 
 
@@ -82,8 +83,9 @@ def _iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, f.get_tensor(name)
 
 
-def _load_one(model: ModelArchitecture, params: dict[str, nn.Parameter], name: str,
-              tensor: torch.Tensor) -> str | None:
+def _load_one(
+    model: ModelArchitecture, params: dict[str, nn.Parameter], name: str, tensor: torch.Tensor
+) -> str | None:
     if name.endswith(_IGNORED_SUFFIXES):
         return None
     target, shard_id = _map_name(name, model.packed_modules_mapping)
@@ -117,4 +119,6 @@ def _check_complete(model: ModelArchitecture, params: dict[str, nn.Parameter], l
         if loaded[name] < expected:
             missing.append(name)
     if missing:
-        raise ValueError(f"the checkpoint is missing weights for {len(missing)} parameters, e.g. {missing[:5]}")
+        raise ValueError(
+            f"the checkpoint is missing weights for {len(missing)} parameters, e.g. {missing[:5]}"
+        )

@@ -13,11 +13,23 @@ from pagedserve.models.hf_config import read_json
 from pagedserve.models.tiny import TINY_LLAMA_NAME, ensure_tiny_llama
 
 LLAMA3_8B: dict[str, Any] = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
-    "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
-    "head_dim": 128, "vocab_size": 128256, "max_position_embeddings": 8192, "rms_norm_eps": 1e-5,
-    "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}, "tie_word_embeddings": False,
-    "hidden_act": "silu", "bos_token_id": 128000, "eos_token_id": 128001, "dtype": "bfloat16",
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "vocab_size": 128256,
+    "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-5,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0},
+    "tie_word_embeddings": False,
+    "hidden_act": "silu",
+    "bos_token_id": 128000,
+    "eos_token_id": 128001,
+    "dtype": "bfloat16",
 }
 
 PRESETS: dict[str, dict[str, Any]] = {"llama3-8b": LLAMA3_8B}
@@ -39,5 +51,7 @@ def resolve_model_source(model: str, load_format: str) -> ModelSource:
     if load_format == "dummy" and model in PRESETS:
         return ModelSource(None, PRESETS[model])
     hint = f" or one of {sorted(PRESETS)} with load_format=dummy" if load_format == "dummy" else ""
-    raise FileNotFoundError(f"model={model!r}: no config.json there; set model to a Hugging Face model "
-                            f"directory (config.json, *.safetensors, tokenizer.json){hint}")
+    raise FileNotFoundError(
+        f"model={model!r}: no config.json there; set model to a Hugging Face model "
+        f"directory (config.json, *.safetensors, tokenizer.json){hint}"
+    )

@@ -10,10 +10,9 @@ from collections.abc import Mapping
 from typing import ClassVar
 
 import torch
-from torch import nn
-
 from pagedserve.models.hf_config import ModelArchConfig
 from pagedserve.models.layers.attention import Attention
+from torch import nn
 
 
 class ModelArchitecture(nn.Module):
@@ -42,10 +41,13 @@ class ModelArchitecture(nn.Module):
 
 
 def resolve_architecture(
-    registry: Mapping[str, type[ModelArchitecture]], config: ModelArchConfig,
+    registry: Mapping[str, type[ModelArchitecture]],
+    config: ModelArchConfig,
 ) -> type[ModelArchitecture]:
     try:
         return registry[config.architecture]
     except KeyError:
-        raise ValueError(f"model architecture {config.architecture!r} is not supported; registered "
-                         f"architectures: {sorted(registry)}") from None
+        raise ValueError(
+            f"model architecture {config.architecture!r} is not supported; registered "
+            f"architectures: {sorted(registry)}"
+        ) from None

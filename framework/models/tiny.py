@@ -24,11 +24,23 @@ _BOS, _EOS = "<|begin_of_text|>", "<|end_of_text|>"
 _SEED = 1234
 
 CONFIG = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
-    "intermediate_size": 192, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-    "head_dim": 16, "vocab_size": 512, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5,
-    "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}, "tie_word_embeddings": False,
-    "hidden_act": "silu", "bos_token_id": 0, "eos_token_id": 1, "dtype": "float32",
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 64,
+    "intermediate_size": 192,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "vocab_size": 512,
+    "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-5,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+    "tie_word_embeddings": False,
+    "hidden_act": "silu",
+    "bos_token_id": 0,
+    "eos_token_id": 1,
+    "dtype": "float32",
 }
 
 CORPUS = """\
@@ -78,10 +90,16 @@ def _write_model(directory: Path) -> None:
     _train_tokenizer().save(str(directory / "tokenizer.json"))
     _write_json(directory / "config.json", CONFIG)
     _write_json(directory / "generation_config.json", {"bos_token_id": 0, "eos_token_id": 1})
-    _write_json(directory / "tokenizer_config.json", {
-        "bos_token": _BOS, "eos_token": _EOS, "add_bos_token": True,
-        "model_max_length": CONFIG["max_position_embeddings"], "tokenizer_class": "PreTrainedTokenizerFast",
-    })
+    _write_json(
+        directory / "tokenizer_config.json",
+        {
+            "bos_token": _BOS,
+            "eos_token": _EOS,
+            "add_bos_token": True,
+            "model_max_length": CONFIG["max_position_embeddings"],
+            "tokenizer_class": "PreTrainedTokenizerFast",
+        },
+    )
     save_file(_random_weights(), str(directory / "model.safetensors"), metadata={"format": "pt"})
     _write_json(directory / _MARKER, {"version": _VERSION})
 
@@ -95,12 +113,15 @@ def _train_tokenizer() -> Tokenizer:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=CONFIG["vocab_size"], special_tokens=[_BOS, _EOS], show_progress=False,
+        vocab_size=CONFIG["vocab_size"],
+        special_tokens=[_BOS, _EOS],
+        show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tokenizer.train_from_iterator(CORPUS.splitlines(), trainer)
     tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{_BOS} $A", pair=f"{_BOS} $A {_BOS} $B", special_tokens=[(_BOS, 0)])
+        single=f"{_BOS} $A", pair=f"{_BOS} $A {_BOS} $B", special_tokens=[(_BOS, 0)]
+    )
     return tokenizer
 
 
@@ -113,9 +134,11 @@ def _random_weights() -> dict[str, torch.Tensor]:
     def normal(*shape: int, std: float = 0.08) -> torch.Tensor:
         return torch.randn(*shape, generator=generator) * std
 
-    weights = {"model.embed_tokens.weight": normal(c["vocab_size"], hidden, std=1.0),
-               "lm_head.weight": normal(c["vocab_size"], hidden, std=0.25),
-               "model.norm.weight": torch.ones(hidden)}
+    weights = {
+        "model.embed_tokens.weight": normal(c["vocab_size"], hidden, std=1.0),
+        "lm_head.weight": normal(c["vocab_size"], hidden, std=0.25),
+        "model.norm.weight": torch.ones(hidden),
+    }
     for i in range(c["num_hidden_layers"]):
         p = f"model.layers.{i}."
         weights |= {

@@ -9,14 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tokenizers import Tokenizer as HFTokenizer
-
 from pagedserve.models.hf_config import as_id_list, read_json
+from tokenizers import Tokenizer as HFTokenizer
 
 
 class Tokenizer:
-    def __init__(self, tokenizer: HFTokenizer, eos_token_ids: frozenset[int],
-                 chat_template: str | None = None) -> None:
+    def __init__(
+        self, tokenizer: HFTokenizer, eos_token_ids: frozenset[int], chat_template: str | None = None
+    ) -> None:
         self._tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
         self.chat_template = chat_template

@@ -7,9 +7,8 @@ per-step batch layout comes from the current :class:`~pagedserve.engine.attentio
 from __future__ import annotations
 
 import torch
-from torch import nn
-
 from pagedserve.engine.attention import AttentionBackend, AttentionMetadata, current_metadata
+from torch import nn
 
 
 class Attention(nn.Module):
@@ -38,9 +37,17 @@ class Attention(nn.Module):
         return out
 
     def _decode(self, q: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
-        return self.backend.decode(q, self.k_cache, self.v_cache, md.decode_block_tables,
-                                   md.decode_context_lens, self.scale)
+        return self.backend.decode(
+            q, self.k_cache, self.v_cache, md.decode_block_tables, md.decode_context_lens, self.scale
+        )
 
     def _prefill(self, q: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
-        return self.backend.prefill(q, self.k_cache, self.v_cache, md.prefill_cu_seqlens_q,
-                                    md.prefill_context_lens, md.prefill_block_tables, self.scale)
+        return self.backend.prefill(
+            q,
+            self.k_cache,
+            self.v_cache,
+            md.prefill_cu_seqlens_q,
+            md.prefill_context_lens,
+            md.prefill_block_tables,
+            self.scale,
+        )

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from pagedserve.models.parallel import all_gather_last_dim, all_reduce, tp_rank, tp_world_size
+from torch import nn
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -37,4 +36,4 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = all_gather_last_dim(F.linear(hidden, self.weight))
-        return logits[:, :self.vocab_size]
+        return logits[:, : self.vocab_size]

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from pagedserve.models.parallel import all_reduce, divide, tp_rank, tp_world_size
+from torch import nn
 
 
 class _ParallelLinear(nn.Module):
@@ -61,8 +60,9 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
 class QKVParallelLinear(ColumnParallelLinear):
     """Query, key and value projections in one matmul; heads are split across ranks."""
 
-    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
-                 bias: bool = False) -> None:
+    def __init__(
+        self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False
+    ) -> None:
         world = tp_world_size()
         self.head_dim = head_dim
         self.num_heads = divide(num_heads, world, "attention heads")

@@ -6,16 +6,15 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
-
 from pagedserve.models.hf_config import RopeConfig
+from torch import nn
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
 def inverse_frequencies(rope: RopeConfig, rotary_dim: int) -> torch.Tensor:
     exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim
-    inv_freq = 1.0 / (rope.theta ** exponents)
+    inv_freq = 1.0 / (rope.theta**exponents)
     if rope.type == "default":
         return inv_freq
     if rope.type == "linear":
@@ -48,7 +47,10 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin_cache", freqs.sin(), persistent=False)
 
     def forward(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+        self,
+        positions: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``q`` ``[T, Hq, D]``, ``k`` ``[T, Hkv, D]`` rotated by their token positions ``[T]``."""
         cos = self.cos_cache[positions][:, None, :]
