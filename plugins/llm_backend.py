@@ -79,7 +79,9 @@ class LLMBackend(ModelBackend):
         have_inputs = {i.name for i in config.input}
         for name, data_type, dims, optional in INPUTS:
             if name not in have_inputs:
-                config.input.add(name=name, data_type=mc.DataType.Value(data_type), dims=dims, optional=optional)
+                config.input.add(
+                    name=name, data_type=mc.DataType.Value(data_type), dims=dims, optional=optional
+                )
         have_outputs = {o.name for o in config.output}
         for name, data_type, dims in OUTPUTS:
             if name not in have_outputs:
@@ -176,9 +178,13 @@ class LLMModel(Model):
         for request in requests:
             try:
                 active = self._parse(request)
-                engine_request = self.loop.make_request(active.engine_id, active.prompt, active.params, request.priority)
+                engine_request = self.loop.make_request(
+                    active.engine_id, active.prompt, active.params, request.priority
+                )
             except (ValueError, InferenceError) as error:
-                request.responder.send(InferenceResponse(error=InferenceError(_ERROR_PREFIX + str(error))), True)
+                request.responder.send(
+                    InferenceResponse(error=InferenceError(_ERROR_PREFIX + str(error))), True
+                )
                 continue
             with self._lock:
                 self._active[active.engine_id] = active
@@ -201,7 +207,9 @@ class LLMModel(Model):
         else:
             params = SamplingParams.from_json_dict(dict(request.parameters))
         wanted = {"text_output"} | {
-            output for flag, output in _OPTIONAL_OUTPUTS.items() if flag in inputs and bool(_scalar(inputs[flag]))
+            output
+            for flag, output in _OPTIONAL_OUTPUTS.items()
+            if flag in inputs and bool(_scalar(inputs[flag]))
         }
         wanted &= set(request.requested_outputs)
         return _Active(request, uuid.uuid4().hex, prompt, stream, exclude, wanted, params)
@@ -292,7 +300,9 @@ class LLMModel(Model):
                     str(token): {
                         "logprob": logprob,
                         "rank": rank,
-                        "decoded_token": tokenizer.decode([token], skip_special_tokens=False) if tokenizer else "",
+                        "decoded_token": tokenizer.decode([token], skip_special_tokens=False)
+                        if tokenizer
+                        else "",
                     }
                     for rank, (token, logprob) in enumerate(ranked, start=1)
                 }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -12,6 +13,8 @@ from pagedserve.engine.outputs import Sample
 from pagedserve.engine.scheduler import ScheduledBatch, Scheduler
 from pagedserve.engine.sequence import Sequence
 
+# The engine tests run on CPU; PAGEDSERVE_TEST_DEVICE=cuda runs the same checks on a GPU.
+TEST_DEVICE = os.environ.get("PAGEDSERVE_TEST_DEVICE", "cpu")
 TINY_DIMS = dict(
     hidden_size=64,
     intermediate_size=96,
@@ -89,7 +92,7 @@ def engine_config(
     return EngineConfig(
         model=str(model),
         dtype="float32",
-        device="cpu",
+        device=TEST_DEVICE,
         cache=CacheConfig(block_size=block_size, num_blocks=num_blocks, prefix_caching=prefix_caching),
         scheduler=SchedulerConfig(
             policy=policy, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens
