@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-
 from pagedserve.backend import LoadContext, Model, ModelBackend, ModelSpec
 from pagedserve.errors import InferenceError
 from pagedserve.hookspecs import hookimpl
