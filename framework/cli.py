@@ -7,12 +7,14 @@ import logging
 import signal
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
 
 import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from pagedserve.config import BackendSettings, ModelControlMode, ServeConfig, register_configs
+from pagedserve.config import BackendSettings, BenchConfig, ModelControlMode, ServeConfig, register_configs
 from pagedserve.console import console, model_table, plugin_table, setup_logging
 from pagedserve.errors import InferenceError
 from pagedserve.model_manager import ModelManager
@@ -26,27 +28,60 @@ log = logging.getLogger("pagedserve")
 _host: PluginHost | None = None
 
 
-def serve() -> None:
-    """Entry point. ``serve --info`` lists plugins; everything else is a Hydra command line."""
+def _prepare() -> PluginHost:
     global _host
     _host = PluginHost()
-    if "--info" in sys.argv[1:]:
-        console.print(plugin_table(_host, _host.registries()))
-        return
     store = ConfigStore.instance()
     register_configs(store)
     _host.hook.pagedserve_add_config(config_store=store)
+    return _host
+
+
+def serve() -> None:
+    """Entry point. ``serve --info`` lists plugins; everything else is a Hydra command line."""
+    host = _prepare()
+    if "--info" in sys.argv[1:]:
+        console.print(plugin_table(host, host.registries()))
+        return
     _hydra_main()
 
 
-@hydra.main(version_base=None, config_path="pkg://pagedserve.conf", config_name="config")
-def _hydra_main(cfg: DictConfig) -> None:
+def bench() -> None:
+    """The offline throughput benchmark, a Hydra app over the same config (conf/bench.yaml)."""
+    _prepare()
+    _bench_main()
+
+
+def _typed(cfg: DictConfig, kind: type) -> Any:
     try:
         config = OmegaConf.to_object(cfg)
     except (ValueError, OmegaConfBaseException) as error:
         console.print(f"[red]invalid configuration:[/] {error}")
         sys.exit(2)
-    assert isinstance(config, ServeConfig) and _host is not None
+    assert isinstance(config, kind)
+    return config
+
+
+@hydra.main(version_base=None, config_path="pkg://pagedserve.conf", config_name="bench")
+def _bench_main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+    from pagedserve.benchmarks.throughput import print_rows, run_bench, save_rows
+
+    config = _typed(cfg, BenchConfig)
+    setup_logging()
+    assert _host is not None
+    for name in config.plugins.disable:
+        _host.pm.set_blocked(name)
+    rows = run_bench(config, _host.registries())
+    print_rows(rows, config.bench.limit_output_tokens_per_s)
+    runtime = HydraConfig.get().runtime
+    save_rows(rows, Path(runtime.output_dir))
+
+
+@hydra.main(version_base=None, config_path="pkg://pagedserve.conf", config_name="config")
+def _hydra_main(cfg: DictConfig) -> None:
+    config = _typed(cfg, ServeConfig)
+    assert _host is not None
     code = run(config, _host)
     if code:
         sys.exit(code)  # returning instead on success lets a multirun go on to its next job

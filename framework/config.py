@@ -134,6 +134,37 @@ class ServeConfig:
         return Path(str(importlib.resources.files("pagedserve.conf") / "models"))
 
 
+@dataclass
+class BenchSettings:
+    """The offline throughput benchmark (``bench``); see pagedserve.benchmarks.workload."""
+
+    num_requests: int = 512
+    prompt_len: list[int] = field(default_factory=lambda: [64, 1024])
+    output_len: list[int] = field(default_factory=lambda: [16, 512])
+    seed: int = 0
+    peers: list[str] = field(default_factory=lambda: ["hf_generate", "hf_continuous"])
+    """HF transformers peers run in the same process after our engine: hf_generate, hf_continuous."""
+    hf_batch_size: int = 64
+    hf_block_size: int = 64
+    hf_num_blocks: int = 1024
+    hf_max_batch_tokens: int = 2048
+    limit_output_tokens_per_s: float | None = None
+    """The physical limit for this workload on this machine, to report a ratio against."""
+
+    def __post_init__(self) -> None:
+        for key in ("prompt_len", "output_len"):
+            low_high = getattr(self, key)
+            if len(low_high) != 2 or not 1 <= low_high[0] <= low_high[1]:
+                raise ValueError(f"bench.{key} must be [low, high] with 1 <= low <= high, got {low_high}")
+        if self.num_requests < 1:
+            raise ValueError(f"bench.num_requests must be >= 1, got {self.num_requests}")
+
+
+@dataclass
+class BenchConfig(ServeConfig):
+    bench: BenchSettings = field(default_factory=BenchSettings)
+
+
 @dataclass(frozen=True)
 class BackendSettings:
     """What model backends get from the server config (narrow, typed; never the whole config)."""
@@ -155,4 +186,5 @@ class BackendSettings:
 
 def register_configs(store: ConfigStore) -> None:
     store.store(name="serve_schema", node=ServeConfig)
+    store.store(name="bench_schema", node=BenchConfig)
     store.store(group="scheduler", name="base_scheduler", node=SchedulerConfig)

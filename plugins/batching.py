@@ -196,10 +196,11 @@ class _WorkerPolicy(BatchingPolicy, abc.ABC):
                 self._cond.wait(timeout)
 
     def _run(self, batch: list[InferenceRequest]) -> None:
-        cancelled = [r for r in batch if r.responder.cancelled]
-        if cancelled:
-            fail_requests(cancelled, InferenceError("Request was cancelled", grpc.StatusCode.CANCELLED))
-            batch = [r for r in batch if not r.responder.cancelled]
+        cancelled = [r.responder.cancelled for r in batch]
+        if any(cancelled):
+            dropped = [r for r, c in zip(batch, cancelled, strict=True) if c]
+            fail_requests(dropped, InferenceError("Request was cancelled", grpc.StatusCode.CANCELLED))
+            batch = [r for r, c in zip(batch, cancelled, strict=True) if not c]
             if not batch:
                 return
         prepare_start = time.monotonic_ns()

@@ -28,8 +28,11 @@ from pagedserve.hookspecs import hookimpl
 from pagedserve.inference import InferenceRequest, InferenceResponse
 
 if TYPE_CHECKING:
+    from pagedserve.config import BackendSettings
+    from pagedserve.engine.config import EngineConfig
     from pagedserve.engine.engine_loop import EngineLoop
     from pagedserve.engine.outputs import CompletionOutput, RequestOutput
+    from pagedserve.engine.registries import EngineRegistries
     from pagedserve.engine.sampling_params import SamplingParams
     from pagedserve.protocol import model_config_pb2
 
@@ -92,17 +95,18 @@ class LLMBackend(ModelBackend):
         from pagedserve.engine.engine_loop import EngineLoop
         from pagedserve.engine.llm_engine import LLMEngine
 
-        engine = LLMEngine(self._engine_config(spec, context), _engine_registries(context))
+        engine = LLMEngine(self.engine_config(spec, context.settings), engine_registries(context.settings))
         loop = EngineLoop(engine)
         loop.start()
         return LLMModel(loop)
 
     @staticmethod
-    def _engine_config(spec: ModelSpec, context: LoadContext) -> Any:
+    def engine_config(spec: ModelSpec, settings: BackendSettings) -> EngineConfig:
+        """The engine configuration for one model YAML under the server's settings (also used by
+        ``bench``)."""
         from pagedserve.engine.config import EngineConfig
         from pagedserve.models.presets import PRESETS
 
-        settings = context.settings
         engine = settings.engine
         weights = spec.parameter("weights") or engine.weights or ""
         if weights and spec.source is not None and not Path(weights).expanduser().is_absolute():
@@ -134,10 +138,10 @@ class LLMBackend(ModelBackend):
         )
 
 
-def _engine_registries(context: LoadContext) -> Any:
+def engine_registries(settings: BackendSettings) -> EngineRegistries:
     from pagedserve.engine.registries import EngineRegistries
 
-    registries = context.settings.registries
+    registries = settings.registries
     if registries is None:
         return EngineRegistries.builtin()
     return EngineRegistries(

@@ -10,6 +10,7 @@ from pagedserve.engine.llm_engine import LLMEngine
 from pagedserve.engine.outputs import RequestOutput
 from pagedserve.engine.registries import EngineRegistries
 from pagedserve.engine.sampling_params import SamplingParams
+from pagedserve.models.tokenizer import Tokenizer
 
 
 class LLM:
@@ -18,7 +19,7 @@ class LLM:
         self._ids = itertools.count()
 
     @property
-    def tokenizer(self):  # noqa: ANN201 - Tokenizer | None
+    def tokenizer(self) -> Tokenizer | None:
         return self.engine.tokenizer
 
     def generate(

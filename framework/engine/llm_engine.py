@@ -16,6 +16,7 @@ from pagedserve.engine.model_runner import ModelRunner
 from pagedserve.engine.model_setup import ModelSetup, build_model, cpu_num_blocks, cuda_num_blocks
 from pagedserve.engine.output_processor import OutputProcessor
 from pagedserve.engine.outputs import RequestOutput
+from pagedserve.engine.policy import SchedulingPolicy
 from pagedserve.engine.registries import EngineRegistries
 from pagedserve.engine.request import EngineRequest
 from pagedserve.engine.sampler import Sampler
@@ -151,7 +152,7 @@ class LLMEngine:
                 f">= max_model_len ({self.max_model_len}) when scheduler.chunked_prefill is off"
             )
 
-    def _policy(self, registries: EngineRegistries):  # noqa: ANN202 - a SchedulingPolicy
+    def _policy(self, registries: EngineRegistries) -> SchedulingPolicy:
         name = self.config.scheduler.policy
         if name not in registries.scheduling_policies:
             raise ValueError(

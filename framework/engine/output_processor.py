@@ -79,7 +79,7 @@ class OutputProcessor:
         completion.text_delta += delta
         completion.cumulative_logprob = seq.cumulative_logprob
         if completion.logprobs is not None:
-            completion.logprobs = list(seq.logprobs)
+            completion.logprobs.extend(seq.logprobs[len(completion.logprobs) :])
         completion.finish_reason = seq.finish_reason
 
     def _emit(self, state: RequestState) -> RequestOutput:

@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                 "TILE": tile,
                 "BLOCK_SIZE": 16,
                 "DIRECT": direct,
+                "HEADS_FIRST": True,
                 "IEEE": dt == "fp32",
                 "UPCAST": False,
             }

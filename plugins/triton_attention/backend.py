@@ -27,9 +27,10 @@ _LOG2E = 1.0 / math.log(2.0)
 # Launch parameters. ``device_check.py`` times alternatives on the GPU; these are the defaults it chose.
 DECODE_TILE = 64  # KV tokens per loop step
 DECODE_WARPS = 4
-DECODE_STAGES = 3
+DECODE_STAGES = 2
 DECODE_PROGRAMS_PER_SM = 4  # split sequences until about this many programs per multiprocessor
 DECODE_MIN_SPLIT_TOKENS = 256  # ...but give no split fewer tokens than this
+DECODE_HEADS_FIRST = True  # grid order: the KV heads of one sequence run side by side
 PREFILL_ROWS = 128  # rows of a query tile: query tokens x query heads of a KV group
 PREFILL_TILE = 64
 PREFILL_WARPS = 8
@@ -248,7 +249,8 @@ class TritonAttentionBackend(AttentionBackend):
             p_strides = (part_out.stride(0), part_out.stride(1), part_out.stride(2))
             l_strides = (part_lse.stride(0), part_lse.stride(1))
         k = _kernels()
-        k.decode_partition_kernel[(batch, num_kv_heads, num_splits)](
+        grid = (num_kv_heads, batch, num_splits) if DECODE_HEADS_FIRST else (batch, num_kv_heads, num_splits)
+        k.decode_partition_kernel[grid](
             q,
             k_cache,
             v_cache,
@@ -280,6 +282,7 @@ class TritonAttentionBackend(AttentionBackend):
             DIRECT=direct,
             IEEE=q.dtype == torch.float32,
             UPCAST=k.INTERPRETED and q.dtype == torch.bfloat16,
+            HEADS_FIRST=DECODE_HEADS_FIRST,
             num_warps=DECODE_WARPS,
             num_stages=DECODE_STAGES,
         )

@@ -134,16 +134,25 @@ def decode_partition_kernel(
     DIRECT: tl.constexpr,
     IEEE: tl.constexpr,
     UPCAST: tl.constexpr,
+    HEADS_FIRST: tl.constexpr,
 ):
-    """Grid ``(batch, num_kv_heads, num_splits)``: attention of one decode query (all heads of a KV group)
-    over one contiguous range of KV tiles of its sequence.
+    """Grid ``(num_kv_heads, batch, num_splits)`` (``(batch, num_kv_heads, ...)`` unless ``HEADS_FIRST``):
+    attention of one decode query (all heads of a KV group) over one contiguous range of KV tiles of its
+    sequence.
+
+    With KV heads varying fastest over the grid, the programs reading the other heads of the same cache
+    pages (which share each token's row in memory) run at the same time.
 
     Each sequence's tiles are cut into ``num_splits`` near-equal ranges, so work per program follows the
     sequence's own length. With ``DIRECT`` (one split) the normalised result goes straight to ``out``;
     otherwise the partial result and its base-2 log-sum-exp go to the scratch buffers for the reduction.
     """
-    b = tl.program_id(0)
-    g = tl.program_id(1)
+    if HEADS_FIRST:
+        g = tl.program_id(0)
+        b = tl.program_id(1)
+    else:
+        b = tl.program_id(0)
+        g = tl.program_id(1)
     s = tl.program_id(2)
     ctx = tl.load(context_lens_ptr + b)
     n_tiles = tl.cdiv(ctx, TILE)

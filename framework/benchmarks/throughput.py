@@ -1,0 +1,176 @@
+"""Offline throughput: our engine on the standard workload, beside the HF transformers peers.
+
+Run through the ``bench`` console script (a Hydra app sharing ``serve``'s config), e.g.
+``bench model=tiny-llama bench.num_requests=64`` on CPU or
+``bench model=llama3 engine.load_format=dummy bench.num_requests=512`` on a GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.experimental.callback import Callback
+from pagedserve.benchmarks import hf_peers
+from pagedserve.benchmarks.workload import BenchRequest, standard_workload
+from pagedserve.config import BackendSettings, BenchConfig
+from pagedserve.models.presets import resolve_model_source
+from pagedserve.plugin_manager import Registries
+from pagedserve.repository import ModelRepository
+from rich.console import Console
+from rich.table import Table
+
+log = logging.getLogger(__name__)
+RESULTS_FILE = "bench_results.jsonl"
+
+
+@dataclass
+class Row:
+    system: str
+    requests: int
+    output_tokens: int
+    seconds: float
+    total_tokens: int
+    settings: str
+
+    @property
+    def output_tps(self) -> float:
+        return self.output_tokens / self.seconds
+
+    @property
+    def total_tps(self) -> float:
+        return self.total_tokens / self.seconds
+
+
+def run_bench(config: BenchConfig, registries: Registries) -> list[Row]:
+    from pagedserve.engine.llm import LLM
+    from pagedserve.engine.sampling_params import SamplingParams
+
+    spec = ModelRepository(config.repository_path()).read(config.startup_models()[0])  # type: ignore[index]
+    backend = registries.model_backends.get(spec.config.backend)
+    if not hasattr(backend, "engine_config"):
+        raise ValueError(f"model '{spec.name}' (backend '{spec.config.backend}') is not an LLM model")
+    settings = BackendSettings.from_config(config, registries)
+    engine_config = backend.engine_config(spec, settings)  # type: ignore[attr-defined]
+    source = resolve_model_source(engine_config.model, engine_config.load_format)
+    llm = LLM(engine_config, backend_module_registries(backend, settings))
+    engine = llm.engine
+    vocab = int(source.hf_config["vocab_size"])
+    b = config.bench
+    requests = standard_workload(b.num_requests, vocab, tuple(b.prompt_len), tuple(b.output_len), b.seed)
+    prompt_tokens = sum(len(r.prompt_token_ids) for r in requests)
+    label = f"block={config.cache.block_size} sched={config.scheduler.policy} kernel={config.kernel}"
+
+    params = [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True) for r in requests]
+    warm = standard_workload(min(8, b.num_requests), vocab, (16, 64), (4, 8), seed=1)
+    llm.generate(
+        [r.prompt_token_ids for r in warm],
+        [SamplingParams(max_tokens=r.output_len, ignore_eos=True) for r in warm],
+    )
+    device = str(next(engine.runner.model.parameters()).device)
+    hf_peers._sync(device)
+    start = time.perf_counter()
+    outputs = llm.generate([r.prompt_token_ids for r in requests], params)
+    hf_peers._sync(device)
+    seconds = time.perf_counter() - start
+    produced = sum(len(o.outputs[0].token_ids) for o in outputs)
+    rows = [Row("pagedserve", len(requests), produced, seconds, produced + prompt_tokens, label)]
+    dtype = next(engine.runner.model.parameters()).dtype
+    del llm, engine, outputs  # free the KV cache and weights before the peers load theirs
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    rows += _run_peers(config, requests, source, device, dtype, prompt_tokens)
+    return rows
+
+
+def backend_module_registries(backend: Any, settings: BackendSettings) -> Any:
+    import sys
+
+    return sys.modules[backend.__module__].engine_registries(settings)
+
+
+def _run_peers(
+    config: BenchConfig,
+    requests: list[BenchRequest],
+    source: Any,
+    device: str,
+    dtype: torch.dtype,
+    prompt_tokens: int,
+) -> list[Row]:
+    if not config.bench.peers:
+        return []
+    model = hf_peers.load_hf_model(source.directory, source.hf_config, device, dtype)
+    rows = []
+    for peer in config.bench.peers:
+        if peer == "hf_generate":
+            useful, seconds = hf_peers.run_hf_generate(model, requests, config.bench.hf_batch_size, device)
+            settings = f"static batch {config.bench.hf_batch_size}, sdpa"
+        elif peer == "hf_continuous":
+            useful, seconds = hf_peers.run_hf_continuous(
+                model,
+                requests,
+                device,
+                config.bench.hf_block_size,
+                config.bench.hf_max_batch_tokens,
+                config.bench.hf_num_blocks,
+            )
+            settings = f"continuous batching, paged, block {config.bench.hf_block_size}"
+        else:
+            raise ValueError(f"bench.peers: unknown peer '{peer}'; available: hf_generate, hf_continuous")
+        rows.append(Row(peer, len(requests), useful, seconds, useful + prompt_tokens, settings))
+    return rows
+
+
+def print_rows(rows: list[Row], limit_tps: float | None, console: Console | None = None) -> None:
+    console = console or Console(width=200)
+    table = Table(title="Offline throughput, standard workload (greedy, ignore_eos)")
+    for column in (
+        "system",
+        "settings",
+        "requests",
+        "output tok",
+        "seconds",
+        "output tok/s",
+        "total tok/s",
+        "vs",
+    ):
+        table.add_column(column, justify="right" if column not in ("system", "settings") else "left")
+    peers = {r.system: r.output_tps for r in rows if r.system != "pagedserve"}
+    for row in rows:
+        ratios = []
+        if row.system == "pagedserve":
+            ratios = [f"{row.output_tps / tps:.1f}x {name}" for name, tps in peers.items()]
+            if limit_tps:
+                ratios.append(f"{row.output_tps / limit_tps:.0%} of limit")
+        table.add_row(
+            row.system,
+            row.settings,
+            str(row.requests),
+            f"{row.output_tokens:,}",
+            f"{row.seconds:.1f}",
+            f"{row.output_tps:,.0f}",
+            f"{row.total_tps:,.0f}",
+            ", ".join(ratios),
+        )
+    console.print(table)
+
+
+def save_rows(rows: list[Row], directory: Path) -> None:
+    with (directory / RESULTS_FILE).open("a") as handle:
+        for row in rows:
+            handle.write(json.dumps(asdict(row)) + "\n")
+
+
+class SweepTable(Callback):
+    """Hydra callback: after ``bench -m ...`` prints every job's rows as one table."""
+
+    def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
+        path = Path(config.hydra.sweep.dir) / RESULTS_FILE
+        if path.exists():
+            rows = [Row(**json.loads(line)) for line in path.read_text().splitlines() if line]
+            print_rows(rows, None)
