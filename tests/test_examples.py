@@ -218,16 +218,6 @@ def test_simple_dyna_sequence_adds_the_correlation_id_at_the_end(sequence_runner
 # -- end to end (real server, stock tritonclient) ------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def extra_server() -> Iterator[Any]:
-    """The examples the shared ``server`` fixture does not load."""
-    from tests.conftest import start_server
-
-    process = start_server("model=[simple_dyna_sequence,identity_fp32]")
-    yield process
-    process.stop()
-
-
 def _client_modules() -> Any:
     grpcclient = pytest.importorskip("tritonclient.grpc")
     from tritonclient.utils import InferenceServerException
@@ -409,7 +399,7 @@ def test_client_sequence_stream(request: pytest.FixtureRequest, model: str, last
     """simple_grpc_sequence_stream_infer_client.py (``-d`` for simple_dyna_sequence): two interleaved
     sequences on one stream."""
     grpcclient, _ = _client_modules()
-    server = request.getfixturevalue("server" if model == "simple_sequence" else "extra_server")
+    server = request.getfixturevalue("server")
     values = [11, 7, 5, 3, 2, 0, 1]
     sequences = {2000: [0, *values], 2001: [100, *(-v for v in values)]}
     with server.client() as client:
@@ -472,10 +462,10 @@ def test_client_statistics_after_inference(client: Any) -> None:
     assert after.inference_stats.success.count == before.inference_stats.success.count + 1
 
 
-def test_client_identity_fp32(extra_server: Any) -> None:
+def test_client_identity_fp32(server: Any) -> None:
     grpcclient, _ = _client_modules()
     data = np.array([[0.5, -1.0, 2.25]], np.float32)
     tensor = grpcclient.InferInput("INPUT0", [1, 3], "FP32")
     tensor.set_data_from_numpy(data)
-    with extra_server.client() as client:
+    with server.client() as client:
         assert client.infer("identity_fp32", [tensor]).as_numpy("OUTPUT0").tolist() == data.tolist()
