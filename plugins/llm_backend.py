@@ -318,6 +318,15 @@ class LLMModel(Model):
         self._thread.join(5)
 
 
+# Triton's request priority: 1 is the highest, larger numbers are lower, and 0 means "not set", the
+# default level. The engine orders by ascending number, so "not set" goes after every explicit level.
+_DEFAULT_PRIORITY = 2**31 - 1
+
+
+def engine_priority(triton_priority: int) -> int:
+    return triton_priority if triton_priority > 0 else _DEFAULT_PRIORITY
+
+
 def _scalar(array: np.ndarray) -> Any:
     flat = np.asarray(array).reshape(-1)
     if flat.size != 1:

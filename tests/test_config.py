@@ -38,7 +38,7 @@ def test_defaults() -> None:
     assert (config.repository_path() / "simple.yaml").is_file()
 
 
-@pytest.mark.parametrize("option", ["fcfs", "priority"])
+@pytest.mark.parametrize("option", ["fcfs", "priority", "shortest_prompt"])
 def test_every_scheduler_option_composes(option: str) -> None:
     assert compose_config(f"scheduler={option}").scheduler.policy == option
 
