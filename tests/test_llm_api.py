@@ -203,3 +203,35 @@ def test_cancelled_stream_leaves_server_serving(llm_server: ServerProcess) -> No
     with llm_server.client() as client:
         result = client.infer(MODEL, llm_inputs(sampling={"max_tokens": 3}, return_num_output_tokens=True))
         assert result.as_numpy("num_output_tokens").tolist() == [3]
+
+
+def test_request_priority_reaches_the_scheduler() -> None:
+    """One sequence at a time under the priority policy: a later priority-1 request overtakes an
+    earlier one with no priority (0 = the default level, after explicit ones)."""
+    server = start_server(
+        f"model={MODEL}", "scheduler=priority", "scheduler.max_num_seqs=1", "cache.num_blocks=128"
+    )
+    try:
+        with server.client() as client:
+            finished: queue.Queue = queue.Queue()
+
+            def on_result(result, error) -> None:  # noqa: ANN001
+                assert error is None, error
+                if result.get_response().parameters["triton_final_response"].bool_param:
+                    finished.put(result.get_response().id)
+
+            client.start_stream(callback=on_result)
+            sampling = {"temperature": 0, "max_tokens": 40, "ignore_eos": True}
+            for request_id, priority in (("first", 0), ("default", 0), ("urgent", 1)):
+                client.async_stream_infer(
+                    MODEL,
+                    llm_inputs(sampling=sampling),
+                    request_id=request_id,
+                    priority=priority,
+                    enable_empty_final_response=True,
+                )
+            order = [finished.get(timeout=60) for _ in range(3)]
+            client.stop_stream()
+        assert order.index("urgent") < order.index("default")
+    finally:
+        server.stop()

@@ -33,16 +33,17 @@ def start(command: list[str]) -> tuple[subprocess.Popen[str], str]:
 
 
 def wait_ready(url: str, ready: bool) -> None:
+    """Wait until ``url`` accepts connections (and, for pagedserve, reports ready)."""
+    import grpc
     import tritonclient.grpc as grpcclient
 
+    with grpc.insecure_channel(url) as channel:
+        grpc.channel_ready_future(channel).result(timeout=60)
     client = grpcclient.InferenceServerClient(url)
     for _ in range(600):
-        try:
-            if not ready or client.is_server_ready():
-                client.is_server_live()
-                return
-        except Exception:  # noqa: BLE001 - not up yet
-            time.sleep(0.1)
+        if not ready or client.is_server_ready():
+            return
+        time.sleep(0.1)
     raise RuntimeError(f"{url} never became ready")
 
 
