@@ -206,7 +206,8 @@ def test_store_kv(be, block_size, hkv, d, dtype):
     # key/value as strided views into one fused projection output, as a model produces them
     fused = torch.randn(n, 5 * hkv, d, generator=g).to(dtype).to(DEVICE)
     key, value = fused[:, hkv : 2 * hkv], fused[:, 3 * hkv : 4 * hkv]
-    be.store_kv(key, value, k_cache, v_cache, slots.to(DEVICE))
+    slot_dtype = torch.int32 if block_size == 32 else torch.int64  # the engine may pass either
+    be.store_kv(key, value, k_cache, v_cache, slots.to(slot_dtype).to(DEVICE))
     exp_k = torch.full(shape, float("nan"), dtype=dtype)
     exp_v = torch.full(shape, float("nan"), dtype=dtype)
     keep = slots >= 0

@@ -28,7 +28,7 @@ _LOG2E = 1.0 / math.log(2.0)
 DECODE_TILE = 64  # KV tokens per loop step
 DECODE_WARPS = 4
 DECODE_STAGES = 2
-DECODE_PROGRAMS_PER_SM = 4  # split sequences until about this many programs per multiprocessor
+DECODE_PROGRAMS_PER_SM = 2  # split sequences until about this many programs per multiprocessor
 DECODE_MIN_SPLIT_TOKENS = 256  # ...but give no split fewer tokens than this
 DECODE_HEADS_FIRST = True  # grid order: the KV heads of one sequence run side by side
 PREFILL_ROWS = 128  # rows of a query tile: query tokens x query heads of a KV group
@@ -119,6 +119,8 @@ class TritonAttentionBackend(AttentionBackend):
     """Paged attention over ``[num_blocks, block_size, num_kv_heads, head_dim]`` caches, in Triton."""
 
     name: ClassVar[str] = "triton"
+    preference: ClassVar[int] = 100  # kernel=auto: the fast path wherever it runs (CUDA)
+    supports_cuda_graphs: ClassVar[bool] = True  # launch grids follow tensor shapes only; no host reads
 
     # ------------------------------------------------------------------ capability check
     @classmethod
@@ -157,7 +159,7 @@ class TritonAttentionBackend(AttentionBackend):
         v_cache: torch.Tensor,
         slot_mapping: torch.Tensor,
     ) -> None:
-        """Write ``key``/``value`` ``[N, Hkv, D]`` at cache slots ``slot_mapping`` (-1: skip the row)."""
+        """Write ``key``/``value`` ``[N, Hkv, D]`` at ``slot_mapping`` (int32 or int64; -1: skip the row)."""
         block_size, num_kv_heads, head_dim = _check_cache(k_cache, v_cache)
         n = key.shape[0]
         if key.shape != (n, num_kv_heads, head_dim) or value.shape != key.shape:

@@ -16,6 +16,11 @@
    the default. Outputs are compared between the paged kernel and SDPA at every size.
 3. Optionally first sweeps decode launch parameters on a few sizes and benchmarks with the best.
 
+Each (batch, context) shape of the table is measured in a fresh child process, so that allocations of
+earlier shapes cannot shape its memory: one earlier run measured batch 256 x 1k at block size 16 at 0.87
+of SDPA late in one long process, against 0.99 for the same kernel earlier in that process (cause not
+established). One shape is re-measured in the parent to compare.
+
 Writes ``decode_bench.md`` (the table), ``decode_bench.json`` and logs under ``--out``.
 """
 
@@ -280,6 +285,70 @@ def prefill_bench(be, reps: int, fh) -> list[dict]:
     return rows
 
 
+def measure_case(be, batch: int, ctx: int, reps: int, fh, log_kernels: bool = False) -> list[dict]:
+    """SDPA forms and the paged kernel (block sizes 16 and 64) on one (batch, context) shape."""
+    import torch
+
+    rows = []
+    case = Case(batch, ctx, seed=batch * 7 + ctx)
+    sd = sdpa_measure(case, reps)
+    if log_kernels:
+        for form, fn in case.sdpa_forms().items():
+            log(f"[sdpa] {form} default kernels at B={batch} L={ctx}: {kernel_names(fn)}", fh)
+    log(
+        f"[sdpa] B={batch} L={ctx}: "
+        + ", ".join(f"{k}={v if isinstance(v, str) else round(v * 1e3, 1)}" for k, v in sd.items()),
+        fh,
+    )
+    numeric = {k: v for k, v in sd.items() if not isinstance(v, str)}
+    best_form = min(numeric, key=numeric.get)
+    ref_out = case.sdpa_forms()["gqa"]()[:, :, 0, :].float()
+    for bs in (16, 64):
+        o = torch.full_like(case.q, float("nan"))
+        fn = paged_fn(be, case, bs, o)
+        fn()
+        torch.cuda.synchronize()
+        err = ((o.float() - ref_out).norm() / ref_out.norm()).item()
+        t_graph = graph_time_ms(fn, reps)
+        t_eager = eager_time_ms(fn, reps)
+        row = {
+            "batch": batch,
+            "ctx": ctx,
+            "block_size": bs,
+            "paged_us": t_graph * 1e3,
+            "paged_eager_us": t_eager * 1e3,
+            "paged_TBps": case.kv_bytes / t_graph / 1e9,
+            "sdpa_us": sd["gqa/default"] * 1e3,
+            "sdpa_TBps": case.kv_bytes / sd["gqa/default"] / 1e9,
+            "best_sdpa": best_form,
+            "best_sdpa_TBps": case.kv_bytes / numeric[best_form] / 1e9,
+            "rel_err_vs_sdpa": err,
+            "nan": bool(torch.isnan(o).any()),
+        }
+        row["ratio"] = row["paged_TBps"] / row["sdpa_TBps"]
+        row["ratio_best"] = row["paged_TBps"] / row["best_sdpa_TBps"]
+        rows.append(row)
+        log(f"[bench] {compact(row)}", fh)
+
+    return rows
+
+
+def case_in_child(batch: int, ctx: int, cfg: dict, reps: int, fh, log_kernels: bool) -> list[dict]:
+    """Run :func:`measure_case` in a fresh process, so no earlier allocation shapes its memory."""
+    cmd = [sys.executable, __file__, "--one-case", f"{batch},{ctx}", "--config", json.dumps(cfg)]
+    cmd += ["--reps", str(reps)] + (["--log-kernels"] if log_kernels else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    rows = []
+    for line in proc.stdout.splitlines():
+        if line.startswith("ROWS "):
+            rows = json.loads(line[5:])
+        elif line.startswith("["):
+            log(line, fh)
+    if proc.returncode or not rows:
+        log(f"[bench] child for B={batch} L={ctx} failed rc={proc.returncode}: {proc.stderr[-3000:]}", fh)
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "device_out"))
@@ -287,7 +356,19 @@ def main() -> int:
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--workers", type=int, default=8)
+    ap.add_argument("--one-case", help="internal: B,L measured in this process, rows printed as JSON")
+    ap.add_argument("--config", help="internal: decode config as JSON")
+    ap.add_argument("--log-kernels", action="store_true")
     args = ap.parse_args()
+    if args.one_case:
+        ensure_importable()
+        from pagedserve_plugins.triton_attention import backend as bmod
+
+        set_decode_config(bmod, json.loads(args.config))
+        batch, ctx = map(int, args.one_case.split(","))
+        rows = measure_case(bmod.TritonAttentionBackend(), batch, ctx, args.reps, None, args.log_kernels)
+        print("ROWS " + json.dumps(rows), flush=True)
+        return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ensure_importable()
@@ -382,48 +463,14 @@ def main() -> int:
 
     # ---------------------------------------------------------------- table
     rows = []
-    names_logged = False
-    for batch, ctx in itertools.product((64, 256), (1024, 4096, 16384)):
-        case = get_case(batch, ctx)
-        sd = sdpa_measure(case, args.reps)
-        if not names_logged:
-            for form, fn in case.sdpa_forms().items():
-                log(f"[sdpa] {form} default kernels at B={batch} L={ctx}: {kernel_names(fn)}", fh)
-            names_logged = True
-        log(
-            f"[sdpa] B={batch} L={ctx}: "
-            + ", ".join(f"{k}={v if isinstance(v, str) else round(v * 1e3, 1)}" for k, v in sd.items()),
-            fh,
-        )
-        numeric = {k: v for k, v in sd.items() if not isinstance(v, str)}
-        best_form = min(numeric, key=numeric.get)
-        ref_out = case.sdpa_forms()["gqa"]()[:, :, 0, :].float()
-        for bs in (16, 64):
-            o = torch.full_like(case.q, float("nan"))
-            fn = paged_fn(be, case, bs, o)
-            fn()
-            torch.cuda.synchronize()
-            err = ((o.float() - ref_out).norm() / ref_out.norm()).item()
-            t_graph = graph_time_ms(fn, args.reps)
-            t_eager = eager_time_ms(fn, args.reps)
-            row = {
-                "batch": batch,
-                "ctx": ctx,
-                "block_size": bs,
-                "paged_us": t_graph * 1e3,
-                "paged_eager_us": t_eager * 1e3,
-                "paged_TBps": case.kv_bytes / t_graph / 1e9,
-                "sdpa_us": sd["gqa/default"] * 1e3,
-                "sdpa_TBps": case.kv_bytes / sd["gqa/default"] / 1e9,
-                "best_sdpa": best_form,
-                "best_sdpa_TBps": case.kv_bytes / numeric[best_form] / 1e9,
-                "rel_err_vs_sdpa": err,
-                "nan": bool(torch.isnan(o).any()),
-            }
-            row["ratio"] = row["paged_TBps"] / row["sdpa_TBps"]
-            row["ratio_best"] = row["paged_TBps"] / row["best_sdpa_TBps"]
-            rows.append(row)
-            log(f"[bench] {compact(row)}", fh)
+    for n, (batch, ctx) in enumerate(itertools.product((64, 256), (1024, 4096, 16384))):
+        cases.clear()
+        torch.cuda.empty_cache()
+        rows += case_in_child(batch, ctx, best_cfg, args.reps, fh, log_kernels=n == 0)
+    # the same shape once more inside this (by now much-allocated) process, for comparison only
+    set_decode_config(bmod, best_cfg)
+    for r in measure_case(be, 256, 1024, args.reps, None):
+        log(f"[bench-same-process] {compact(r)}", fh)
 
     prefill_rows = prefill_bench(be, args.reps, fh)
 
@@ -442,7 +489,8 @@ def main() -> int:
         f"\nLlama-3-8B decode attention (Hq=32, Hkv=8, d=128, bf16), {props.name}, "
         f"torch {torch.__version__}, triton {triton.__version__}. "
         f"KV bytes = 2 (K,V) x B x L x 8 x 128 x 2 B. Median of {args.reps} "
-        f"CUDA-graph replays. SDPA = scaled_dot_product_attention(enable_gqa=True), default backend, "
+        f"CUDA-graph replays, each shape in a fresh process. "
+        f"SDPA = scaled_dot_product_attention(enable_gqa=True), default backend, "
         f"contiguous [B, Hkv, L, D]. Decode config: {best_cfg}.\n"
     )
     table = header + body + note
