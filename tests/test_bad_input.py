@@ -77,3 +77,23 @@ def test_oversized_payload_rejected_and_server_keeps_serving(stub, client) -> No
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     result = client.infer("simple", simple_inputs())
     np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), np.arange(16).reshape(1, 16) + 1)
+
+
+def test_payload_over_the_limit_is_refused() -> None:
+    from .conftest import start_server
+
+    server = start_server("model=simple_identity", "server.max_message_bytes=4096")
+    try:
+        with grpc.insecure_channel(server.url) as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            request = service_pb2.ModelInferRequest(model_name="simple_identity")
+            request.inputs.add(name="INPUT0", datatype="BYTES", shape=[1, 1])
+            request.raw_input_contents.append(len(b"x" * 8000).to_bytes(4, "little") + b"x" * 8000)
+            with pytest.raises(grpc.RpcError) as info:
+                stub.ModelInfer(request, timeout=10)
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            request.raw_input_contents[0] = b"\x02\x00\x00\x00ok"
+            reply = stub.ModelInfer(request, timeout=10)
+            assert reply.raw_output_contents[0] == b"\x02\x00\x00\x00ok"
+    finally:
+        server.stop()

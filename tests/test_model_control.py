@@ -109,3 +109,37 @@ def test_unload_waits_for_in_flight_requests(client: grpcclient.InferenceServerC
     assert index[("repeat_int32", "1")].reason == "unloaded"
     with pytest.raises(InferenceServerException, match="has no available versions"):
         client.get_model_metadata("repeat_int32")
+
+
+def _wait_for(condition, timeout: float = 20.0) -> None:  # noqa: ANN001
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.1)
+
+
+def test_poll_mode_follows_the_repository(tmp_path) -> None:  # noqa: ANN001
+    import shutil
+
+    from .conftest import REPO
+
+    repository = tmp_path / "models"
+    repository.mkdir()
+    shutil.copy(REPO / "conf" / "models" / "simple.yaml", repository)
+    server = start_server(f"repository={repository}", "model_control_mode=poll", "poll_interval_s=0.2")
+    try:
+        with server.client() as client:
+            assert client.is_model_ready("simple") and not client.is_model_ready("simple_identity")
+            shutil.copy(REPO / "conf" / "models" / "simple_identity.yaml", repository)
+            _wait_for(lambda: client.is_model_ready("simple_identity"))
+            path = repository / "simple.yaml"
+            path.write_text(path.read_text().replace("max_batch_size: 8", "max_batch_size: 4"))
+            _wait_for(lambda: client.get_model_config("simple").config.max_batch_size == 4)
+            path.unlink()
+            _wait_for(lambda: not client.is_model_ready("simple"))
+            with pytest.raises(InferenceServerException, match="explicit model load / unload is not allowed"):
+                client.load_model("simple")
+    finally:
+        server.stop()
