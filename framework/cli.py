@@ -17,10 +17,13 @@ from omegaconf.errors import OmegaConfBaseException
 from pagedserve.config import BackendSettings, BenchConfig, ModelControlMode, ServeConfig, register_configs
 from pagedserve.console import console, model_table, plugin_table, setup_logging
 from pagedserve.errors import InferenceError
+from pagedserve.log_settings import LogController
+from pagedserve.metrics import MetricsServer
 from pagedserve.model_manager import ModelManager
-from pagedserve.plugin_manager import PluginHost
+from pagedserve.plugin_manager import PluginHost, Registries, RegistryError
 from pagedserve.repository import ModelRepository
 from pagedserve.server import GrpcServer
+from pagedserve.tracing import Tracer, TraceSettings
 
 log = logging.getLogger("pagedserve")
 
@@ -90,9 +93,16 @@ def _hydra_main(cfg: DictConfig) -> None:
 def run(config: ServeConfig, host: PluginHost) -> int:
     """Serve until SIGINT/SIGTERM; returns the process exit code."""
     setup_logging()
+    logs = LogController(config.logging)
+    logs.install()
     for name in config.plugins.disable:
         host.pm.set_blocked(name)
     registries = host.registries()
+    try:
+        tracer = _tracer(config, registries)
+    except RegistryError as error:
+        console.print(f"[red]invalid configuration:[/] tracing.mode: {error}")
+        return 2
     repository = ModelRepository(config.repository_path())
     if not repository.path.is_dir():
         console.print(f"[red]repository[/] '{repository.path}' is not a directory")
@@ -103,16 +113,47 @@ def run(config: ServeConfig, host: PluginHost) -> int:
         registries.batching_policies,
         BackendSettings.from_config(config, registries),
     )
-    return asyncio.run(_serve(config, manager))
+    return asyncio.run(_serve(config, manager, tracer, logs))
 
 
-async def _serve(config: ServeConfig, manager: ModelManager) -> int:
+def _tracer(config: ServeConfig, registries: Registries) -> Tracer:
+    exporter = registries.trace_exporters.get(config.tracing.mode)
+    return Tracer(TraceSettings(config.tracing), exporter(config.tracing))
+
+
+async def _serve(config: ServeConfig, manager: ModelManager, tracer: Tracer, logs: LogController) -> int:
     loop = asyncio.get_running_loop()
     loop.set_default_executor(ThreadPoolExecutor(config.server.workers, thread_name_prefix="pagedserve"))
-    server = GrpcServer(config, manager)
+    server = GrpcServer(config, manager, tracer, logs)
     await server.start()
     # One machine-readable line on stdout: scripts and tests read the bound port from it.
     print(f"pagedserve: GRPCInferenceService listening on {config.server.host}:{server.port}", flush=True)
+    metrics = _start_metrics(config, manager)
+    try:
+        return await _serve_until_stopped(config, manager, server)
+    finally:
+        if metrics is not None:
+            metrics.stop()
+        tracer.close()  # the exporter writes what it still holds
+
+
+def _start_metrics(config: ServeConfig, manager: ModelManager) -> MetricsServer | None:
+    host, port = config.server.host, config.server.metrics_port
+    if port < 0:
+        return None
+    try:
+        metrics = MetricsServer(manager, host, port)
+    except OSError as error:
+        # Metrics are an add-on: a taken port must not keep the inference service down.
+        log.warning("metrics: cannot listen on %s:%d (%s); serving without /metrics", host, port, error)
+        return None
+    metrics.start()
+    print(f"pagedserve: metrics listening on {host}:{metrics.port}", flush=True)
+    return metrics
+
+
+async def _serve_until_stopped(config: ServeConfig, manager: ModelManager, server: GrpcServer) -> int:
+    loop = asyncio.get_running_loop()
     failed = await _load_startup_models(config, manager)
     console.print(model_table(manager.index()))
     if failed:

@@ -7,8 +7,9 @@ All validation messages follow Triton's texts (clients and tests match on them);
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 from pagedserve import datatypes
@@ -21,9 +22,24 @@ from pagedserve.protocol import model_config_pb2
 ALLOWED_TRITON_KEYS = ("triton_enable_empty_final_response",)
 _INT64_MAX = 2**63 - 1
 
-# Reads ``byte_size`` bytes at ``offset`` of a registered shared-memory region (set by the server when
-# client shared memory is enabled).
-ShmReader = Callable[[str, int, int], bytes]
+_SHM_DISABLED = (
+    "Client shared memory is disabled. Start the server with 'server.allow_client_shm=true' to enable."
+)
+
+
+class ShmOutput(Protocol):
+    """Where one output's bytes go instead of ``raw_output_contents``."""
+
+    def write(self, data: bytes) -> None: ...
+
+
+class ShmAccess(Protocol):
+    """One request's view of the registered shared-memory regions (see ``shared_memory.RegionLease``);
+    lookups raise InferenceError with Triton's messages."""
+
+    def read(self, name: str, offset: int, byte_size: int) -> bytes: ...
+
+    def output(self, output: str, name: str, offset: int, byte_size: int) -> ShmOutput: ...
 
 
 @dataclass
@@ -31,6 +47,8 @@ class RequestOptions:
     """Request-level parameters that steer the server rather than the model."""
 
     enable_empty_final_response: bool = False
+    shm_outputs: dict[str, ShmOutput] = field(default_factory=dict)
+    """Requested outputs the client wants written into its shared memory, by output name."""
 
 
 def _prefix(request_id: str) -> str:
@@ -98,18 +116,18 @@ def decode_parameters(request: pb.ModelInferRequest, target: InferenceRequest) -
 class RequestDecoder:
     """Turns one ModelInferRequest into an InferenceRequest for ``spec`` (an already resolved version)."""
 
-    def __init__(self, spec: ModelSpec, version: int, shm_reader: ShmReader | None = None) -> None:
+    def __init__(self, spec: ModelSpec, version: int) -> None:
         self.spec = spec
         self.version = version
-        self.shm_reader = shm_reader
         cfg = spec.config
         self.max_batch_size = cfg.max_batch_size
         self.inputs = {i.name: i for i in cfg.input}
         self.outputs = [o.name for o in cfg.output]
 
     def decode(
-        self, request: pb.ModelInferRequest, responder: Responder
+        self, request: pb.ModelInferRequest, responder: Responder, shm: ShmAccess | None = None
     ) -> tuple[InferenceRequest, RequestOptions]:
+        """``shm`` is None when client shared memory is disabled."""
         target = InferenceRequest(
             model_name=self.spec.name,
             model_version=self.version,
@@ -121,8 +139,8 @@ class RequestDecoder:
         prefix = _prefix(request.id)
         try:
             options = decode_parameters(request, target)
-            self._decode_inputs(request, target)
-            target.requested_outputs = self._requested_outputs(request)
+            self._decode_inputs(request, target, shm)
+            target.requested_outputs = self._requested_outputs(request, options, shm)
         except InferenceError as error:
             if not error.message.startswith("[request id:"):
                 error.message = prefix + error.message
@@ -131,7 +149,9 @@ class RequestDecoder:
 
     # -- inputs -----------------------------------------------------------------------------------
 
-    def _decode_inputs(self, request: pb.ModelInferRequest, target: InferenceRequest) -> None:
+    def _decode_inputs(
+        self, request: pb.ModelInferRequest, target: InferenceRequest, shm: ShmAccess | None
+    ) -> None:
         name = self.spec.name
         raw_index = 0
         batch_sizes: set[int] = set()
@@ -150,7 +170,7 @@ class RequestDecoder:
                 )
             shape = list(tensor.shape)
             self._check_shape(tensor.name, shape, list(config.dims), batch_sizes)
-            data, raw_index = self._tensor_data(request, tensor, raw_index)
+            data, raw_index = self._tensor_data(request, tensor, raw_index, shm)
             target.inputs[tensor.name] = self._to_array(tensor.name, tensor.datatype, shape, data)
         if raw_index < len(request.raw_input_contents):
             raise InferenceError(
@@ -203,18 +223,22 @@ class RequestDecoder:
             )
 
     def _tensor_data(
-        self, request: pb.ModelInferRequest, tensor: pb.ModelInferRequest.InferInputTensor, raw_index: int
+        self,
+        request: pb.ModelInferRequest,
+        tensor: pb.ModelInferRequest.InferInputTensor,
+        raw_index: int,
+        shm: ShmAccess | None,
     ) -> tuple[bytes | list[object], int]:
         name = self.spec.name
-        region = tensor.parameters.get("shared_memory_region")
+        placement = shm_parameters(tensor)
         has_contents = tensor.HasField("contents") and tensor.contents.ByteSize() > 0
-        if region is not None:
+        if placement is not None:
             if has_contents:
                 raise InferenceError(
                     f"unexpected 'content' provided when using shared memory for input tensor "
                     f"'{tensor.name}' for model '{name}'"
                 )
-            return self._shm_data(tensor), raw_index
+            return _shm_access(shm).read(*placement), raw_index
         if has_contents:
             if request.raw_input_contents:
                 raise InferenceError(
@@ -229,23 +253,6 @@ class RequestDecoder:
         raise InferenceError(
             f"unable to find data for input tensor '{tensor.name}' for model '{name}' in request."
         )
-
-    def _shm_data(self, tensor: pb.ModelInferRequest.InferInputTensor) -> bytes:
-        params = tensor.parameters
-        region = params["shared_memory_region"]
-        if region.WhichOneof("parameter_choice") != "string_param":
-            raise InferenceError(
-                "invalid value type for 'shared_memory_region' parameter, expected string_param."
-            )
-        if "shared_memory_byte_size" not in params:
-            raise InferenceError(
-                "'shared_memory_byte_size' must be specified along with 'shared_memory_region' parameter "
-                f"for tensor '{tensor.name}'"
-            )
-        if self.shm_reader is None:
-            raise InferenceError("Client shared memory is disabled")
-        offset = params["shared_memory_offset"].int64_param if "shared_memory_offset" in params else 0
-        return self.shm_reader(region.string_param, offset, params["shared_memory_byte_size"].int64_param)
 
     def _typed_contents(self, tensor: pb.ModelInferRequest.InferInputTensor) -> list[object]:
         field_for = {
@@ -263,11 +270,11 @@ class RequestDecoder:
             "BYTES": "bytes_contents",
         }
         expected = field_for.get(tensor.datatype)
-        for field, _ in tensor.contents.ListFields():
-            if field.name != expected:
+        for descriptor, _ in tensor.contents.ListFields():
+            if descriptor.name != expected:
                 raise InferenceError(
                     f"unexpected explicit tensor data for input tensor '{tensor.name}' for model "
-                    f"'{self.spec.name}' of type '{field.name}', expected datatype '{tensor.datatype}'"
+                    f"'{self.spec.name}' of type '{descriptor.name}', expected datatype '{tensor.datatype}'"
                 )
         return list(getattr(tensor.contents, expected)) if expected else []
 
@@ -335,7 +342,9 @@ class RequestDecoder:
 
     # -- outputs ----------------------------------------------------------------------------------
 
-    def _requested_outputs(self, request: pb.ModelInferRequest) -> list[str]:
+    def _requested_outputs(
+        self, request: pb.ModelInferRequest, options: RequestOptions, shm: ShmAccess | None
+    ) -> list[str]:
         if not request.outputs:
             return list(self.outputs)
         names: list[str] = []
@@ -346,14 +355,85 @@ class RequestDecoder:
                 raise InferenceError(
                     f"unexpected inference output '{output.name}' for model '{self.spec.name}'"
                 )
+            placement = shm_parameters(output)
+            if placement is not None and _has_classification(output):
+                raise InferenceError("output can't set both 'shared_memory_region' and 'classification'")
+            if placement is not None:
+                options.shm_outputs[output.name] = _shm_access(shm).output(output.name, *placement)
             names.append(output.name)
         return names
 
 
+def shm_parameters(
+    tensor: pb.ModelInferRequest.InferInputTensor | pb.ModelInferRequest.InferRequestedOutputTensor,
+) -> tuple[str, int, int] | None:
+    """``(region, offset, byte_size)`` from a tensor's shared-memory parameters, or None without them."""
+    params = tensor.parameters
+    region: str | None = None
+    if "shared_memory_region" in params:
+        if params["shared_memory_region"].WhichOneof("parameter_choice") != "string_param":
+            raise InferenceError(
+                f"invalid value type for 'shared_memory_region' parameter for tensor '{tensor.name}', "
+                "expected string_param."
+            )
+        region = params["shared_memory_region"].string_param
+    offset = _shm_int(tensor, "shared_memory_offset", region is not None)
+    byte_size = _shm_int(tensor, "shared_memory_byte_size", region is not None)
+    if region is None:
+        return None
+    if byte_size is None:
+        raise InferenceError(
+            "'shared_memory_byte_size' must be specified along with 'shared_memory_region' parameter "
+            f"for tensor '{tensor.name}'"
+        )
+    return region, offset or 0, byte_size
+
+
+def _shm_int(
+    tensor: pb.ModelInferRequest.InferInputTensor | pb.ModelInferRequest.InferRequestedOutputTensor,
+    key: str,
+    has_region: bool,
+) -> int | None:
+    if key not in tensor.parameters:
+        return None
+    if not has_region:
+        raise InferenceError(
+            f"'{key}' can not be specified without 'shared_memory_region' parameter for tensor "
+            f"'{tensor.name}'"
+        )
+    param = tensor.parameters[key]
+    if param.WhichOneof("parameter_choice") != "int64_param":
+        raise InferenceError(
+            f"invalid value type for '{key}' parameter for tensor '{tensor.name}', expected int64_param."
+        )
+    return param.int64_param
+
+
+def _has_classification(output: pb.ModelInferRequest.InferRequestedOutputTensor) -> bool:
+    if "classification" not in output.parameters:
+        return False
+    param = output.parameters["classification"]
+    if param.WhichOneof("parameter_choice") != "int64_param":
+        raise InferenceError("invalid value type for 'classification' parameter, expected int64_param")
+    if param.int64_param <= 0:
+        raise InferenceError("invalid value for 'classification' parameter, expected >= 0")
+    return True
+
+
+def _shm_access(shm: ShmAccess | None) -> ShmAccess:
+    if shm is None:
+        raise InferenceError.unimplemented(_SHM_DISABLED)
+    return shm
+
+
 def encode_response(
-    spec: ModelSpec, request: InferenceRequest, response: InferenceResponse | None
+    spec: ModelSpec,
+    request: InferenceRequest,
+    response: InferenceResponse | None,
+    shm_outputs: dict[str, ShmOutput] | None = None,
 ) -> pb.ModelInferResponse:
-    """One ModelInferResponse; every output gets exactly one raw_output_contents entry, aligned."""
+    """One ModelInferResponse; every output gets exactly one raw_output_contents entry, aligned (left
+    empty for outputs written into the client's shared memory)."""
     message = pb.ModelInferResponse(
         model_name=spec.name, model_version=str(request.model_version), id=request.id
     )
@@ -367,7 +447,12 @@ def encode_response(
         array = np.asarray(value)
         datatype = declared.get(name) or datatypes.from_numpy(array.dtype)
         message.outputs.add(name=name, datatype=datatype, shape=list(array.shape))
-        message.raw_output_contents.append(datatypes.to_raw(array, datatype))
+        raw = datatypes.to_raw(array, datatype)
+        target = shm_outputs.get(name) if shm_outputs else None
+        if target is not None:
+            target.write(raw)
+            raw = b""
+        message.raw_output_contents.append(raw)
     for key, value in response.parameters.items():
         set_parameter(message.parameters[key], value)
     return message

@@ -58,7 +58,9 @@ class ServerConfig:
     workers: int = 16
     """Threads for blocking work (model loads, executes of direct-policy models)."""
     metrics_port: int = 8002
+    """Prometheus ``/metrics`` port; 0 picks a free port (printed at start), -1 turns metrics off."""
     allow_client_shm: bool = False
+    """Allow clients to register system/CUDA shared-memory regions (Triton's ``--allow-client-shm``)."""
     exit_timeout_s: float = 30.0
     """How long shutdown waits for in-flight requests."""
 
@@ -71,6 +73,91 @@ class ServerConfig:
             )
         if self.workers < 1:
             raise ValueError(f"server.workers must be >= 1, got {self.workers}")
+        if not -1 <= self.metrics_port <= 65535:
+            raise ValueError(f"server.metrics_port must be in [-1, 65535], got {self.metrics_port}")
+
+
+TRACE_LEVELS = ["OFF", "TIMESTAMPS", "TENSORS"]
+
+
+@dataclass
+class OpenTelemetryConfig:
+    """Options of the ``opentelemetry`` trace exporter (Triton's ``--trace-config opentelemetry,...``)."""
+
+    url: str = "localhost:4317"
+    """OTLP/gRPC collector endpoint."""
+    resource: list[str] = field(default_factory=lambda: ["service.name=pagedserve"])
+    """``key=value`` resource attributes."""
+    bsp_max_queue_size: int = 2048
+    bsp_schedule_delay: int = 5000
+    """Milliseconds between two exports of the batch span processor."""
+    bsp_max_export_batch_size: int = 512
+
+    def __post_init__(self) -> None:
+        for item in self.resource:
+            if "=" not in item:
+                raise ValueError(f"tracing.opentelemetry.resource entries must be key=value, got {item!r}")
+        if not 0 < self.bsp_max_export_batch_size <= self.bsp_max_queue_size:
+            raise ValueError(
+                "tracing.opentelemetry.bsp_max_export_batch_size must be in [1, bsp_max_queue_size], got "
+                f"{self.bsp_max_export_batch_size}"
+            )
+
+
+@dataclass
+class TracingConfig:
+    """Start-up trace settings; TraceSetting changes all but ``file`` and ``mode`` at run time, and
+    clearing a setting over the network returns it to the value given here."""
+
+    mode: str = "triton"
+    """The trace exporter plugin: ``triton`` (JSON file) or ``opentelemetry`` (OTLP)."""
+    file: str = ""
+    """Where the ``triton`` exporter writes (``<file>.<n>`` when ``log_frequency`` > 0)."""
+    level: list[str] = field(default_factory=lambda: ["OFF"])
+    """``OFF``, or any of ``TIMESTAMPS`` and ``TENSORS``."""
+    rate: int = 1000
+    """Trace one request in every ``rate``."""
+    count: int = -1
+    """How many traces to collect; -1 = no limit."""
+    log_frequency: int = 0
+    """Write the file every N traces (0: when the server stops)."""
+    opentelemetry: OpenTelemetryConfig = field(default_factory=OpenTelemetryConfig)
+
+    def __post_init__(self) -> None:
+        levels = list(self.level)
+        if any(level not in TRACE_LEVELS for level in levels) or not levels:
+            raise ValueError(f"tracing.level entries must be in {TRACE_LEVELS}, got {levels}")
+        if "OFF" in levels and len(levels) > 1:
+            raise ValueError(f"tracing.level 'OFF' must be given alone, got {levels}")
+        if self.rate < 0:
+            raise ValueError(f"tracing.rate must be >= 0, got {self.rate}")
+        if self.count < -1:
+            raise ValueError(f"tracing.count must be >= -1, got {self.count}")
+        if self.log_frequency < 0:
+            raise ValueError(f"tracing.log_frequency must be >= 0, got {self.log_frequency}")
+
+
+class LogFormat(Enum):
+    default = "default"
+    ISO8601 = "ISO8601"
+
+
+@dataclass
+class LoggingConfig:
+    """Start-up log settings (Triton's ``--log-*`` flags); LogSettings changes all but ``file``."""
+
+    file: str = ""
+    """Write log lines to this file instead of the console."""
+    info: bool = True
+    warning: bool = True
+    error: bool = True
+    verbose_level: int = 0
+    """0 = no verbose lines; N shows verbose messages of level <= N (DEBUG and below)."""
+    format: LogFormat = LogFormat.default
+
+    def __post_init__(self) -> None:
+        if self.verbose_level < 0:
+            raise ValueError(f"logging.verbose_level must be >= 0, got {self.verbose_level}")
 
 
 @dataclass
@@ -109,6 +196,8 @@ class ServeConfig:
     kernel: str = "auto"
     cuda_graphs: bool = True
     engine: EngineSettings = field(default_factory=EngineSettings)
+    tracing: TracingConfig = field(default_factory=TracingConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     check: bool = False
     """Load the start-up models, print the table and exit (non-zero if one failed): validates a
     configuration, and lets ``serve -m`` sweeps finish."""

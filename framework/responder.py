@@ -1,8 +1,8 @@
 """The server's Responder: encodes a model's responses in the calling thread, hands them to the loop.
 
 Encoding happens where the model sends (a worker or engine thread), so the event loop only writes
-finished protobuf messages. The final response records the request's statistics and releases the
-model version (unload waits for that).
+finished protobuf messages. The final response records the request's statistics, closes its trace
+timeline, releases its shared-memory regions and the model version (unload waits for that).
 """
 
 from __future__ import annotations
@@ -14,11 +14,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pagedserve.codec import encode_response
+from pagedserve import datatypes
+from pagedserve.codec import ShmOutput, encode_response
 from pagedserve.errors import InferenceError
 from pagedserve.inference import InferenceRequest, InferenceResponse, Responder
 from pagedserve.model_manager import LoadedVersion
 from pagedserve.protocol import grpc_service_pb2 as pb
+from pagedserve.protocol import model_config_pb2
+from pagedserve.shared_memory import RegionLease
+from pagedserve.tracing import Trace
 
 
 @dataclass
@@ -38,6 +42,11 @@ class ServerResponder(Responder):
         self.loaded = loaded
         self.deliver = deliver
         self.request: InferenceRequest | None = None
+        self.shm_outputs: dict[str, ShmOutput] = {}
+        """Outputs to write into the client's shared memory (set by the server after decoding)."""
+        self.lease: RegionLease | None = None
+        self.trace: Trace | None = None
+        self._encode_span: tuple[int, int] | None = None  # (start, end) of the last response's encoding
         self._lock = threading.Lock()
         self._finished = False
         self._cancelled = False
@@ -84,10 +93,15 @@ class ServerResponder(Responder):
             self.loaded.stats.record_response(index, infer_ns=infer_ns, output_ns=0, ok=False, empty=False)
             return Delivery(None, response.error, final)
         try:
-            message = encode_response(self.loaded.spec, self.request, response)
+            message = encode_response(self.loaded.spec, self.request, response, self.shm_outputs)
+        except InferenceError as error:  # e.g. a shared-memory output too small for the result
+            return Delivery(None, error, final)
         except Exception as error:  # noqa: BLE001 - a model returned something we cannot encode
             return Delivery(None, InferenceError.internal(f"failed to encode response: {error}"), final)
-        output_ns = time.monotonic_ns() - start
+        end = time.monotonic_ns()
+        output_ns = end - start
+        if self.trace is not None and response is not None:
+            self._trace_response(self.trace, response, start, end)
         self._output_ns += output_ns
         empty = response is None
         self.loaded.stats.record_response(index, infer_ns=infer_ns, output_ns=output_ns, ok=True, empty=empty)
@@ -110,4 +124,35 @@ class ServerResponder(Responder):
             )
         else:
             stats.record_failure(now - timing.arrival_ns)
+        if self.trace is not None:
+            self._trace_timeline(self.trace, now)
+        if self.lease is not None:
+            self.lease.release()  # may complete a deferred unregister
         self.loaded.release()
+
+    def _trace_response(self, trace: Trace, response: InferenceResponse, start: int, end: int) -> None:
+        self._encode_span = (start, end)
+        trace.mark("INFER_RESPONSE_COMPLETE", end)
+        if trace.wants_tensors:
+            outputs = self.loaded.spec.config.output
+            declared = {o.name: datatypes.from_config(_enum(o.data_type)) for o in outputs}
+            for name, value in response.outputs.items():
+                trace.record_tensor("TENSOR_BACKEND_OUTPUT", name, declared.get(name, ""), value)
+
+    def _trace_timeline(self, trace: Trace, now: int) -> None:
+        """Triton's timestamps from what the request's timing recorded (REQUEST_START came first)."""
+        timing = self.request.timing if self.request is not None else None
+        if timing is not None and timing.queued_ns:
+            trace.mark("QUEUE_START", timing.queued_ns)
+        if timing is not None and timing.compute_start_ns:
+            # Inputs are already tensors when a model starts, so input preparation ends at once.
+            trace.mark("COMPUTE_START", timing.compute_start_ns)
+            trace.mark("COMPUTE_INPUT_END", timing.compute_start_ns)
+            output_start, output_end = self._encode_span or (now, now)
+            trace.mark("COMPUTE_OUTPUT_START", output_start)
+            trace.mark("COMPUTE_END", output_end)
+        trace.mark("REQUEST_END", now)
+
+
+def _enum(value: int) -> str:
+    return model_config_pb2.DataType.Name(value)

@@ -3,6 +3,8 @@
 Protocol in, typed objects out: requests are decoded by :mod:`pagedserve.codec`, handed to the
 model's batching policy, and whatever the model sends comes back through a
 :class:`~pagedserve.responder.ServerResponder`. Nothing here runs a model or blocks the loop.
+Shared-memory regions, trace settings and log settings live in their own modules; the RPCs here only
+translate their protobuf messages.
 """
 
 from __future__ import annotations
@@ -23,25 +25,35 @@ from pagedserve.codec import RequestDecoder, RequestOptions, set_parameter
 from pagedserve.config import ServeConfig
 from pagedserve.errors import InferenceError
 from pagedserve.inference import InferenceRequest
+from pagedserve.log_settings import LogController
 from pagedserve.model_manager import LoadedVersion, ModelManager
 from pagedserve.protocol import grpc_service_pb2 as pb
 from pagedserve.protocol import grpc_service_pb2_grpc as pb_grpc
 from pagedserve.responder import Delivery, ServerResponder
+from pagedserve.shared_memory import SharedMemoryManager
 from pagedserve.statistics import Duration
+from pagedserve.tracing import Trace, Tracer, TraceSettings
 
 log = logging.getLogger(__name__)
 
-_NOT_YET = "is not supported by this server yet"
-
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, config: ServeConfig, manager: ModelManager) -> None:
+    def __init__(
+        self,
+        config: ServeConfig,
+        manager: ModelManager,
+        tracer: Tracer | None = None,
+        logs: LogController | None = None,
+    ) -> None:
         self.config = config
         self.manager = manager
         self.live = True
         self.started = False
         self.exiting = False
         self._decoders: dict[int, RequestDecoder] = {}
+        self.shm = SharedMemoryManager(config.server.allow_client_shm)
+        self.tracer = tracer or Tracer(TraceSettings(config.tracing), None)
+        self.logs = logs or LogController(config.logging)
 
     # -- health and metadata ----------------------------------------------------------------------
 
@@ -216,17 +228,32 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         arrival = time.monotonic_ns()
         loaded = self.manager.acquire(message.model_name, message.model_version)
         responder = ServerResponder(asyncio.get_running_loop(), loaded, deliver)
+        lease = self.shm.lease() if self.shm.enabled else None
         try:
-            request, options = self._decoder(loaded).decode(message, responder)
+            request, options = self._decoder(loaded).decode(message, responder, lease)
         except InferenceError:
+            if lease is not None:
+                lease.release()
             loaded.stats.record_failure(time.monotonic_ns() - arrival)
             loaded.release()
             raise
         request.timing.arrival_ns = arrival
         request.timing.compute_input_ns = time.monotonic_ns() - arrival
         responder.request = request
+        responder.shm_outputs, responder.lease = options.shm_outputs, lease
+        responder.trace = self._start_trace(loaded, message, request)
         self._submit(loaded, request, responder)
         return responder, options
+
+    def _start_trace(
+        self, loaded: LoadedVersion, message: pb.ModelInferRequest, request: InferenceRequest
+    ) -> Trace | None:
+        trace = self.tracer.start(loaded.spec.name, loaded.version, request.id, request.timing.arrival_ns)
+        if trace is not None and trace.wants_tensors:
+            for tensor in message.inputs:
+                array = request.inputs[tensor.name]
+                trace.record_tensor("TENSOR_QUEUE_INPUT", tensor.name, tensor.datatype, array)
+        return trace
 
     @staticmethod
     def _submit(loaded: LoadedVersion, request: InferenceRequest, responder: ServerResponder) -> None:
@@ -251,9 +278,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         except InferenceError as error:
             await context.abort(error.code, error.message)
         context.add_done_callback(lambda _: responder.cancel())
+        if responder.trace is not None:
+            context.add_done_callback(lambda _, trace=responder.trace: _sent(trace))
         last: pb.ModelInferResponse | None = None
         while True:
             delivery = await queue.get()
+            if delivery.final and responder.trace is not None:
+                responder.trace.mark("GRPC_SEND_START")
             if delivery.error is not None:
                 await context.abort(delivery.error.code, delivery.error.message)
             if delivery.message is not None:
@@ -286,35 +317,98 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         finally:
             reader.cancel()
             stream.cancel_all()
+            for trace in stream.unsent_traces.values():
+                trace.finish()
 
-    # -- not yet implemented (shared memory, tracing, logging) ------------------------------------
+    # -- shared memory ----------------------------------------------------------------------------
 
-    async def _unimplemented(self, what: str, context: Any) -> Any:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{what} {_NOT_YET}")
+    async def SystemSharedMemoryStatus(
+        self, request: pb.SystemSharedMemoryStatusRequest, context: Any
+    ) -> pb.SystemSharedMemoryStatusResponse:
+        response = pb.SystemSharedMemoryStatusResponse()
+        for region in await self._call(context, self.shm.status, "system", request.name):
+            response.regions[region.name].CopyFrom(
+                pb.SystemSharedMemoryStatusResponse.RegionStatus(
+                    name=region.name, key=region.key, offset=region.offset, byte_size=region.byte_size
+                )
+            )
+        return response
 
-    async def SystemSharedMemoryStatus(self, request: Any, context: Any) -> Any:
-        return await self._unimplemented("system shared memory", context)
+    async def SystemSharedMemoryRegister(
+        self, request: pb.SystemSharedMemoryRegisterRequest, context: Any
+    ) -> pb.SystemSharedMemoryRegisterResponse:
+        await self._call(context, self.shm.check_enabled)
+        await self._call(
+            context, self.shm.register_system, request.name, request.key, request.offset, request.byte_size
+        )
+        return pb.SystemSharedMemoryRegisterResponse()
 
-    async def SystemSharedMemoryRegister(self, request: Any, context: Any) -> Any:
-        return await self._unimplemented("system shared memory", context)
+    async def SystemSharedMemoryUnregister(
+        self, request: pb.SystemSharedMemoryUnregisterRequest, context: Any
+    ) -> pb.SystemSharedMemoryUnregisterResponse:
+        await self._call(context, self.shm.check_enabled)
+        self.shm.unregister("system", request.name)
+        return pb.SystemSharedMemoryUnregisterResponse()
 
-    async def SystemSharedMemoryUnregister(self, request: Any, context: Any) -> Any:
-        return await self._unimplemented("system shared memory", context)
+    async def CudaSharedMemoryStatus(
+        self, request: pb.CudaSharedMemoryStatusRequest, context: Any
+    ) -> pb.CudaSharedMemoryStatusResponse:
+        response = pb.CudaSharedMemoryStatusResponse()
+        for region in await self._call(context, self.shm.status, "cuda", request.name):
+            response.regions[region.name].CopyFrom(
+                pb.CudaSharedMemoryStatusResponse.RegionStatus(
+                    name=region.name, device_id=region.device_id, byte_size=region.byte_size
+                )
+            )
+        return response
 
-    async def CudaSharedMemoryStatus(self, request: Any, context: Any) -> Any:
-        return await self._unimplemented("CUDA shared memory", context)
+    async def CudaSharedMemoryRegister(
+        self, request: pb.CudaSharedMemoryRegisterRequest, context: Any
+    ) -> pb.CudaSharedMemoryRegisterResponse:
+        await self._call(context, self.shm.check_enabled)
+        args = (request.name, request.raw_handle, request.device_id, request.byte_size)
+        # Opening an IPC handle may initialise CUDA (seconds): keep it off the loop.
+        await self._call(context, self.shm.register_cuda, *args, blocking=True)
+        return pb.CudaSharedMemoryRegisterResponse()
 
-    async def CudaSharedMemoryRegister(self, request: Any, context: Any) -> Any:
-        return await self._unimplemented("CUDA shared memory", context)
+    async def CudaSharedMemoryUnregister(
+        self, request: pb.CudaSharedMemoryUnregisterRequest, context: Any
+    ) -> pb.CudaSharedMemoryUnregisterResponse:
+        await self._call(context, self.shm.check_enabled)
+        await self._call(context, self.shm.unregister, "cuda", request.name, blocking=True)
+        return pb.CudaSharedMemoryUnregisterResponse()
 
-    async def CudaSharedMemoryUnregister(self, request: Any, context: Any) -> Any:
-        return await self._unimplemented("CUDA shared memory", context)
+    # -- tracing and logging ----------------------------------------------------------------------
 
-    async def TraceSetting(self, request: Any, context: Any) -> Any:
-        return await self._unimplemented("TraceSetting", context)
+    async def TraceSetting(self, request: pb.TraceSettingRequest, context: Any) -> pb.TraceSettingResponse:
+        model = request.model_name
+        if model and not await self._call(context, self.manager.is_ready, model, ""):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"Request for unknown model : {model}")
+        changes = {key: list(setting.value) for key, setting in request.settings.items()}
+        if changes:
+            await self._call(context, self.tracer.settings.update, model, changes)
+        response = pb.TraceSettingResponse()
+        for key, values in self.tracer.settings.render(model, self.tracer.exporter).items():
+            response.settings[key].value.extend(values)
+        return response
 
-    async def LogSettings(self, request: Any, context: Any) -> Any:
-        return await self._unimplemented("LogSettings", context)
+    async def LogSettings(self, request: pb.LogSettingsRequest, context: Any) -> pb.LogSettingsResponse:
+        changes: dict[str, tuple[str | None, Any]] = {}
+        for key, setting in request.settings.items():
+            kind = setting.WhichOneof("parameter_choice")
+            changes[key] = (kind, getattr(setting, kind) if kind else None)
+        if changes:
+            await self._call(context, self.logs.update, changes)
+        response = pb.LogSettingsResponse()
+        for key, (kind, value) in self.logs.render().items():
+            setattr(response.settings[key], kind, value)
+        return response
+
+
+def _sent(trace: Trace) -> None:
+    """The response left: close the trace's timeline and export it."""
+    trace.mark("GRPC_SEND_END")
+    trace.finish()
 
 
 def _allows_unary(spec: Any) -> bool:
@@ -339,6 +433,8 @@ class _Stream:
         self.responders: set[ServerResponder] = set()
         self.active = 0
         self.reading = True
+        self.unsent_traces: dict[int, Trace] = {}
+        """Traces of finished requests by ``id()`` of their last stream message, until it is written."""
 
     async def read(self, request_iterator: AsyncIterator[pb.ModelInferRequest]) -> None:
         try:
@@ -402,6 +498,7 @@ class _Stream:
         else:
             self._fill_slot(slot, out, delivery)
         if delivery.final:
+            self._follow_trace(state.get("responder"), out if slot is None else slot[0])
             self.responders.discard(state.get("responder"))  # type: ignore[arg-type]
             self.active -= 1
             self._flush()
@@ -422,6 +519,17 @@ class _Stream:
         if delivery.final:
             slot.append(None)  # marks the slot complete
 
+    def _follow_trace(
+        self, responder: ServerResponder | None, last: pb.ModelStreamInferResponse | None
+    ) -> None:
+        trace = responder.trace if responder is not None else None
+        if trace is None:
+            return
+        if last is None:
+            trace.finish()  # nothing goes out for this request
+        else:
+            self.unsent_traces[id(last)] = trace
+
     def _flush(self) -> None:
         while self.ordered and len(self.ordered[0]) == 2:
             message = self.ordered.popleft()[0]
@@ -437,7 +545,12 @@ class _Stream:
             item = await self.out.get()
             if item is self._END:
                 return
+            trace = self.unsent_traces.pop(id(item), None)
+            if trace is not None:
+                trace.mark("GRPC_SEND_START")
             yield item
+            if trace is not None:
+                _sent(trace)
 
     def cancel_all(self) -> None:
         for responder in list(self.responders):
@@ -476,9 +589,15 @@ def _fill_statistics(stats: pb.ModelStatistics, loaded: LoadedVersion) -> None:
 class GrpcServer:
     """Owns the grpc.aio server and the health service's status."""
 
-    def __init__(self, config: ServeConfig, manager: ModelManager) -> None:
+    def __init__(
+        self,
+        config: ServeConfig,
+        manager: ModelManager,
+        tracer: Tracer | None = None,
+        logs: LogController | None = None,
+    ) -> None:
         self.config = config
-        self.servicer = InferenceServicer(config, manager)
+        self.servicer = InferenceServicer(config, manager, tracer, logs)
         self.health = health.HealthServicer(experimental_non_blocking=True)
         limit = config.server.max_message_bytes
         self.server = grpc.aio.server(
@@ -520,6 +639,7 @@ class GrpcServer:
         self.servicer.exiting = True
         self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        self.servicer.shm.close()
 
 
 def _reflection_pool() -> Any:

@@ -26,6 +26,7 @@ from pagedserve.backend import LoadContext, Model, ModelBackend, ModelSpec
 from pagedserve.errors import InferenceError
 from pagedserve.hookspecs import hookimpl
 from pagedserve.inference import InferenceRequest, InferenceResponse
+from pagedserve.metrics import EngineMetricsSnapshot, EngineState, LLMMetrics, RequestTimer
 
 if TYPE_CHECKING:
     from pagedserve.config import BackendSettings
@@ -164,6 +165,7 @@ class _Active:
     params: SamplingParams
     logprobs_sent: dict[int, int] = field(default_factory=dict)
     aborted: bool = False
+    timer: RequestTimer = field(default_factory=RequestTimer)
 
 
 class LLMModel(Model):
@@ -172,6 +174,7 @@ class LLMModel(Model):
         self._outputs: queue.Queue[tuple[_Active, RequestOutput] | None] = queue.Queue()
         self._active: dict[str, _Active] = {}
         self._lock = threading.Lock()
+        self.metrics = LLMMetrics()
         self._thread = threading.Thread(target=self._output_thread, name="pagedserve-llm-output", daemon=True)
         self._thread.start()
 
@@ -182,7 +185,7 @@ class LLMModel(Model):
             try:
                 active = self._parse(request)
                 engine_request = self.loop.make_request(
-                    active.engine_id, active.prompt, active.params, request.priority
+                    active.engine_id, active.prompt, active.params, engine_priority(request.priority)
                 )
             except (ValueError, InferenceError) as error:
                 request.responder.send(
@@ -215,7 +218,9 @@ class LLMModel(Model):
             if flag in inputs and bool(_scalar(inputs[flag]))
         }
         wanted &= set(request.requested_outputs)
-        return _Active(request, uuid.uuid4().hex, prompt, stream, exclude, wanted, params)
+        # Latencies count from the request's arrival at the server (monotonic clock in both).
+        timer = RequestTimer(start=request.timing.arrival_ns / 1e9)
+        return _Active(request, uuid.uuid4().hex, prompt, stream, exclude, wanted, params, timer=timer)
 
     # -- responses out (output thread) ------------------------------------------------------------
 
@@ -248,6 +253,8 @@ class LLMModel(Model):
     def _respond(self, active: _Active, output: RequestOutput) -> None:
         if active.engine_id not in self._active:
             return  # already answered (an error ended it)
+        new_tokens = sum(c.num_new_tokens for c in output.outputs)
+        self.metrics.on_output(active.timer, new_tokens, output.num_prompt_tokens, output.finished)
         if output.error is not None:
             self._finish(active, InferenceResponse(error=InferenceError(_ERROR_PREFIX + output.error)))
         elif active.aborted or any(c.finish_reason == "abort" for c in output.outputs):
@@ -311,6 +318,19 @@ class LLMModel(Model):
                 }
             )
         return json.dumps(entries)
+
+    def engine_metrics(self) -> EngineMetricsSnapshot:
+        """Read by the Prometheus collector at scrape time (see ``pagedserve.metrics``)."""
+        scheduler, usage = self.loop.engine.scheduler, self.loop.last_usage
+        state = EngineState(
+            num_running=len(scheduler.running),
+            num_waiting=len(scheduler.waiting),
+            kv_cache_usage=usage.usage,
+            prefix_queried_tokens=usage.num_queried_tokens,
+            prefix_hit_tokens=usage.num_hit_tokens,
+            num_preemptions=scheduler.num_preemptions,
+        )
+        return self.metrics.snapshot(state)
 
     def finalize(self) -> None:
         self.loop.stop()

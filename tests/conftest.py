@@ -24,6 +24,8 @@ STOCK_MODELS = [
     "simple_string",
     "repeat_int32",
     "simple_sequence",
+    "simple_dyna_sequence",
+    "identity_fp32",
 ]
 _LISTENING = re.compile(r"listening on [^:]+:(\d+)")
 
@@ -60,7 +62,15 @@ class ServerProcess:
 
 def start_server(*overrides: str, ready_timeout: float = 120.0, wait_ready: bool = True) -> ServerProcess:
     """Start ``serve`` on a free port; wait until it is live (and ready unless told not to)."""
-    command = [sys.executable, "-m", "pagedserve", "server.host=127.0.0.1", "server.grpc_port=0", *overrides]
+    command = [
+        sys.executable,
+        "-m",
+        "pagedserve",
+        "server.host=127.0.0.1",
+        "server.grpc_port=0",
+        "server.metrics_port=0",
+        *overrides,
+    ]
     env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="200")
     process = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env

@@ -94,4 +94,4 @@ def test_multirun_runs_each_job(tmp_path) -> None:  # noqa: ANN001
         f"hydra.sweep.dir={tmp_path}",
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("listening on") == 2
+    assert result.stdout.count("GRPCInferenceService listening on") == 2

@@ -221,8 +221,13 @@ def test_request_priority_reaches_the_scheduler() -> None:
                     finished.put(result.get_response().id)
 
             client.start_stream(callback=on_result)
-            sampling = {"temperature": 0, "max_tokens": 40, "ignore_eos": True}
-            for request_id, priority in (("first", 0), ("default", 0), ("urgent", 1)):
+            for request_id, priority, max_tokens in (
+                ("first", 0, 600),
+                ("default", 0, 20),
+                ("urgent", 1, 20),
+            ):
+                # "first" runs long enough that both later requests are waiting when it finishes.
+                sampling = {"temperature": 0, "max_tokens": max_tokens, "ignore_eos": True}
                 client.async_stream_infer(
                     MODEL,
                     llm_inputs(sampling=sampling),

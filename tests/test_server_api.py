@@ -213,9 +213,3 @@ def test_server_reflection_lists_services(url: str) -> None:
         request = reflection_pb2.ServerReflectionRequest(file_containing_symbol="inference.ModelInferRequest")
         reply = next(iter(stub.ServerReflectionInfo(iter([request]))))
         assert reply.file_descriptor_response.file_descriptor_proto
-
-
-def test_later_rpcs_answer_unimplemented(client: grpcclient.InferenceServerClient) -> None:
-    with pytest.raises(InferenceServerException) as info:
-        client.get_log_settings()
-    assert info.value.status() == "StatusCode.UNIMPLEMENTED"

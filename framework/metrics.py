@@ -1,0 +1,456 @@
+"""Prometheus metrics on ``server.metrics_port`` (``/metrics``), with Triton's and vLLM's names.
+
+Nothing is counted per request for Prometheus: a custom collector reads the per-version
+:class:`~pagedserve.statistics.ModelStats` snapshots (the same numbers ModelStatistics returns), the
+GPUs and the CPU when it is scraped. LLM models add engine metrics by offering
+``engine_metrics() -> EngineMetricsSnapshot`` (see :class:`EngineMetricsSource`); they record their
+latencies with :class:`LLMMetrics`. Nothing here knows about gRPC or protobuf.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.exposition import ThreadingWSGIServer
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from pagedserve.model_manager import LoadedVersion, ModelManager
+
+log = logging.getLogger(__name__)
+
+# vLLM's bucket boundaries (seconds).
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0)
+
+# prometheus_client writes every counter family as ``<name>_total`` in HELP/TYPE lines; Triton's
+# counters have no such suffix, so their HELP/TYPE lines are put back to the sample names.
+_TRITON_COUNTER_HEADER = re.compile(r"^(# (?:HELP|TYPE) nv_[A-Za-z0-9_]*?)_total\b", re.MULTILINE)
+
+
+# -- LLM engine metrics -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HistogramSnapshot:
+    bounds: tuple[float, ...]
+    cumulative: tuple[int, ...]
+    """Observations <= each bound, then the total count (the ``+Inf`` bucket)."""
+    total: float
+
+    @property
+    def count(self) -> int:
+        return self.cumulative[-1]
+
+
+class Histogram:
+    """A thread-safe fixed-bucket histogram (observations are recorded by model threads)."""
+
+    def __init__(self, bounds: Iterable[float]) -> None:
+        self.bounds = tuple(bounds)
+        self._counts = [0] * (len(self.bounds) + 1)
+        self._total = 0.0
+        self._lock = threading.Lock()
+
+    def observe(self, value: float) -> None:
+        index = next((i for i, bound in enumerate(self.bounds) if value <= bound), len(self.bounds))
+        with self._lock:
+            self._counts[index] += 1
+            self._total += value
+
+    def snapshot(self) -> HistogramSnapshot:
+        with self._lock:
+            counts, total = list(self._counts), self._total
+        running, cumulative = 0, []
+        for count in counts:
+            running += count
+            cumulative.append(running)
+        return HistogramSnapshot(self.bounds, tuple(cumulative), total)
+
+
+@dataclass(frozen=True)
+class EngineState:
+    """What the engine shows at scrape time."""
+
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    """Fraction of KV blocks in use, 0..1."""
+    prefix_queried_tokens: int
+    prefix_hit_tokens: int
+    num_preemptions: int
+
+
+@dataclass(frozen=True)
+class EngineMetricsSnapshot:
+    state: EngineState
+    prompt_tokens: int
+    generation_tokens: int
+    time_to_first_token: HistogramSnapshot
+    time_per_output_token: HistogramSnapshot
+    inter_token_latency: HistogramSnapshot
+    e2e_request_latency: HistogramSnapshot
+
+
+@runtime_checkable
+class EngineMetricsSource(Protocol):
+    """A model with an LLM engine; the collector calls this on every scrape."""
+
+    def engine_metrics(self) -> EngineMetricsSnapshot: ...
+
+
+@dataclass
+class RequestTimer:
+    """Per-request state of :class:`LLMMetrics` (created when the request reaches the engine)."""
+
+    start: float = field(default_factory=time.monotonic)
+    first_token: float | None = None
+    last_token: float | None = None
+    num_generated: int = 0
+
+
+class LLMMetrics:
+    """Token counters and latency histograms of one LLM model, fed from its output thread."""
+
+    def __init__(self) -> None:
+        self.ttft = Histogram(TTFT_BUCKETS)
+        self.tpot = Histogram(TPOT_BUCKETS)
+        self.itl = Histogram(TPOT_BUCKETS)
+        self.e2e = Histogram(E2E_BUCKETS)
+        self._prompt_tokens = 0
+        self._generation_tokens = 0
+        self._lock = threading.Lock()
+
+    def start(self) -> RequestTimer:
+        return RequestTimer()
+
+    def on_output(
+        self, timer: RequestTimer, num_new_tokens: int, num_prompt_tokens: int, finished: bool
+    ) -> None:
+        """Record one engine output of a request (``num_new_tokens`` generated since the last one)."""
+        now = time.monotonic()
+        if num_new_tokens:
+            if timer.first_token is None:
+                timer.first_token = now
+                self.ttft.observe(now - timer.start)
+            elif timer.last_token is not None:
+                self.itl.observe((now - timer.last_token) / num_new_tokens)
+            timer.last_token = now
+            timer.num_generated += num_new_tokens
+        if finished:
+            self._finish(timer, num_prompt_tokens, now)
+
+    def _finish(self, timer: RequestTimer, num_prompt_tokens: int, now: float) -> None:
+        self.e2e.observe(now - timer.start)
+        if timer.first_token is not None and timer.num_generated > 1:
+            self.tpot.observe((now - timer.first_token) / (timer.num_generated - 1))
+        with self._lock:
+            self._prompt_tokens += num_prompt_tokens
+            self._generation_tokens += timer.num_generated
+
+    def snapshot(self, state: EngineState) -> EngineMetricsSnapshot:
+        with self._lock:
+            prompt, generation = self._prompt_tokens, self._generation_tokens
+        return EngineMetricsSnapshot(
+            state,
+            prompt,
+            generation,
+            self.ttft.snapshot(),
+            self.tpot.snapshot(),
+            self.itl.snapshot(),
+            self.e2e.snapshot(),
+        )
+
+
+# -- the collector ------------------------------------------------------------------------------------
+
+_LABELS = ["model", "version"]
+
+# Triton's counters: (name, help, how to read it from a ModelStats snapshot).
+_TRITON_COUNTERS: list[tuple[str, str, Callable[[Any], float]]] = [
+    (
+        "nv_inference_request_success",
+        "Number of successful inference requests, all batch sizes",
+        lambda s: s.success.count,
+    ),
+    (
+        "nv_inference_count",
+        "Number of inferences performed (does not include cached requests)",
+        lambda s: s.inference_count,
+    ),
+    (
+        "nv_inference_exec_count",
+        "Number of model executions performed (does not include cached requests)",
+        lambda s: s.execution_count,
+    ),
+    (
+        "nv_inference_request_duration_us",
+        "Cumulative inference request duration in microseconds (includes cached requests)",
+        lambda s: s.success.ns // 1000,
+    ),
+    (
+        "nv_inference_queue_duration_us",
+        "Cumulative inference queuing duration in microseconds (includes cached requests)",
+        lambda s: s.queue.ns // 1000,
+    ),
+    (
+        "nv_inference_compute_input_duration_us",
+        "Cumulative compute input duration in microseconds (does not include cached requests)",
+        lambda s: s.compute_input.ns // 1000,
+    ),
+    (
+        "nv_inference_compute_infer_duration_us",
+        "Cumulative compute inference duration in microseconds (does not include cached requests)",
+        lambda s: s.compute_infer.ns // 1000,
+    ),
+    (
+        "nv_inference_compute_output_duration_us",
+        "Cumulative inference compute output duration in microseconds (does not include cached requests)",
+        lambda s: s.compute_output.ns // 1000,
+    ),
+]
+
+
+def _counter(name: str, documentation: str) -> Metric:
+    return Metric(name, documentation, "counter")
+
+
+class ServerCollector(Collector):
+    """Builds every metric family from live state when Prometheus scrapes."""
+
+    def __init__(self, manager: ModelManager) -> None:
+        self.manager = manager
+
+    def collect(self) -> Iterator[Metric]:
+        versions = self.manager.ready_versions()
+        yield from self._triton_metrics(versions)
+        yield from _engine_metrics(versions)
+        yield from _gpu_metrics()
+        yield from _cpu_metrics()
+
+    def _triton_metrics(self, versions: list[LoadedVersion]) -> Iterator[Metric]:
+        snapshots = [(_labels(v), v.stats.snapshot()) for v in versions]
+        for name, documentation, read in _TRITON_COUNTERS:
+            family = _counter(name, documentation)
+            for labels, snap in snapshots:
+                family.add_sample(name, labels, float(read(snap)))
+            yield family
+        failures = _counter(
+            "nv_inference_request_failure", "Number of failed inference requests, all batch sizes"
+        )
+        for labels, snap in snapshots:
+            # ModelStats does not tell failures apart; Triton's catch-all reason is OTHER.
+            failures.add_sample(
+                "nv_inference_request_failure", {**labels, "reason": "OTHER"}, snap.fail.count
+            )
+        yield failures
+        pending = GaugeMetricFamily(
+            "nv_inference_pending_request_count",
+            "Instantaneous number of pending requests awaiting execution per-model.",
+            labels=_LABELS,
+        )
+        for version in versions:
+            pending.add_metric(_label_values(version), version.inflight)
+        yield pending
+
+
+def _labels(version: LoadedVersion) -> dict[str, str]:
+    return {"model": version.spec.name, "version": str(version.version)}
+
+
+def _label_values(version: LoadedVersion) -> list[str]:
+    return [version.spec.name, str(version.version)]
+
+
+def _engine_metrics(versions: list[LoadedVersion]) -> Iterator[Metric]:
+    rows = []
+    for version in versions:
+        model = version.policy.model
+        if isinstance(model, EngineMetricsSource):
+            try:
+                rows.append((_label_values(version), model.engine_metrics()))
+            except Exception:  # noqa: BLE001 - a model mid-shutdown must not break the scrape
+                log.debug("engine metrics of %s unavailable", version.spec.name, exc_info=True)
+    if not rows:
+        return
+    gauges = [
+        (
+            "vllm:num_requests_running",
+            "Number of requests in model execution batches.",
+            lambda s: s.state.num_running,
+        ),
+        (
+            "vllm:num_requests_waiting",
+            "Number of requests waiting to be processed.",
+            lambda s: s.state.num_waiting,
+        ),
+        (
+            "vllm:kv_cache_usage_perc",
+            "KV-cache usage. 1 means 100 percent usage.",
+            lambda s: s.state.kv_cache_usage,
+        ),
+        (
+            "vllm:gpu_prefix_cache_hit_rate",
+            "Prefix cache hit rate (fraction of queried prompt tokens found in the cache).",
+            lambda s: _ratio(s.state.prefix_hit_tokens, s.state.prefix_queried_tokens),
+        ),
+    ]
+    for name, documentation, read in gauges:
+        gauge = GaugeMetricFamily(name, documentation, labels=_LABELS)
+        for labels, snap in rows:
+            gauge.add_metric(labels, float(read(snap)))
+        yield gauge
+    counters = [
+        ("vllm:prompt_tokens_total", "Number of prefill tokens processed.", lambda s: s.prompt_tokens),
+        (
+            "vllm:generation_tokens_total",
+            "Number of generation tokens processed.",
+            lambda s: s.generation_tokens,
+        ),
+        (
+            "vllm:num_preemptions_total",
+            "Cumulative number of preemptions.",
+            lambda s: s.state.num_preemptions,
+        ),
+        (
+            "vllm:prefix_cache_queries_total",
+            "Prompt tokens looked up in the prefix cache.",
+            lambda s: s.state.prefix_queried_tokens,
+        ),
+        (
+            "vllm:prefix_cache_hits_total",
+            "Prompt tokens found in the prefix cache.",
+            lambda s: s.state.prefix_hit_tokens,
+        ),
+    ]
+    for name, documentation, read in counters:
+        counter = _counter(name, documentation)
+        for labels, snap in rows:
+            counter.add_sample(name, dict(zip(_LABELS, labels, strict=True)), float(read(snap)))
+        yield counter
+    histograms = [
+        (
+            "vllm:time_to_first_token_seconds",
+            "Histogram of time to first token in seconds.",
+            "time_to_first_token",
+        ),
+        (
+            "vllm:time_per_output_token_seconds",
+            "Histogram of time per output token in seconds.",
+            "time_per_output_token",
+        ),
+        (
+            "vllm:inter_token_latency_seconds",
+            "Histogram of inter-token latency in seconds.",
+            "inter_token_latency",
+        ),
+        (
+            "vllm:e2e_request_latency_seconds",
+            "Histogram of end to end request latency in seconds.",
+            "e2e_request_latency",
+        ),
+    ]
+    for name, documentation, attribute in histograms:
+        family = HistogramMetricFamily(name, documentation, labels=_LABELS)
+        for labels, snap in rows:
+            histogram: HistogramSnapshot = getattr(snap, attribute)
+            buckets = [(_bound(b), c) for b, c in zip(histogram.bounds, histogram.cumulative, strict=False)]
+            buckets.append(("+Inf", histogram.count))
+            family.add_metric(labels, buckets, histogram.total)
+        yield family
+
+
+def _ratio(part: int, whole: int) -> float:
+    return part / whole if whole else 0.0
+
+
+def _bound(value: float) -> str:
+    return repr(float(value))
+
+
+def _gpu_metrics() -> Iterator[Metric]:
+    """Triton's GPU gauges, through torch (NVML for utilisation and used memory); none without CUDA."""
+    torch = sys.modules.get("torch")  # only if already loaded: a scrape never imports torch
+    if torch is None or not torch.cuda.is_available():
+        return
+    utilization = GaugeMetricFamily(
+        "nv_gpu_utilization", "GPU utilization rate [0.0 - 1.0)", labels=["gpu_uuid"]
+    )
+    total = GaugeMetricFamily("nv_gpu_memory_total_bytes", "GPU total memory, in bytes", labels=["gpu_uuid"])
+    used = GaugeMetricFamily("nv_gpu_memory_used_bytes", "GPU used memory, in bytes", labels=["gpu_uuid"])
+    for index in range(torch.cuda.device_count()):
+        properties = torch.cuda.get_device_properties(index)
+        uuid = f"GPU-{properties.uuid}"
+        total.add_metric([uuid], float(properties.total_memory))
+        try:
+            used.add_metric([uuid], float(torch.cuda.device_memory_used(index)))
+            utilization.add_metric([uuid], torch.cuda.utilization(index) / 100.0)
+        except Exception:  # noqa: BLE001 - NVML (pynvml) missing or not permitted
+            log.debug("NVML readings unavailable for GPU %d", index, exc_info=True)
+    yield from (utilization, total, used)
+
+
+def _cpu_metrics() -> Iterator[Metric]:
+    import psutil
+
+    memory = psutil.virtual_memory()
+    utilization = GaugeMetricFamily("nv_cpu_utilization", "CPU utilization rate [0.0 - 1.0]")
+    utilization.add_metric([], psutil.cpu_percent(interval=None) / 100.0)
+    total = GaugeMetricFamily("nv_cpu_memory_total_bytes", "CPU total memory (RAM), in bytes")
+    total.add_metric([], float(memory.total))
+    used = GaugeMetricFamily("nv_cpu_memory_used_bytes", "CPU used memory (RAM), in bytes")
+    used.add_metric([], float(memory.total - memory.available))
+    yield from (utilization, total, used)
+
+
+# -- the HTTP endpoint --------------------------------------------------------------------------------
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    """The text exposition, with Triton's counter names in HELP/TYPE lines."""
+    text = generate_latest(registry).decode("utf-8")
+    return _TRITON_COUNTER_HEADER.sub(r"\1", text).encode("utf-8")
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+        """Scrapes are not worth a log line each."""
+
+
+class MetricsServer:
+    """``GET /metrics`` on its own daemon thread (scrapes never touch the event loop)."""
+
+    def __init__(self, manager: ModelManager, host: str, port: int) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(ServerCollector(manager))
+        self._server = make_server(host, port, self._app, ThreadingWSGIServer, handler_class=_QuietHandler)
+        self.port: int = self._server.server_port
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="pagedserve-metrics", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _app(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        if environ.get("PATH_INFO") not in ("/metrics", "/metrics/"):
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"not found; metrics are at /metrics\n"]
+        body = render(self.registry)
+        start_response("200 OK", [("Content-Type", CONTENT_TYPE_LATEST), ("Content-Length", str(len(body)))])
+        return [body]
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
