@@ -1,0 +1,171 @@
+"""One ModelStreamInfer call: many requests in on one stream, their responses out.
+
+Per-request errors go out in-band (``error_message``); every response carries
+``triton_final_response``; non-decoupled models answer in request order, decoupled ones as they come.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from pagedserve.backend import ModelSpec
+from pagedserve.codec import RequestOptions
+from pagedserve.errors import InferenceError
+from pagedserve.protocol import grpc_service_pb2 as pb
+from pagedserve.responder import Delivery, ServerResponder
+from pagedserve.tracing import Trace
+
+# Resolves, decodes and queues one request (InferenceServicer.start_request).
+StartRequest = Callable[
+    [pb.ModelInferRequest, Callable[[Delivery], None]], tuple[ServerResponder, RequestOptions]
+]
+
+
+def sent(trace: Trace) -> None:
+    """The response left: close the trace's timeline and export it."""
+    trace.mark("GRPC_SEND_END")
+    trace.finish()
+
+
+class StreamSession:
+    """One ModelStreamInfer call: many requests in, their responses out.
+
+    Decoupled responses go out as they come; non-decoupled ones keep request order, so each takes a
+    slot in ``ordered`` and leaves only when every earlier slot has.
+    """
+
+    _END = object()
+
+    def __init__(self, spec_of: Callable[[str], ModelSpec | None], start_request: StartRequest) -> None:
+        self.spec_of = spec_of
+        self.start_request = start_request
+        self.out: asyncio.Queue[Any] = asyncio.Queue()
+        self.ordered: collections.deque[list[pb.ModelStreamInferResponse | None]] = collections.deque()
+        self.responders: set[ServerResponder] = set()
+        self.active = 0
+        self.reading = True
+        self.unsent_traces: dict[int, Trace] = {}
+        """Traces of finished requests by ``id()`` of their last stream message, until it is written."""
+
+    async def read(self, request_iterator: AsyncIterator[pb.ModelInferRequest]) -> None:
+        try:
+            async for message in request_iterator:
+                self.start(message)
+        finally:
+            self.reading = False
+            self._maybe_end()
+
+    def start(self, message: pb.ModelInferRequest) -> None:
+        spec = self.spec_of(message.model_name)
+        slot: list[pb.ModelStreamInferResponse | None] | None = None
+        if spec is None or not spec.decoupled:
+            slot = [None]
+            self.ordered.append(slot)
+        self.active += 1
+        state: dict[str, Any] = {}
+
+        def deliver(delivery: Delivery) -> None:
+            self._deliver(message, state, slot, delivery)
+
+        try:
+            responder, options = self.start_request(message, deliver)
+        except InferenceError as error:
+            deliver(Delivery(None, error, True))
+            return
+        state["options"] = options
+        state["responder"] = responder
+        self.responders.add(responder)
+
+    def _deliver(
+        self,
+        request: pb.ModelInferRequest,
+        state: dict[str, Any],
+        slot: list[pb.ModelStreamInferResponse | None] | None,
+        delivery: Delivery,
+    ) -> None:
+        options: RequestOptions = state.get("options") or RequestOptions()
+        if delivery.error is not None:
+            out = pb.ModelStreamInferResponse(
+                error_message=delivery.error.message,
+                infer_response=pb.ModelInferResponse(
+                    id=request.id, model_name=request.model_name, model_version=request.model_version
+                ),
+            )
+        elif delivery.message is not None:
+            out = pb.ModelStreamInferResponse(infer_response=delivery.message)
+            out.infer_response.parameters["triton_final_response"].bool_param = delivery.final
+        elif delivery.final and (slot is not None or options.enable_empty_final_response):
+            out = pb.ModelStreamInferResponse(
+                infer_response=pb.ModelInferResponse(
+                    id=request.id, model_name=request.model_name, model_version=request.model_version
+                )
+            )
+            out.infer_response.parameters["triton_final_response"].bool_param = True
+        else:
+            out = None
+        if slot is None:
+            if out is not None:
+                self.out.put_nowait(out)
+        else:
+            self._fill_slot(slot, out, delivery)
+        if delivery.final:
+            self._follow_trace(state.get("responder"), out if slot is None else slot[0])
+            self.responders.discard(state.get("responder"))  # type: ignore[arg-type]
+            self.active -= 1
+            self._flush()
+            self._maybe_end()
+
+    def _fill_slot(
+        self,
+        slot: list[pb.ModelStreamInferResponse | None],
+        out: pb.ModelStreamInferResponse | None,
+        delivery: Delivery,
+    ) -> None:
+        # A non-decoupled model may send its response and the final flag separately: keep the last
+        # real message and mark it final.
+        if out is not None and (out.error_message or out.infer_response.outputs or slot[0] is None):
+            slot[0] = out
+        if delivery.final and slot[0] is not None and not slot[0].error_message:
+            slot[0].infer_response.parameters["triton_final_response"].bool_param = True
+        if delivery.final:
+            slot.append(None)  # marks the slot complete
+
+    def _follow_trace(
+        self, responder: ServerResponder | None, last: pb.ModelStreamInferResponse | None
+    ) -> None:
+        trace = responder.trace if responder is not None else None
+        if trace is None:
+            return
+        if last is None:
+            trace.finish()  # nothing goes out for this request
+        else:
+            self.unsent_traces[id(last)] = trace
+
+    def _flush(self) -> None:
+        while self.ordered and len(self.ordered[0]) == 2:
+            message = self.ordered.popleft()[0]
+            if message is not None:
+                self.out.put_nowait(message)
+
+    def _maybe_end(self) -> None:
+        if not self.reading and self.active == 0:
+            self.out.put_nowait(self._END)
+
+    async def messages(self) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        while True:
+            item = await self.out.get()
+            if item is self._END:
+                return
+            trace = self.unsent_traces.pop(id(item), None)
+            if trace is not None:
+                trace.mark("GRPC_SEND_START")
+            yield item
+            if trace is not None:
+                sent(trace)
+
+    def cancel_all(self) -> None:
+        for responder in list(self.responders):
+            responder.cancel()
