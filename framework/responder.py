@@ -34,11 +34,43 @@ class Delivery:
     final: bool
 
 
+class LoopMailbox:
+    """Hands work from other threads to the event loop, one wake-up per burst.
+
+    ``call_soon_threadsafe`` writes to the loop's self-pipe every time; under load a batch of
+    responses would wake the loop once each. Posts that arrive while a drain is already scheduled
+    ride along with it.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._items: list[tuple[Callable[[Delivery], None], Delivery]] = []
+        self._lock = threading.Lock()
+        self._scheduled = False
+
+    def post(self, deliver: Callable[[Delivery], None], delivery: Delivery) -> None:
+        with self._lock:
+            self._items.append((deliver, delivery))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        # RuntimeError: the loop is gone (server stopped) and nobody is left to read it.
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        with self._lock:
+            items, self._items = self._items, []
+            self._scheduled = False
+        for deliver, delivery in items:
+            deliver(delivery)
+
+
 class ServerResponder(Responder):
     def __init__(
-        self, loop: asyncio.AbstractEventLoop, loaded: LoadedVersion, deliver: Callable[[Delivery], None]
+        self, mailbox: LoopMailbox, loaded: LoadedVersion, deliver: Callable[[Delivery], None]
     ) -> None:
-        self.loop = loop
+        self.mailbox = mailbox
         self.loaded = loaded
         self.deliver = deliver
         self.request: InferenceRequest | None = None
@@ -73,9 +105,7 @@ class ServerResponder(Responder):
         delivery = self._encode(response, final)
         if final:
             self._finish(delivery.error is None)
-        # RuntimeError: the loop is gone (server stopped) and nobody is left to read it.
-        with contextlib.suppress(RuntimeError):
-            self.loop.call_soon_threadsafe(self.deliver, delivery)
+        self.mailbox.post(self.deliver, delivery)
 
     def fail(self, error: InferenceError) -> None:
         """Finish with an error unless a final response already went out."""

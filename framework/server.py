@@ -28,7 +28,7 @@ from pagedserve.log_settings import LogController
 from pagedserve.model_manager import LoadedVersion, ModelManager
 from pagedserve.protocol import grpc_service_pb2 as pb
 from pagedserve.protocol import grpc_service_pb2_grpc as pb_grpc
-from pagedserve.responder import Delivery, ServerResponder
+from pagedserve.responder import Delivery, LoopMailbox, ServerResponder
 from pagedserve.shared_memory import SharedMemoryManager
 from pagedserve.statistics import Duration
 from pagedserve.stream import StreamSession, sent
@@ -51,6 +51,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.started = False
         self.exiting = False
         self._decoders: dict[int, RequestDecoder] = {}
+        self._loop_mailbox: LoopMailbox | None = None
         self.shm = SharedMemoryManager(config.server.allow_client_shm)
         self.tracer = tracer or Tracer(TraceSettings(config.tracing), None)
         self.logs = logs or LogController(config.logging)
@@ -211,6 +212,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # -- inference --------------------------------------------------------------------------------
 
+    def _mailbox(self) -> LoopMailbox:
+        loop = asyncio.get_running_loop()
+        if self._loop_mailbox is None or self._loop_mailbox.loop is not loop:
+            self._loop_mailbox = LoopMailbox(loop)
+        return self._loop_mailbox
+
     def _decoder(self, loaded: LoadedVersion) -> RequestDecoder:
         decoder = self._decoders.get(id(loaded))
         if decoder is None or decoder.spec is not loaded.spec:
@@ -227,7 +234,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             )
         arrival = time.monotonic_ns()
         loaded = self.manager.acquire(message.model_name, message.model_version)
-        responder = ServerResponder(asyncio.get_running_loop(), loaded, deliver)
+        responder = ServerResponder(self._mailbox(), loaded, deliver)
         lease = self.shm.lease() if self.shm.enabled else None
         try:
             request, options = self._decoder(loaded).decode(message, responder, lease)
