@@ -8,6 +8,7 @@ Nothing here knows about protobuf: the server decodes a ``ModelInferRequest`` in
 from __future__ import annotations
 
 import abc
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -38,6 +39,19 @@ class Responder(abc.ABC):
     @abc.abstractmethod
     def cancelled(self) -> bool:
         """True once the client cancelled (stream closed, deadline passed): stop work early."""
+
+    @property
+    @abc.abstractmethod
+    def finished(self) -> bool:
+        """True once the final response went out."""
+
+    def fail(self, error: InferenceError) -> None:
+        """Finish with ``error`` unless the request already finished (e.g. a whole batch failed)."""
+        if self.finished:
+            return
+        # RuntimeError: the model's own final response won the race; the client has its answer.
+        with contextlib.suppress(RuntimeError):
+            self.send(InferenceResponse(error=error), final=True)
 
 
 @dataclass

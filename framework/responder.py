@@ -107,13 +107,6 @@ class ServerResponder(Responder):
             self._finish(delivery.error is None)
         self.mailbox.post(self.deliver, delivery)
 
-    def fail(self, error: InferenceError) -> None:
-        """Finish with an error unless a final response already went out."""
-        with self._lock:
-            if self._finished:
-                return
-        self.send(InferenceResponse(error=error), final=True)
-
     def _encode(self, response: InferenceResponse | None, final: bool) -> Delivery:
         assert self.request is not None
         start = time.monotonic_ns()

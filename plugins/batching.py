@@ -24,7 +24,7 @@ from pagedserve.backend import Model, ModelSpec
 from pagedserve.batching import BatchingPolicy
 from pagedserve.errors import InferenceError
 from pagedserve.hookspecs import hookimpl
-from pagedserve.inference import InferenceRequest, InferenceResponse, Responder
+from pagedserve.inference import InferenceRequest
 from pagedserve.statistics import ModelStats
 
 if TYPE_CHECKING:
@@ -51,52 +51,10 @@ def instance_count(spec: ModelSpec) -> int:
     return sum(max(group.count, 1) for group in groups) if groups else 1
 
 
-class _TrackedResponder(Responder):
-    """Wraps a request's responder to know whether its final response went out, so a failed batch
-    only answers the requests that are still open, and to stamp the end of compute at that moment
-    (non-decoupled models answer from inside ``execute``, before the policy regains control)."""
-
-    def __init__(self, inner: Responder, request: InferenceRequest) -> None:
-        self.inner = inner
-        self.request = request
-        self.finished = False
-        self._lock = threading.Lock()
-
-    @property
-    def cancelled(self) -> bool:
-        return self.inner.cancelled
-
-    def send(self, response: InferenceResponse | None, final: bool) -> None:
-        # Held across the inner send so a late error from the policy cannot overtake a model's response.
-        with self._lock:
-            if final and not self.finished:
-                self.finished = True
-                if not self.request.timing.compute_end_ns:
-                    self.request.timing.compute_end_ns = time.monotonic_ns()
-            self.inner.send(response, final)
-
-    def fail(self, error: InferenceError) -> None:
-        with self._lock:
-            if self.finished:
-                return
-        try:
-            self.send(InferenceResponse(error=error), final=True)
-        except Exception:  # noqa: BLE001 - the client may be gone; nothing else can be done
-            log.exception("could not deliver error to request '%s'", self.request.id)
-
-
-def _tracked(request: InferenceRequest) -> _TrackedResponder:
-    responder = request.responder
-    if not isinstance(responder, _TrackedResponder):
-        responder = _TrackedResponder(responder, request)
-        request.responder = responder
-    return responder
-
-
 def fail_requests(requests: Iterable[InferenceRequest], error: InferenceError) -> None:
     """Send ``error`` as the final response of every request that has not finished yet."""
     for request in requests:
-        _tracked(request).fail(error)
+        request.responder.fail(error)
 
 
 def _error_from(exception: Exception) -> InferenceError:
@@ -152,7 +110,6 @@ class _WorkerPolicy(BatchingPolicy, abc.ABC):
     # -- public API -------------------------------------------------------------------------------
 
     def submit(self, request: InferenceRequest) -> None:
-        _tracked(request)
         with self._cond:
             if self._closing:
                 raise InferenceError.unavailable(

@@ -11,42 +11,15 @@ import numpy as np
 import pytest
 from pagedserve.backend import Model, ModelSpec
 from pagedserve.errors import InferenceError
-from pagedserve.inference import InferenceRequest, InferenceResponse, Responder
+from pagedserve.inference import InferenceRequest, InferenceResponse
 from pagedserve.repository import spec_from_document
 from pagedserve.statistics import ModelStats
 from pagedserve_plugins import batching
 from pagedserve_plugins.batching import DirectPolicy, DynamicPolicy, SequencePolicy
 
+from tests.recorder import Recorder
+
 WAIT = 5.0  # generous upper bound for anything that should happen "soon"
-
-
-class Recorder(Responder):
-    def __init__(self) -> None:
-        self.sent: list[tuple[InferenceResponse | None, bool]] = []
-        self.done = threading.Event()
-        self.is_cancelled = False
-
-    @property
-    def cancelled(self) -> bool:
-        return self.is_cancelled
-
-    def send(self, response: InferenceResponse | None, final: bool) -> None:
-        if self.done.is_set():
-            raise RuntimeError("response after final")
-        self.sent.append((response, final))
-        if final:
-            self.done.set()
-
-    def final(self) -> InferenceResponse:
-        assert self.done.wait(WAIT), "no final response"
-        response = self.sent[-1][0]
-        assert response is not None
-        return response
-
-    def error(self) -> InferenceError:
-        error = self.final().error
-        assert error is not None, "expected an error response"
-        return error
 
 
 class RecordingModel(Model):

@@ -4,7 +4,6 @@ server and the stock ``tritonclient``, the way Triton's example clients drive th
 from __future__ import annotations
 
 import queue
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,11 +13,13 @@ import numpy as np
 import pytest
 from pagedserve.backend import LoadContext, Model, ModelSpec
 from pagedserve.config import BackendSettings
-from pagedserve.inference import InferenceRequest, InferenceResponse, Responder
+from pagedserve.inference import InferenceRequest
 from pagedserve.repository import ModelRepository
 from pagedserve.statistics import ModelStats
 from pagedserve_plugins.batching import SequencePolicy
 from pagedserve_plugins.python_backend import PythonBackend
+
+from tests.recorder import Recorder
 
 MODELS = Path(__file__).resolve().parent.parent / "conf" / "models"
 EXAMPLES = [
@@ -32,29 +33,6 @@ EXAMPLES = [
     "identity_fp32",
 ]
 WAIT = 10.0
-
-
-class Recorder(Responder):
-    def __init__(self) -> None:
-        self.sent: list[tuple[InferenceResponse | None, bool]] = []
-        self.done = threading.Event()
-        self.is_cancelled = False
-
-    @property
-    def cancelled(self) -> bool:
-        return self.is_cancelled
-
-    def send(self, response: InferenceResponse | None, final: bool) -> None:
-        assert not self.done.is_set(), "response after final"
-        self.sent.append((response, final))
-        if final:
-            self.done.set()
-
-    def final(self) -> InferenceResponse:
-        assert self.done.wait(WAIT), "no final response"
-        response = self.sent[-1][0]
-        assert response is not None
-        return response
 
 
 def spec(name: str) -> ModelSpec:

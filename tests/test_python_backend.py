@@ -14,12 +14,14 @@ import pytest
 from pagedserve.backend import LoadContext, ModelSpec
 from pagedserve.config import BackendSettings
 from pagedserve.errors import InferenceError
-from pagedserve.inference import InferenceRequest, InferenceResponse, Responder
+from pagedserve.inference import InferenceRequest
 from pagedserve.repository import spec_from_document
 from pagedserve.statistics import ModelStats
 from pagedserve_plugins import python_backend
 from pagedserve_plugins.batching import DirectPolicy
 from pagedserve_plugins.python_backend import PythonBackend, PythonModel, PythonModelArgs
+
+from tests.recorder import Recorder
 
 USER_MODULE = """
 import numpy as np
@@ -66,28 +68,6 @@ class Streamer:
 class NotAModel:
     pass
 """
-
-
-class Recorder(Responder):
-    def __init__(self) -> None:
-        self.sent: list[tuple[InferenceResponse | None, bool]] = []
-        self.done = threading.Event()
-
-    @property
-    def cancelled(self) -> bool:
-        return False
-
-    def send(self, response: InferenceResponse | None, final: bool) -> None:
-        assert not self.done.is_set(), "response after final"
-        self.sent.append((response, final))
-        if final:
-            self.done.set()
-
-    def final(self) -> InferenceResponse:
-        assert self.done.wait(5), "no final response"
-        response = self.sent[-1][0]
-        assert response is not None
-        return response
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +11,12 @@ import pytest
 import torch
 from pagedserve.backend import LoadContext, ModelSpec
 from pagedserve.config import BackendSettings
-from pagedserve.inference import InferenceRequest, InferenceResponse, Responder
+from pagedserve.inference import InferenceRequest
 from pagedserve.repository import spec_from_document
 from pagedserve_plugins import torchscript_backend
 from pagedserve_plugins.torchscript_backend import TorchScriptBackend, TorchScriptModel
+
+from tests.recorder import Recorder
 
 # Saving the fixtures uses torch.jit.script, deprecated in recent torch but still what Triton serves.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
@@ -36,28 +37,6 @@ class Cast(torch.nn.Module):
 class Identity(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x
-
-
-class Recorder(Responder):
-    def __init__(self) -> None:
-        self.sent: list[tuple[InferenceResponse | None, bool]] = []
-        self.done = threading.Event()
-
-    @property
-    def cancelled(self) -> bool:
-        return False
-
-    def send(self, response: InferenceResponse | None, final: bool) -> None:
-        assert not self.done.is_set()
-        self.sent.append((response, final))
-        if final:
-            self.done.set()
-
-    def final(self) -> InferenceResponse:
-        assert self.done.is_set()
-        response = self.sent[-1][0]
-        assert response is not None
-        return response
 
 
 def tensor(name: str, data_type: str, dims: list[int]) -> dict[str, Any]:
