@@ -8,6 +8,7 @@ A :class:`ModelBackend` plugin (``backend:`` in a model YAML) turns a :class:`Mo
 from __future__ import annotations
 
 import abc
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING, ClassVar
 from pagedserve.inference import InferenceRequest
 
 if TYPE_CHECKING:
+    from google.protobuf.message import Message
     from pagedserve.protocol import model_config_pb2
     from pagedserve.settings import BackendSettings
 
@@ -28,6 +30,13 @@ class ModelSpec:
     versions: tuple[int, ...] = (1,)
     source: Path | None = None
     """The YAML file it came from (relative paths in the config resolve against its folder)."""
+
+    @functools.cached_property
+    def output_datatypes(self) -> dict[str, str]:
+        """Protocol datatype of each declared output."""
+        from pagedserve.datatypes import of_tensor
+
+        return {output.name: of_tensor(output) for output in self.config.output}
 
     @property
     def decoupled(self) -> bool:
@@ -79,3 +88,16 @@ class ModelBackend(abc.ABC):
     @abc.abstractmethod
     def load(self, spec: ModelSpec, context: LoadContext) -> Model:
         """Load one version; raise an exception whose text becomes the version's UNAVAILABLE reason."""
+
+
+def enum_name(message: Message, field_name: str) -> str:
+    """The symbolic name of an enum field (``KIND_GPU``, ``TYPE_INT32``...), whichever generated module
+    built the message."""
+    enum = message.DESCRIPTOR.fields_by_name[field_name].enum_type
+    return enum.values_by_number[getattr(message, field_name)].name
+
+
+def instance_count(spec: ModelSpec) -> int:
+    """Total instances over all instance groups; a group's count of 0 means Triton's default of 1."""
+    groups = spec.config.instance_group
+    return sum(max(group.count, 1) for group in groups) if groups else 1

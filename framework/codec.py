@@ -17,7 +17,6 @@ from pagedserve.backend import ModelSpec
 from pagedserve.errors import InferenceError
 from pagedserve.inference import InferenceRequest, InferenceResponse, ParameterValue, Responder
 from pagedserve.protocol import grpc_service_pb2 as pb
-from pagedserve.protocol import model_config_pb2
 
 ALLOWED_TRITON_KEYS = ("triton_enable_empty_final_response",)
 _INT64_MAX = 2**63 - 1
@@ -123,6 +122,8 @@ class RequestDecoder:
         self.max_batch_size = cfg.max_batch_size
         self.inputs = {i.name: i for i in cfg.input}
         self.outputs = [o.name for o in cfg.output]
+        # Per input: protocol datatype and dims, resolved once rather than per request.
+        self._expected = {i.name: (datatypes.of_tensor(i), list(i.dims)) for i in cfg.input}
 
     def decode(
         self, request: pb.ModelInferRequest, responder: Responder, shm: ShmAccess | None = None
@@ -158,10 +159,10 @@ class RequestDecoder:
         for tensor in request.inputs:
             if tensor.name in target.inputs:
                 raise InferenceError(f"input '{tensor.name}' already exists in request")
-            config = self.inputs.get(tensor.name)
-            if config is None:
+            expected = self._expected.get(tensor.name)
+            if expected is None:
                 raise InferenceError(f"unexpected inference input '{tensor.name}' for model '{name}'")
-            expected_type = datatypes.from_config(_enum(config.data_type))
+            expected_type, dims = expected
             if tensor.datatype != expected_type:
                 got = tensor.datatype if tensor.datatype in datatypes.PROTOCOL_TYPES else "<invalid>"
                 raise InferenceError(
@@ -169,7 +170,7 @@ class RequestDecoder:
                     f"'{expected_type}'"
                 )
             shape = list(tensor.shape)
-            self._check_shape(tensor.name, shape, list(config.dims), batch_sizes)
+            self._check_shape(tensor.name, shape, dims, batch_sizes)
             data, raw_index = self._tensor_data(request, tensor, raw_index, shm)
             target.inputs[tensor.name] = self._to_array(tensor.name, tensor.datatype, shape, data)
         if raw_index < len(request.raw_input_contents):
@@ -439,7 +440,7 @@ def encode_response(
     )
     if response is None:
         return message
-    declared = {o.name: datatypes.from_config(_enum(o.data_type)) for o in spec.config.output}
+    declared = spec.output_datatypes
     wanted = set(request.requested_outputs)
     for name, value in response.outputs.items():
         if name not in wanted:
@@ -467,7 +468,3 @@ def set_parameter(param: pb.InferParameter, value: ParameterValue) -> None:
         param.double_param = value
     else:
         param.string_param = str(value)
-
-
-def _enum(value: int) -> str:
-    return model_config_pb2.DataType.Name(value)

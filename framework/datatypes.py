@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from pagedserve.protocol import model_config_pb2
 
 # Protocol string -> (config enum name, numpy dtype). BYTES travels as object arrays of ``bytes``.
 _TABLE: dict[str, tuple[str, np.dtype]] = {
@@ -30,6 +31,11 @@ PROTOCOL_TYPES = tuple(_TABLE)
 def from_config(enum_name: str) -> str:
     """``TYPE_INT32`` -> ``INT32``."""
     return _FROM_CONFIG.get(enum_name, "<invalid>")
+
+
+def of_tensor(tensor: model_config_pb2.ModelInput | model_config_pb2.ModelOutput) -> str:
+    """Protocol datatype of a config input or output."""
+    return from_config(model_config_pb2.DataType.Name(tensor.data_type))
 
 
 def to_config(datatype: str) -> str:

@@ -14,13 +14,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pagedserve import datatypes
 from pagedserve.codec import ShmOutput, encode_response
 from pagedserve.errors import InferenceError
 from pagedserve.inference import InferenceRequest, InferenceResponse, Responder
 from pagedserve.model_manager import LoadedVersion
 from pagedserve.protocol import grpc_service_pb2 as pb
-from pagedserve.protocol import model_config_pb2
 from pagedserve.shared_memory import RegionLease
 from pagedserve.tracing import Trace
 
@@ -157,8 +155,7 @@ class ServerResponder(Responder):
         self._encode_span = (start, end)
         trace.mark("INFER_RESPONSE_COMPLETE", end)
         if trace.wants_tensors:
-            outputs = self.loaded.spec.config.output
-            declared = {o.name: datatypes.from_config(_enum(o.data_type)) for o in outputs}
+            declared = self.loaded.spec.output_datatypes
             for name, value in response.outputs.items():
                 trace.record_tensor("TENSOR_BACKEND_OUTPUT", name, declared.get(name, ""), value)
 
@@ -175,7 +172,3 @@ class ServerResponder(Responder):
             trace.mark("COMPUTE_OUTPUT_START", output_start)
             trace.mark("COMPUTE_END", output_end)
         trace.mark("REQUEST_END", now)
-
-
-def _enum(value: int) -> str:
-    return model_config_pb2.DataType.Name(value)

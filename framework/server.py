@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from pagedserve import protocol
 from pagedserve.codec import RequestDecoder, RequestOptions, set_parameter
 from pagedserve.config import ServeConfig
+from pagedserve.datatypes import of_tensor
 from pagedserve.errors import InferenceError
 from pagedserve.inference import InferenceRequest
 from pagedserve.log_settings import LogController
@@ -101,19 +102,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         response = pb.ModelMetadataResponse(
             name=loaded.spec.name, versions=versions, platform=config.platform or config.backend
         )
-        from pagedserve.datatypes import from_config
-        from pagedserve.protocol import model_config_pb2 as mc
 
         for tensor in config.input:
             response.inputs.add(
                 name=tensor.name,
-                datatype=from_config(mc.DataType.Name(tensor.data_type)),
+                datatype=of_tensor(tensor),
                 shape=batch + list(tensor.dims),
             )
         for tensor in config.output:
             response.outputs.add(
                 name=tensor.name,
-                datatype=from_config(mc.DataType.Name(tensor.data_type)),
+                datatype=of_tensor(tensor),
                 shape=batch + list(tensor.dims),
             )
         return response

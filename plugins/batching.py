@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, ClassVar
 import grpc
 import numpy as np
 from pagedserve import datatypes
-from pagedserve.backend import Model, ModelSpec
+from pagedserve.backend import Model, ModelSpec, enum_name, instance_count
 from pagedserve.batching import BatchingPolicy
 from pagedserve.errors import InferenceError
 from pagedserve.hookspecs import hookimpl
@@ -28,7 +28,6 @@ from pagedserve.inference import InferenceRequest
 from pagedserve.statistics import ModelStats
 
 if TYPE_CHECKING:
-    from google.protobuf.message import Message
     from pagedserve.protocol import model_config_pb2
 
 log = logging.getLogger(__name__)
@@ -36,19 +35,6 @@ log = logging.getLogger(__name__)
 _NS_PER_US = 1_000
 # Triton releases a sequence slot after one idle second when the config leaves the field at 0.
 _DEFAULT_SEQUENCE_IDLE_US = 1_000_000
-
-
-def enum_name(message: Message, field_name: str) -> str:
-    """The symbolic name of an enum field (``KIND_GPU``, ``TYPE_INT32``...), whichever generated module
-    built the message."""
-    enum = message.DESCRIPTOR.fields_by_name[field_name].enum_type
-    return enum.values_by_number[getattr(message, field_name)].name
-
-
-def instance_count(spec: ModelSpec) -> int:
-    """Total instances over all instance groups; a group's count of 0 means Triton's default of 1."""
-    groups = spec.config.instance_group
-    return sum(max(group.count, 1) for group in groups) if groups else 1
 
 
 def fail_requests(requests: Iterable[InferenceRequest], error: InferenceError) -> None:

@@ -27,11 +27,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-from pagedserve.backend import LoadContext, Model, ModelBackend, ModelSpec
+from pagedserve.backend import LoadContext, Model, ModelBackend, ModelSpec, enum_name, instance_count
 from pagedserve.errors import InferenceError
 from pagedserve.hookspecs import hookimpl
 from pagedserve.inference import InferenceRequest, InferenceResponse
-from pagedserve_plugins.batching import enum_name, instance_count
 
 if TYPE_CHECKING:
     from pagedserve.protocol import model_config_pb2

@@ -15,11 +15,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-from pagedserve.backend import LoadContext, Model, ModelBackend, ModelSpec
+from pagedserve.backend import LoadContext, Model, ModelBackend, ModelSpec, enum_name
 from pagedserve.errors import InferenceError
 from pagedserve.hookspecs import hookimpl
 from pagedserve.inference import InferenceRequest, InferenceResponse
-from pagedserve_plugins.batching import enum_name
 
 if TYPE_CHECKING:
     import torch
