@@ -240,3 +240,36 @@ def test_request_priority_reaches_the_scheduler() -> None:
         assert order.index("urgent") < order.index("default")
     finally:
         server.stop()
+
+
+def test_vllm_sample_client_flow(llm_server: ServerProcess) -> None:
+    """What the Triton vLLM backend's samples/client.py does: tritonclient.grpc.aio ``stream_infer``
+    over an async iterator of request dicts, streaming, sampling parameters as request parameters."""
+    import asyncio
+
+    import tritonclient.grpc.aio as aioclient
+
+    prompts = ["Hello, my name is", "The most dangerous animal is", "The capital of France is"]
+    sampling = {"temperature": "0.1", "top_p": "0.95", "max_tokens": "20"}
+
+    async def run() -> dict[str, str]:
+        async with aioclient.InferenceServerClient(llm_server.url) as client:
+
+            async def requests():  # noqa: ANN202
+                for i, prompt in enumerate(prompts):
+                    yield {
+                        "model_name": MODEL,
+                        "inputs": llm_inputs(prompt, stream=True, sampling=sampling, exclude=True),
+                        "outputs": [aioclient.InferRequestedOutput("text_output")],
+                        "request_id": str(i),
+                        "parameters": sampling,
+                    }
+
+            texts: dict[str, str] = {str(i): "" for i in range(len(prompts))}
+            async for result, error in client.stream_infer(inputs_iterator=requests(), stream_timeout=60):
+                assert error is None, error
+                texts[result.get_response().id] += text(result)
+            return texts
+
+    texts = asyncio.run(run())
+    assert all(texts.values())

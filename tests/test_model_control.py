@@ -143,3 +143,11 @@ def test_poll_mode_follows_the_repository(tmp_path) -> None:  # noqa: ANN001
                 client.load_model("simple")
     finally:
         server.stop()
+
+
+def test_sigterm_drains_and_exits_cleanly() -> None:
+    server = start_server("model=simple")
+    with server.client() as client:
+        client.infer("simple", simple_inputs())
+    assert server.stop() == 0
+    assert "shutting down" in server.output
