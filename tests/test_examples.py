@@ -6,7 +6,6 @@ from __future__ import annotations
 import queue
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,19 +18,11 @@ from pagedserve.statistics import ModelStats
 from pagedserve_plugins.batching import SequencePolicy
 from pagedserve_plugins.python_backend import PythonBackend
 
+from tests.conftest import REPO, STOCK_MODELS
 from tests.recorder import Recorder
 
-MODELS = Path(__file__).resolve().parent.parent / "conf" / "models"
-EXAMPLES = [
-    "simple",
-    "simple_int8",
-    "simple_identity",
-    "simple_string",
-    "repeat_int32",
-    "simple_sequence",
-    "simple_dyna_sequence",
-    "identity_fp32",
-]
+MODELS = REPO / "conf" / "models"
+EXAMPLES = STOCK_MODELS
 WAIT = 10.0
 
 
