@@ -48,6 +48,8 @@ class RequestOptions:
     enable_empty_final_response: bool = False
     shm_outputs: dict[str, ShmOutput] = field(default_factory=dict)
     """Requested outputs the client wants written into its shared memory, by output name."""
+    classifications: dict[str, int] = field(default_factory=dict)
+    """Requested outputs to return as their top-k classes (``classification`` parameter), by name."""
 
 
 def _prefix(request_id: str) -> str:
@@ -357,10 +359,13 @@ class RequestDecoder:
                     f"unexpected inference output '{output.name}' for model '{self.spec.name}'"
                 )
             placement = shm_parameters(output)
-            if placement is not None and _has_classification(output):
+            top_k = _classification(output)
+            if placement is not None and top_k:
                 raise InferenceError("output can't set both 'shared_memory_region' and 'classification'")
             if placement is not None:
                 options.shm_outputs[output.name] = _shm_access(shm).output(output.name, *placement)
+            if top_k:
+                options.classifications[output.name] = top_k
             names.append(output.name)
         return names
 
@@ -410,15 +415,30 @@ def _shm_int(
     return param.int64_param
 
 
-def _has_classification(output: pb.ModelInferRequest.InferRequestedOutputTensor) -> bool:
+def _classification(output: pb.ModelInferRequest.InferRequestedOutputTensor) -> int:
+    """The requested top-k of a ``classification`` output parameter; 0 without one."""
     if "classification" not in output.parameters:
-        return False
+        return 0
     param = output.parameters["classification"]
     if param.WhichOneof("parameter_choice") != "int64_param":
         raise InferenceError("invalid value type for 'classification' parameter, expected int64_param")
     if param.int64_param <= 0:
         raise InferenceError("invalid value for 'classification' parameter, expected >= 0")
-    return True
+    return param.int64_param
+
+
+def classify(array: np.ndarray, top_k: int, batched: bool) -> np.ndarray:
+    """Triton's classification output: per batch row, the ``top_k`` largest elements as BYTES
+    ``"<value>:<index>"`` (shape ``[batch, k]``, or ``[k]`` for a model without a batch dimension)."""
+    rows = array.reshape(array.shape[0], -1) if batched and array.ndim else array.reshape(1, -1)
+    k = min(top_k, rows.shape[1])
+    out = np.empty((rows.shape[0], k), dtype=np.object_)
+    for r, row in enumerate(rows):
+        for c, index in enumerate(np.argsort(-row.astype(np.float64), kind="stable")[:k]):
+            value = row[index]
+            text = f"{float(value):f}" if np.issubdtype(row.dtype, np.floating) else str(int(value))
+            out[r, c] = f"{text}:{index}".encode()
+    return out if batched and array.ndim else out[0]
 
 
 def _shm_access(shm: ShmAccess | None) -> ShmAccess:
@@ -431,10 +451,11 @@ def encode_response(
     spec: ModelSpec,
     request: InferenceRequest,
     response: InferenceResponse | None,
-    shm_outputs: dict[str, ShmOutput] | None = None,
+    options: RequestOptions | None = None,
 ) -> pb.ModelInferResponse:
     """One ModelInferResponse; every output gets exactly one raw_output_contents entry, aligned (left
     empty for outputs written into the client's shared memory)."""
+    options = options or RequestOptions()
     message = pb.ModelInferResponse(
         model_name=spec.name, model_version=str(request.model_version), id=request.id
     )
@@ -447,9 +468,12 @@ def encode_response(
             continue
         array = np.asarray(value)
         datatype = declared.get(name) or datatypes.from_numpy(array.dtype)
+        if name in options.classifications:
+            array = classify(array, options.classifications[name], spec.config.max_batch_size > 0)
+            datatype = "BYTES"
         message.outputs.add(name=name, datatype=datatype, shape=list(array.shape))
         raw = datatypes.to_raw(array, datatype)
-        target = shm_outputs.get(name) if shm_outputs else None
+        target = options.shm_outputs.get(name)
         if target is not None:
             target.write(raw)
             raw = b""

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pagedserve.codec import ShmOutput, encode_response
+from pagedserve.codec import RequestOptions, encode_response
 from pagedserve.errors import InferenceError
 from pagedserve.inference import InferenceRequest, InferenceResponse, Responder
 from pagedserve.model_manager import LoadedVersion
@@ -72,8 +72,8 @@ class ServerResponder(Responder):
         self.loaded = loaded
         self.deliver = deliver
         self.request: InferenceRequest | None = None
-        self.shm_outputs: dict[str, ShmOutput] = {}
-        """Outputs to write into the client's shared memory (set by the server after decoding)."""
+        self.options = RequestOptions()
+        """Output placement (shared memory, classification), set by the server after decoding."""
         self.lease: RegionLease | None = None
         self.trace: Trace | None = None
         self._encode_span: tuple[int, int] | None = None  # (start, end) of the last response's encoding
@@ -114,7 +114,7 @@ class ServerResponder(Responder):
             self.loaded.stats.record_response(index, infer_ns=infer_ns, output_ns=0, ok=False, empty=False)
             return Delivery(None, response.error, final)
         try:
-            message = encode_response(self.loaded.spec, self.request, response, self.shm_outputs)
+            message = encode_response(self.loaded.spec, self.request, response, self.options)
         except InferenceError as error:  # e.g. a shared-memory output too small for the result
             return Delivery(None, error, final)
         except Exception as error:  # noqa: BLE001 - a model returned something we cannot encode

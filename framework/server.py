@@ -246,7 +246,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         request.timing.arrival_ns = arrival
         request.timing.compute_input_ns = time.monotonic_ns() - arrival
         responder.request = request
-        responder.shm_outputs, responder.lease = options.shm_outputs, lease
+        responder.options, responder.lease = options, lease
         responder.trace = self._start_trace(loaded, message, request)
         self._submit(loaded, request, responder)
         return responder, options

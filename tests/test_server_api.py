@@ -213,3 +213,13 @@ def test_server_reflection_lists_services(url: str) -> None:
         request = reflection_pb2.ServerReflectionRequest(file_containing_symbol="inference.ModelInferRequest")
         reply = next(iter(stub.ServerReflectionInfo(iter([request]))))
         assert reply.file_descriptor_response.file_descriptor_proto
+
+
+def test_classification_output(client: grpcclient.InferenceServerClient) -> None:
+    result = client.infer(
+        "simple", simple_inputs(batch=2), outputs=[grpcclient.InferRequestedOutput("OUTPUT0", class_count=3)]
+    )
+    classes = result.as_numpy("OUTPUT0")
+    assert classes.shape == (2, 3)
+    assert classes[0].tolist() == [b"16:15", b"15:14", b"14:13"]
+    assert classes[1].tolist() == [b"32:15", b"31:14", b"30:13"]
