@@ -278,39 +278,21 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 grpc.StatusCode.UNIMPLEMENTED,
                 "ModelInfer RPC doesn't support models with decoupled transaction policy",
             )
-        queue: asyncio.Queue[Delivery] = asyncio.Queue()
+        call = _UnaryCall(asyncio.get_running_loop(), request, spec is not None and spec.decoupled)
         try:
-            responder, _ = self.start_request(request, queue.put_nowait)
+            responder, _ = self.start_request(request, call.deliver)
         except InferenceError as error:
             await context.abort(error.code, error.message)
         context.add_done_callback(lambda _: responder.cancel())
         if responder.trace is not None:
             context.add_done_callback(lambda _, trace=responder.trace: sent(trace))
-        last: pb.ModelInferResponse | None = None
-        while True:
-            delivery = await queue.get()
-            if delivery.final and responder.trace is not None:
-                responder.trace.mark("GRPC_SEND_START")
-            if delivery.error is not None:
-                await context.abort(delivery.error.code, delivery.error.message)
-            if delivery.message is not None:
-                if last is not None and last.outputs and spec is not None and spec.decoupled:
-                    responder.cancel()
-                    await context.abort(
-                        grpc.StatusCode.INVALID_ARGUMENT,
-                        f"model '{request.model_name}' sent more than one response; ModelInfer returns one, "
-                        "use ModelStreamInfer for streaming",
-                    )
-                last = delivery.message
-            if delivery.final:
-                break
-        return (
-            last
-            if last is not None
-            else pb.ModelInferResponse(
-                model_name=request.model_name, model_version=request.model_version, id=request.id
-            )
-        )
+        await call.done
+        if responder.trace is not None:
+            responder.trace.mark("GRPC_SEND_START")
+        if call.error is not None:
+            responder.cancel()  # stops a decoupled model that kept sending
+            await context.abort(call.error.code, call.error.message)
+        return call.response
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Any
@@ -409,6 +391,43 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         for key, (kind, value) in self.logs.render().items():
             setattr(response.settings[key], kind, value)
         return response
+
+
+class _UnaryCall:
+    """What a model sends for one unary ModelInfer; ``done`` resolves once the answer is known."""
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, request: pb.ModelInferRequest, decoupled: bool
+    ) -> None:
+        self.done: asyncio.Future[None] = loop.create_future()
+        self.request = request
+        self.decoupled = decoupled
+        self.last: pb.ModelInferResponse | None = None
+        self.error: InferenceError | None = None
+
+    def deliver(self, delivery: Delivery) -> None:
+        if self.done.done():
+            return
+        if delivery.error is not None:
+            self.error = delivery.error
+        elif delivery.message is not None:
+            if self.decoupled and self.last is not None and self.last.outputs:
+                self.error = InferenceError(
+                    f"model '{self.request.model_name}' sent more than one response; ModelInfer returns "
+                    "one, use ModelStreamInfer for streaming"
+                )
+            self.last = delivery.message
+        if delivery.final or self.error is not None:
+            self.done.set_result(None)
+
+    @property
+    def response(self) -> pb.ModelInferResponse:
+        if self.last is not None:
+            return self.last
+        request = self.request
+        return pb.ModelInferResponse(
+            model_name=request.model_name, model_version=request.model_version, id=request.id
+        )
 
 
 def _allows_unary(spec: Any) -> bool:
