@@ -15,6 +15,8 @@ from pagedserve.hookspecs import hookimpl
 
 class TorchAttentionBackend(AttentionBackend):
     name = "torch"
+    preference = -100  # the reference: ``kernel=auto`` takes it only when nothing faster fits
+    supports_cuda_graphs = False  # reads context lengths on the host
 
     @classmethod
     def unsupported_reason(
@@ -37,7 +39,7 @@ class TorchAttentionBackend(AttentionBackend):
         slot_mapping: torch.Tensor,
     ) -> None:
         keep = slot_mapping >= 0
-        slots = slot_mapping[keep]
+        slots = slot_mapping[keep].long()
         k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, key[keep].to(k_cache.dtype))
         v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, value[keep].to(v_cache.dtype))
 

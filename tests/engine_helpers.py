@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 
+import pytest
 import torch
 from pagedserve.engine.block_manager import BlockManager
 from pagedserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
@@ -13,8 +13,11 @@ from pagedserve.engine.outputs import Sample
 from pagedserve.engine.scheduler import ScheduledBatch, Scheduler
 from pagedserve.engine.sequence import Sequence
 
-# The engine tests run on CPU; PAGEDSERVE_TEST_DEVICE=cuda runs the same checks on a GPU.
-TEST_DEVICE = os.environ.get("PAGEDSERVE_TEST_DEVICE", "cpu")
+# Tests that need CUDA carry the ``gpu`` marker (``pytest -m gpu`` runs them all on a GPU machine) and
+# skip without CUDA. ``DEVICES`` parametrizes a test over the CPU and, marked so, the GPU.
+HAS_CUDA = torch.cuda.is_available()
+gpu = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")]
+DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=gpu)]
 TINY_DIMS = dict(
     hidden_size=64,
     intermediate_size=96,
@@ -87,12 +90,14 @@ def engine_config(
     max_num_batched_tokens: int = 512,
     max_num_seqs: int = 64,
     policy: str = "fcfs",
+    device: str = "cpu",
+    dtype: str = "float32",
     **kwargs: object,
 ) -> EngineConfig:
     return EngineConfig(
         model=str(model),
-        dtype="float32",
-        device=TEST_DEVICE,
+        dtype=dtype,
+        device=device,
         cache=CacheConfig(block_size=block_size, num_blocks=num_blocks, prefix_caching=prefix_caching),
         scheduler=SchedulerConfig(
             policy=policy, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens

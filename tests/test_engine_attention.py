@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -106,6 +107,7 @@ def test_bfloat16_output_keeps_input_dtype():
 
 class _PickyBackend(AttentionBackend):
     name = "picky"
+    preference = 10
 
     @classmethod
     def unsupported_reason(cls, head_dim, dtype, block_size, device):
@@ -117,14 +119,34 @@ class _PickyBackend(AttentionBackend):
     prefill = decode = store_kv
 
 
-def test_auto_picks_the_first_backend_that_supports_the_model():
-    backends = {"picky": _PickyBackend, "torch": TorchAttentionBackend}
+class _ZetaBackend(_PickyBackend):
+    name = "zeta"
+    preference = 0
+
+    @classmethod
+    def unsupported_reason(cls, head_dim, dtype, block_size, device):
+        return None
+
+
+def test_auto_picks_the_most_preferred_backend_that_supports_the_model(caplog):
+    # Registration order must not matter: torch (the reference) comes first here.
+    backends = {"torch": TorchAttentionBackend, "picky": _PickyBackend}
     kwargs = dict(dtype=torch.float16, block_size=16, device=torch.device("cpu"))
     assert select_attention_backend(backends, "auto", head_dim=128, **kwargs) is _PickyBackend
-    assert select_attention_backend(backends, "auto", head_dim=64, **kwargs) is TorchAttentionBackend
+    with caplog.at_level(logging.INFO, logger="pagedserve.engine.attention"):
+        assert select_attention_backend(backends, "auto", head_dim=64, **kwargs) is TorchAttentionBackend
+    assert "picky: needs head_dim 128" in caplog.text
     with pytest.raises(NoAttentionBackendError, match="picky: needs head_dim 128"):
         select_attention_backend(backends, "picky", head_dim=64, **kwargs)
     with pytest.raises(NoAttentionBackendError, match="registered: \\['picky', 'torch'\\]"):
         select_attention_backend(backends, "flash", head_dim=64, **kwargs)
     with pytest.raises(NoAttentionBackendError, match="picky: needs head_dim 128"):
         select_attention_backend({"picky": _PickyBackend}, "auto", head_dim=64, **kwargs)
+    # Equal preference: ties are broken by name, never by registration order.
+    both = {"zeta": _ZetaBackend, "alpha": type("Alpha", (_ZetaBackend,), {"name": "alpha"})}
+    assert select_attention_backend(both, "auto", head_dim=64, **kwargs).name == "alpha"
+
+
+def test_torch_backend_is_the_last_resort():
+    assert TorchAttentionBackend.preference < AttentionBackend.preference
+    assert not TorchAttentionBackend.supports_cuda_graphs

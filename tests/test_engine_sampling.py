@@ -10,7 +10,7 @@ from pagedserve.engine.sampling_params import SamplingParams
 from pagedserve.engine.sequence import Sequence
 from pagedserve.models.tiny import ensure_tiny_llama
 
-from .engine_helpers import assert_pool_free, engine_config
+from .engine_helpers import assert_pool_free, engine_config, gpu
 
 PROMPTS = [
     "The scheduler hands out",
@@ -20,10 +20,22 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def llm(tmp_path_factory) -> LLM:
+@pytest.fixture(
+    scope="module",
+    params=[
+        pytest.param(("cpu", False), id="cpu"),
+        pytest.param(("cpu", True), id="cpu-overlap"),
+        pytest.param(("cuda", True), id="cuda", marks=gpu),
+    ],
+)
+def llm(request, tmp_path_factory) -> LLM:
+    """Every engine-level test runs on plain CPU steps, on CPU with step N+1 scheduled and launched
+    before step N's samples are processed (what ``async_scheduling`` does on CUDA), and on a GPU."""
+    device, overlap = request.param
     path = ensure_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama")
-    return LLM(engine_config(path, block_size=8, num_blocks=512))
+    llm = LLM(engine_config(path, block_size=8, num_blocks=512, device=device))
+    llm.engine.overlap = overlap
+    return llm
 
 
 @pytest.fixture(autouse=True)
@@ -189,3 +201,23 @@ def test_sampling_follows_the_distribution():
     seqs = [_seq(SamplingParams(temperature=1.0)) for _ in range(4000)]
     counts = torch.bincount(torch.tensor([s.token_id for s in sampler(logits, seqs)]), minlength=3)
     torch.testing.assert_close(counts / 4000, torch.tensor([0.7, 0.2, 0.1]), atol=0.03, rtol=0)
+
+
+def test_penalties_and_stop_tokens_through_the_engine(llm):
+    """A penalised sequence sees every earlier token even when steps overlap (a huge repetition
+    penalty means greedy never repeats a prompt or output token), and a sequence that stops on a
+    token while the next step is being scheduled leaves cleanly."""
+    full = _greedy(llm, PROMPTS[2]).outputs[0].token_ids
+    params = SamplingParams(
+        temperature=0.0, max_tokens=24, ignore_eos=True, repetition_penalty=1e6, stop_token_ids=[full[2]]
+    )
+    outs = llm.generate(PROMPTS, params)
+    for out in outs:
+        tokens = out.outputs[0].token_ids
+        stopped = tokens[-1] == full[2]
+        assert out.outputs[0].finish_reason == ("stop" if stopped else "length")
+        assert full[2] not in tokens[:-1]
+        seen = set(out.prompt_token_ids)
+        for token in tokens:
+            assert token not in seen
+            seen.add(token)

@@ -70,7 +70,6 @@ def run_hf_generate(
     return useful, time.perf_counter() - start
 
 
-@torch.inference_mode()
 def run_hf_continuous(
     model: Any,
     requests: list[BenchRequest],
@@ -80,15 +79,11 @@ def run_hf_continuous(
     num_blocks: int,
 ) -> tuple[int, float]:
     from transformers import GenerationConfig
-    from transformers.generation import ContinuousBatchingConfig
 
+    # No inference_mode here: the manager's worker thread updates tensors it creates in this thread,
+    # which must not be inference tensors.
     generation = GenerationConfig(do_sample=False, eos_token_id=-1, pad_token_id=0, max_new_tokens=16)
-    batching = ContinuousBatchingConfig(
-        page_size=block_size, num_blocks=num_blocks, max_batch_tokens=max_batch_tokens
-    )
-    with model.continuous_batching_context_manager(
-        generation_config=generation, continuous_batching_config=batching
-    ) as manager:
+    with _continuous_manager(model, generation, block_size, max_batch_tokens, num_blocks) as manager:
         _sync(device)
         start = time.perf_counter()  # after the manager's warm-up, which is set-up cost
         pending = {
@@ -108,3 +103,31 @@ def run_hf_continuous(
                 useful += len(result.generated_tokens)
     _sync(device)
     return useful, time.perf_counter() - start
+
+
+def _continuous_manager(
+    model: Any, generation: Any, block_size: int, max_batch_tokens: int, num_blocks: int
+) -> Any:
+    """The continuous-batching context manager across transformers 5.x: newer releases take a
+    ``ContinuousBatchingConfig`` (``page_size`` or ``block_size``), older ones read the cache sizes
+    from the generation config."""
+    import dataclasses
+    import inspect
+
+    sizes = {"num_blocks": num_blocks, "max_batch_tokens": max_batch_tokens}
+    params = inspect.signature(model.continuous_batching_context_manager).parameters
+    try:
+        from transformers.generation import ContinuousBatchingConfig
+    except ImportError:
+        ContinuousBatchingConfig = None  # noqa: N806
+    if ContinuousBatchingConfig is None or "continuous_batching_config" not in params:
+        for key, value in {**sizes, "block_size": block_size}.items():
+            setattr(generation, key, value)
+        return model.continuous_batching_context_manager(generation_config=generation)
+    fields = {f.name for f in dataclasses.fields(ContinuousBatchingConfig)}
+    page_key = "page_size" if "page_size" in fields else "block_size"
+    known = {k: v for k, v in sizes.items() if k in fields}
+    batching = ContinuousBatchingConfig(**{page_key: block_size}, **known)
+    return model.continuous_batching_context_manager(
+        generation_config=generation, continuous_batching_config=batching
+    )

@@ -7,6 +7,7 @@ Run through the ``bench`` console script (a Hydra app sharing ``serve``'s config
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import time
@@ -67,12 +68,17 @@ def run_bench(config: BenchConfig, registries: Registries) -> list[Row]:
     label = f"block={config.cache.block_size} sched={config.scheduler.policy} kernel={config.kernel}"
 
     params = [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True) for r in requests]
-    warm = standard_workload(min(8, b.num_requests), vocab, (16, 64), (4, 8), seed=1)
+    # Warm-up with the workload's own size and prompt lengths (short outputs), so the batch shapes of
+    # the timed run occur once before it and their kernels compile outside it (Triton specialises on
+    # sizes, e.g. the number of sequences in a prefill or the split count of a large eager decode).
+    warm = standard_workload(b.num_requests, vocab, tuple(b.prompt_len), (2, 6), seed=1)
     llm.generate(
         [r.prompt_token_ids for r in warm],
         [SamplingParams(max_tokens=r.output_len, ignore_eos=True) for r in warm],
     )
     device = str(next(engine.runner.model.parameters()).device)
+    runner = engine.runner
+    graph_steps, eager_steps = runner.num_graph_steps, runner.num_eager_steps
     hf_peers._sync(device)
     start = time.perf_counter()
     outputs = llm.generate([r.prompt_token_ids for r in requests], params)
@@ -80,10 +86,21 @@ def run_bench(config: BenchConfig, registries: Registries) -> list[Row]:
     seconds = time.perf_counter() - start
     produced = sum(len(o.outputs[0].token_ids) for o in outputs)
     rows = [Row("pagedserve", len(requests), produced, seconds, produced + prompt_tokens, label)]
+    log.info(
+        "pagedserve: %d steps (%d decode steps as CUDA graphs, %d eager), %d preemptions, attention=%s",
+        runner.num_graph_steps - graph_steps + runner.num_eager_steps - eager_steps,
+        runner.num_graph_steps - graph_steps,
+        runner.num_eager_steps - eager_steps,
+        engine.scheduler.num_preemptions,
+        engine.attention_backend,
+    )
     dtype = next(engine.runner.model.parameters()).dtype
-    del llm, engine, outputs  # free the KV cache and weights before the peers load theirs
+    del llm, engine, runner, outputs  # free the KV cache and weights before the peers load theirs
+    gc.collect()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
+        still = torch.cuda.memory_allocated() / 2**30
+        log.info("engine freed: %.1f GiB of GPU memory still allocated", still)
     rows += _run_peers(config, requests, source, device, dtype, prompt_tokens)
     return rows
 
@@ -107,23 +124,37 @@ def _run_peers(
     model = hf_peers.load_hf_model(source.directory, source.hf_config, device, dtype)
     rows = []
     for peer in config.bench.peers:
-        if peer == "hf_generate":
-            useful, seconds = hf_peers.run_hf_generate(model, requests, config.bench.hf_batch_size, device)
-            settings = f"static batch {config.bench.hf_batch_size}, sdpa"
-        elif peer == "hf_continuous":
-            useful, seconds = hf_peers.run_hf_continuous(
-                model,
-                requests,
-                device,
-                config.bench.hf_block_size,
-                config.bench.hf_max_batch_tokens,
-                config.bench.hf_num_blocks,
-            )
-            settings = f"continuous batching, paged, block {config.bench.hf_block_size}"
-        else:
+        if peer not in ("hf_generate", "hf_continuous"):
             raise ValueError(f"bench.peers: unknown peer '{peer}'; available: hf_generate, hf_continuous")
-        rows.append(Row(peer, len(requests), useful, seconds, useful + prompt_tokens, settings))
+        try:
+            row = _run_peer(peer, config, model, requests, device, prompt_tokens)
+        except Exception:  # a peer that breaks (e.g. another transformers API) must not hide our row
+            log.exception("peer %s failed; its row is left out", peer)
+            continue
+        if row.output_tokens == 0:
+            log.error("peer %s produced no tokens; its row is left out", peer)
+            continue
+        rows.append(row)
+    del model
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
     return rows
+
+
+def _run_peer(
+    peer: str, config: BenchConfig, model: Any, requests: list[BenchRequest], device: str, prompt_tokens: int
+) -> Row:
+    b = config.bench
+    if peer == "hf_generate":
+        useful, seconds = hf_peers.run_hf_generate(model, requests, b.hf_batch_size, device)
+        settings = f"static batch {b.hf_batch_size}, sdpa"
+    else:
+        useful, seconds = hf_peers.run_hf_continuous(
+            model, requests, device, b.hf_block_size, b.hf_max_batch_tokens, b.hf_num_blocks
+        )
+        settings = f"continuous batching, paged, block {b.hf_block_size}"
+    return Row(peer, len(requests), useful, seconds, useful + prompt_tokens, settings)
 
 
 def print_rows(rows: list[Row], limit_tps: float | None, console: Console | None = None) -> None:
@@ -140,7 +171,7 @@ def print_rows(rows: list[Row], limit_tps: float | None, console: Console | None
         "vs",
     ):
         table.add_column(column, justify="right" if column not in ("system", "settings") else "left")
-    peers = {r.system: r.output_tps for r in rows if r.system != "pagedserve"}
+    peers = {r.system: r.output_tps for r in rows if r.system != "pagedserve" and r.output_tokens}
     for row in rows:
         ratios = []
         if row.system == "pagedserve":
@@ -170,7 +201,11 @@ class SweepTable(Callback):
     """Hydra callback: after ``bench -m ...`` prints every job's rows as one table."""
 
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
-        path = Path(config.hydra.sweep.dir) / RESULTS_FILE
-        if path.exists():
-            rows = [Row(**json.loads(line)) for line in path.read_text().splitlines() if line]
-            print_rows(rows, None)
+        # Each job writes into its own sub-directory (0/, 1/, ...); gather them in job order.
+        files = sorted(
+            Path(config.hydra.sweep.dir).glob(f"**/{RESULTS_FILE}"),
+            key=lambda p: [int(part) if part.isdigit() else part for part in p.parts],
+        )
+        rows = [Row(**json.loads(line)) for path in files for line in path.read_text().splitlines() if line]
+        if rows:
+            print_rows(rows, config.bench.get("limit_output_tokens_per_s"))

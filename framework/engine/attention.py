@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -22,12 +23,14 @@ from typing import ClassVar
 
 import torch
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class AttentionMetadata:
     """Tensors describing one batch, shared by every attention layer of the step."""
 
-    slot_mapping: torch.Tensor  # [num_tokens] int64, -1 = do not store
+    slot_mapping: torch.Tensor  # [num_tokens] int32 or int64, -1 = do not store
     num_decode_tokens: int  # rows [0, num_decode_tokens) are decodes, one token per sequence
     decode_block_tables: torch.Tensor  # [num_decodes, max_blocks] int32
     decode_context_lens: torch.Tensor  # [num_decodes] int32, tokens including the new one
@@ -51,6 +54,11 @@ class AttentionBackend(ABC):
     """
 
     name: ClassVar[str]
+    preference: ClassVar[int] = 0
+    """``kernel=auto`` tries backends from the highest preference down (ties by name)."""
+    supports_cuda_graphs: ClassVar[bool] = True
+    """``store_kv`` and ``decode`` never read device values on the host, so the runner may capture
+    decode steps in CUDA graphs (launch shapes may depend only on tensor shapes)."""
 
     @classmethod
     @abstractmethod
@@ -121,21 +129,27 @@ def select_attention_backend(
 ) -> type[AttentionBackend]:
     """Resolve ``kernel`` (a backend name or ``auto``) to a backend class that supports the model.
 
-    ``auto`` takes the first backend, in registration order, with no objection. Failing that, the
-    error lists every candidate's reason so the user can see what to change.
+    ``auto`` takes the most preferred backend (``AttentionBackend.preference``) with no objection and
+    logs why each more preferred one was passed over. Failing that, the error lists every
+    candidate's reason so the user can see what to change.
     """
     if kernel != "auto" and kernel not in backends:
         raise NoAttentionBackendError(
             f"kernel={kernel!r} is not a registered attention backend; registered: {sorted(backends)}"
         )
-    candidates = list(backends.items()) if kernel == "auto" else [(kernel, backends[kernel])]
+    if kernel == "auto":
+        candidates = sorted(backends.items(), key=lambda item: (-item[1].preference, item[0]))
+    else:
+        candidates = [(kernel, backends[kernel])]
+    setup = f"head_dim={head_dim}, dtype={dtype}, block_size={block_size}, device={device}"
     reasons = []
     for name, backend in candidates:
         reason = backend.unsupported_reason(head_dim, dtype, block_size, device)
         if reason is None:
+            for passed_over in reasons:
+                log.info("kernel=auto passed over attention backend %s (%s)", passed_over, setup)
             return backend
         reasons.append(f"{name}: {reason}")
-    setup = f"head_dim={head_dim}, dtype={dtype}, block_size={block_size}, device={device}"
     raise NoAttentionBackendError(
         f"no attention backend for kernel={kernel!r} can serve {setup}: "
         + ("; ".join(reasons) or "no backends are registered")

@@ -134,6 +134,7 @@ class BlockManager:
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """Let ``child`` share every block of ``parent``; a later write into a shared block copies it."""
         child.block_table = list(parent.block_table)
+        child.num_hashed_blocks = parent.num_hashed_blocks
         for block_id in child.block_table:
             self.blocks[block_id].ref_count += 1
 
@@ -147,14 +148,19 @@ class BlockManager:
                 if block.hash is None:  # nothing to reuse in it: hand it out first
                     self.free_ids.move_to_end(block_id, last=False)
         seq.block_table = []
+        seq.num_hashed_blocks = 0
 
     def cache_full_blocks(self, seq: Sequence) -> None:
         """Register the full, computed blocks of ``seq`` in the prefix cache (after a model step)."""
         if not self.enable_prefix_caching:
             return
         self._extend_hashes(seq)
-        num_full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
-        for i in range(num_full):
+        # Pending tokens (sampled, not yet appended) count as computed but cannot be hashed yet.
+        num_computed = min(seq.num_computed_tokens, len(seq))
+        num_full = min(num_computed // self.block_size, len(seq.block_table))
+        if num_full <= seq.num_hashed_blocks:
+            return
+        for i in range(seq.num_hashed_blocks, num_full):
             block = self.blocks[seq.block_table[i]]
             block_hash = seq.block_hashes[i]
             if block.hash is not None or block_hash in self.hash_to_block:
@@ -162,6 +168,7 @@ class BlockManager:
             block.hash = block_hash
             block.token_ids = self._block_tokens(seq, i)
             self.hash_to_block[block_hash] = block.block_id
+        seq.num_hashed_blocks = num_full
 
     def reset_prefix_cache(self) -> None:
         for block in self.blocks:
@@ -186,6 +193,7 @@ class BlockManager:
             block.ref_count += 1
             seq.block_table.append(block_id)
         seq.num_cached_tokens = len(cached_blocks) * self.block_size
+        seq.num_hashed_blocks = len(cached_blocks)
         seq.num_computed_tokens += seq.num_cached_tokens
         self._num_queried_tokens += num_query_tokens
         self._num_hit_tokens += seq.num_cached_tokens

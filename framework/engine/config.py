@@ -46,7 +46,7 @@ class SchedulerConfig:
     """Continuous-batching budgets; ``policy`` names a registered SchedulingPolicy."""
 
     policy: str = "fcfs"
-    max_num_seqs: int = 256
+    max_num_seqs: int = 512  # decode CUDA graphs cover batches up to this (at most 512)
     max_num_batched_tokens: int = 8192
     chunked_prefill: bool = True
 
@@ -67,6 +67,8 @@ class EngineConfig:
     load_format: str = "auto"
     kernel: str = "auto"
     cuda_graphs: bool = True
+    async_scheduling: bool = True
+    """On CUDA, schedule and prepare step N+1 while the device runs step N (results one step later)."""
     max_model_len: int | None = None
     seed: int = 0
     cache: CacheConfig = field(default_factory=CacheConfig)

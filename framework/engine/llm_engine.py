@@ -1,6 +1,9 @@
 """The LLM engine: requests in, one ``step()`` at a time, :class:`RequestOutput` values out.
 
-``step()`` reads as schedule → run → postprocess. The engine is not thread-safe; see
+``step()`` reads as schedule → launch → postprocess. On CUDA with ``async_scheduling`` the
+postprocessing of a step waits until the next step has been scheduled and launched, so the host's
+work (scheduling, input preparation, detokenization) overlaps the device's; a step's outputs are
+then returned by the following ``step()`` call. The engine is not thread-safe; see
 :mod:`pagedserve.engine.engine_loop` for running it on its own thread.
 """
 
@@ -12,7 +15,7 @@ import torch
 from pagedserve.engine.attention import AttentionBackend, select_attention_backend
 from pagedserve.engine.block_manager import BlockManager, BlockUsage
 from pagedserve.engine.config import EngineConfig
-from pagedserve.engine.model_runner import ModelRunner
+from pagedserve.engine.model_runner import ModelRunner, StepHandle
 from pagedserve.engine.model_setup import ModelSetup, build_model, cpu_num_blocks, cuda_num_blocks
 from pagedserve.engine.output_processor import OutputProcessor
 from pagedserve.engine.outputs import RequestOutput
@@ -45,6 +48,8 @@ class LLMEngine:
             block_size=config.cache.block_size,
             device=setup.device,
         )
+        self.device = setup.device
+        self.attention_backend = backend_cls.name
         num_blocks = self._num_blocks(setup, backend_cls)
         self.block_manager = BlockManager(num_blocks, config.cache.block_size, config.cache.prefix_caching)
         self.scheduler = Scheduler(
@@ -55,15 +60,10 @@ class LLMEngine:
             eos_token_ids=self.eos_token_ids,
         )
         sampler = Sampler(setup.arch.vocab_size, self.eos_token_ids, config.seed)
-        self.runner = ModelRunner(
-            setup.model,
-            backend_cls(),
-            sampler,
-            num_blocks=num_blocks,
-            block_size=config.cache.block_size,
-            device=setup.device,
-            dtype=setup.dtype,
-        )
+        self.runner = self._runner(setup, backend_cls, sampler, num_blocks, config.cuda_graphs)
+        self.runner.capture_graphs()
+        self.overlap = config.async_scheduling and setup.device.type == "cuda"
+        self._inflight: tuple[ScheduledBatch, StepHandle] | None = None
         self.outputs = OutputProcessor(self.tokenizer)
         log.info(
             "engine ready: %s on %s (%s), %d KV blocks of %d tokens, attention=%s",
@@ -120,7 +120,10 @@ class LLMEngine:
         return self.outputs.abort(request_id)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        if self.scheduler.has_unfinished():
+            return True
+        # A launched step whose sequences all ended meanwhile (abort) has nothing left to report.
+        return self._inflight is not None and any(not s.is_finished for s, _ in self._inflight[0].sample_rows)
 
     def block_usage(self) -> BlockUsage:
         return self.block_manager.usage()
@@ -128,10 +131,31 @@ class LLMEngine:
     # ---- one step ----------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        try:
+            return self._step()
+        except BaseException:
+            self._inflight = None  # its results are lost with the failed step
+            raise
+
+    def _step(self) -> list[RequestOutput]:
+        outputs: list[RequestOutput] = []
+        if self._inflight is not None and _needs_full_history(self._inflight[0]):
+            # Penalties read every earlier token on the host: land the pending ones first.
+            outputs += self._complete(*self._inflight)
+            self._inflight = None
         batch = self.scheduler.schedule()
-        if batch.is_empty:
-            return []
-        samples = self.runner.run(batch)
+        previous, self._inflight = self._inflight, None
+        if not batch.is_empty:
+            self._inflight = (batch, self.runner.launch(batch))
+        if previous is not None:
+            outputs += self._complete(*previous)
+        if not self.overlap and self._inflight is not None:
+            outputs += self._complete(*self._inflight)
+            self._inflight = None
+        return outputs
+
+    def _complete(self, batch: ScheduledBatch, handle: StepHandle) -> list[RequestOutput]:
+        samples = self.runner.collect(handle)
         updated = self.scheduler.postprocess(batch, samples)
         return self.outputs.process(updated, self.scheduler)
 
@@ -169,21 +193,36 @@ class LLMEngine:
             return cuda_num_blocks(cache, setup, self._profile_activation_bytes(setup, backend_cls))
         return cpu_num_blocks(cache, setup, self.config.scheduler.max_num_seqs * self.max_model_len)
 
+    def _runner(
+        self,
+        setup: ModelSetup,
+        backend_cls: type[AttentionBackend],
+        sampler: Sampler,
+        num_blocks: int,
+        cuda_graphs: bool,
+    ) -> ModelRunner:
+        scheduler = self.config.scheduler
+        return ModelRunner(
+            setup.model,
+            backend_cls(),
+            sampler,
+            num_blocks=num_blocks,
+            block_size=self.config.cache.block_size,
+            device=setup.device,
+            dtype=setup.dtype,
+            max_num_seqs=scheduler.max_num_seqs,
+            max_num_batched_tokens=scheduler.max_num_batched_tokens,
+            max_model_len=self.max_model_len,
+            cuda_graphs=cuda_graphs,
+        )
+
     def _profile_activation_bytes(self, setup: ModelSetup, backend_cls: type[AttentionBackend]) -> int:
         """Peak activation memory of the largest step (one long prefill) with a throw-away cache."""
         num_tokens = min(self.config.scheduler.max_num_batched_tokens, self.max_model_len - 1)
         block_size = self.config.cache.block_size
         num_blocks = -(-num_tokens // block_size)
         sampler = Sampler(setup.arch.vocab_size, frozenset(), self.config.seed)
-        runner = ModelRunner(
-            setup.model,
-            backend_cls(),
-            sampler,
-            num_blocks=num_blocks,
-            block_size=block_size,
-            device=setup.device,
-            dtype=setup.dtype,
-        )
+        runner = self._runner(setup, backend_cls, sampler, num_blocks, cuda_graphs=False)
         seq = Sequence("profile", [0] * num_tokens, SamplingParams(max_tokens=1))
         seq.block_table = list(range(num_blocks))
         torch.cuda.synchronize(setup.device)
@@ -194,3 +233,10 @@ class LLMEngine:
         del runner
         torch.cuda.empty_cache()
         return peak
+
+
+def _needs_full_history(batch: ScheduledBatch) -> bool:
+    return any(
+        p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
+        for p in (seq.params for seq, _ in batch.sample_rows)
+    )

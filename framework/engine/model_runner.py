@@ -1,29 +1,41 @@
-"""Runs one scheduled batch: block copies, input tensors, attention metadata, forward, sampling.
+"""Runs one scheduled batch on the device: block copies, inputs, forward, sampling.
 
-Rows are laid out decodes first (one token each), then prefill chunks, which is the order
-:class:`AttentionMetadata` promises the backends. Only the last position of each sequence that
-samples this step goes through the LM head.
+:meth:`ModelRunner.launch` only queues device work and returns a :class:`StepHandle`;
+:meth:`ModelRunner.collect` waits for that step's sampled tokens (one small copy to pinned host
+memory per step). Between the two the engine is free to schedule and prepare the next step. The
+sampled ids also stay on the device, where the next step reads the inputs that are still pending
+on the host. Only the last position of each sequence that samples this step goes through the LM
+head. Decode-only batches replay a captured CUDA graph when one fits (:mod:`cuda_graphs`).
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 
 import torch
-from pagedserve.engine.attention import AttentionBackend, AttentionMetadata, attention_metadata
+from pagedserve.engine.attention import AttentionBackend, attention_metadata
+from pagedserve.engine.cuda_graphs import DecodeGraphs, graph_batch_sizes
 from pagedserve.engine.outputs import Sample
-from pagedserve.engine.sampler import Sampler
+from pagedserve.engine.sampler import Sampler, SamplerOutput
 from pagedserve.engine.scheduler import ScheduledBatch
 from pagedserve.engine.sequence import Sequence
+from pagedserve.engine.step_inputs import StepBuffers, StepInputs
 from pagedserve.models.registry import ModelArchitecture
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
-class ModelInputs:
-    input_ids: torch.Tensor  # [T] int64
-    positions: torch.Tensor  # [T] int64
-    metadata: AttentionMetadata
-    last_rows: list[int]  # per batch index: row of the sequence's last token this step
+class StepHandle:
+    """A launched step: where its samples will land on the host, and when they are there."""
+
+    seqs: list[Sequence]
+    host: torch.Tensor | None = None  # [B, 2] float64 (pinned on CUDA)
+    top: tuple[torch.Tensor, torch.Tensor] | None = None
+    ready: torch.cuda.Event | None = None
+    used_graph: bool = False
 
 
 class ModelRunner:
@@ -37,6 +49,10 @@ class ModelRunner:
         block_size: int,
         device: torch.device,
         dtype: torch.dtype,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+        cuda_graphs: bool = False,
     ) -> None:
         self.model = model
         self.sampler = sampler
@@ -49,76 +65,116 @@ class ModelRunner:
         self.v_caches = torch.empty(shape, dtype=dtype, device=device)
         for i, layer in enumerate(layers):
             layer.backend, layer.k_cache, layer.v_cache = backend, self.k_caches[i], self.v_caches[i]
+        self.buffers = StepBuffers(
+            max_num_tokens=max(max_num_batched_tokens, max_num_seqs),
+            max_num_seqs=max_num_seqs,
+            max_blocks_per_seq=-(-max_model_len // block_size),
+            block_size=block_size,
+            device=device,
+        )
+        self.on_cuda = device.type == "cuda"
+        self.graphs: DecodeGraphs | None = None
+        if cuda_graphs and self.on_cuda and backend.supports_cuda_graphs:
+            self.graphs = DecodeGraphs(model, self.buffers, graph_batch_sizes(max_num_seqs))
+        elif cuda_graphs and self.on_cuda:
+            log.info("CUDA graphs off: attention backend %s cannot be captured", backend.name)
+        # The previous step's samples, still on the device: the next inputs of its sequences.
+        self._pending_rows: dict[Sequence, int] = {}
+        self._pending_ids: torch.Tensor | None = None
+        self._hosts = [self._host_samples(max_num_seqs) for _ in range(2)]
+        self._turn = 0
+        self.num_graph_steps = 0
+        self.num_eager_steps = 0
+
+    def capture_graphs(self) -> None:
+        if self.graphs is None:
+            return
+        start = time.perf_counter()
+        self.graphs.capture()
+        log.info(
+            "captured %d decode CUDA graphs (batch sizes %d..%d) in %.1f s",
+            len(self.graphs.sizes),
+            self.graphs.sizes[0],
+            self.graphs.sizes[-1],
+            time.perf_counter() - start,
+        )
+
+    # ---- one step --------------------------------------------------------------------------------
+
+    def run(self, batch: ScheduledBatch) -> list[Sample]:
+        """Launch and wait (tests, profiling)."""
+        return self.collect(self.launch(batch))
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> list[Sample]:
+    def launch(self, batch: ScheduledBatch) -> StepHandle:
         self.copy_blocks(batch.block_copies)
-        inputs = self.prepare(batch)
-        with attention_metadata(inputs.metadata):
-            hidden = self.model(inputs.input_ids, inputs.positions)
-        if not batch.sample_rows:
+        graph_size = self._graph_size(batch)
+        step = self.buffers.prepare(batch, self._pending_rows, self._pending_ids, graph_size)
+        hidden = self._forward(step, graph_size)
+        seqs = [seq for seq, _ in batch.sample_rows]
+        if not seqs:
+            self._pending_rows, self._pending_ids = {}, None
+            return StepHandle([])
+        if step.sample_rows is None:
+            hidden = hidden[: step.num_samples]
+        else:
+            hidden = hidden.index_select(0, step.sample_rows)
+        out = self.sampler.sample(self.model.compute_logits(hidden), seqs)
+        self._pending_rows = {seq: i for i, seq in enumerate(seqs)}
+        self._pending_ids = out.token_ids
+        return self._send_to_host(out, seqs, used_graph=graph_size is not None)
+
+    def collect(self, handle: StepHandle) -> list[Sample]:
+        """Wait for a launched step's samples; they arrive in ``batch.sample_rows`` order."""
+        if not handle.seqs:
             return []
-        rows = torch.tensor([inputs.last_rows[i] for _, i in batch.sample_rows], device=self.device)
-        logits = self.model.compute_logits(hidden[rows])
-        return self.sampler(logits, [seq for seq, _ in batch.sample_rows])
+        if handle.ready is not None:
+            handle.ready.synchronize()
+        top = None
+        if handle.top is not None:
+            top = (handle.top[0].tolist(), handle.top[1].tolist())
+        return self.sampler.to_samples(handle.host, top, handle.seqs)
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         if not pairs:
             return
-        src = torch.tensor([s for s, _ in pairs], device=self.device)
-        dst = torch.tensor([d for _, d in pairs], device=self.device)
+        src = torch.tensor([s for s, _ in pairs]).to(self.device, non_blocking=True)
+        dst = torch.tensor([d for _, d in pairs]).to(self.device, non_blocking=True)
         self.k_caches[:, dst] = self.k_caches[:, src]
         self.v_caches[:, dst] = self.v_caches[:, src]
 
-    def prepare(self, batch: ScheduledBatch) -> ModelInputs:
-        # Stable sort: decodes (one new token) first, the rest keep their order.
-        order = sorted(range(len(batch.seqs)), key=lambda i: batch.num_new_tokens[i] != 1)
-        token_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        last_rows = [0] * len(batch.seqs)
-        for i in order:
-            seq, num_new = batch.seqs[i], batch.num_new_tokens[i]
-            start = seq.num_computed_tokens
-            token_ids += seq.token_ids[start : start + num_new]
-            positions += range(start, start + num_new)
-            slots += self._slots(seq, start, start + num_new)
-            last_rows[i] = len(token_ids) - 1
-        num_decodes = sum(1 for i in order if batch.num_new_tokens[i] == 1)
-        metadata = self._metadata(batch, order, num_decodes, slots)
-        to = self._tensor
-        return ModelInputs(to(token_ids, torch.long), to(positions, torch.long), metadata, last_rows)
+    # ---- internals -------------------------------------------------------------------------------
 
-    def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
-        bs, table = self.block_size, seq.block_table
-        return [table[p // bs] * bs + p % bs for p in range(start, end)]
+    def _graph_size(self, batch: ScheduledBatch) -> int | None:
+        if self.graphs is None or any(n != 1 for n in batch.num_new_tokens):
+            return None
+        return self.graphs.size_for(len(batch.seqs))
 
-    def _metadata(
-        self, batch: ScheduledBatch, order: list[int], num_decodes: int, slots: list[int]
-    ) -> AttentionMetadata:
-        decodes, prefills = order[:num_decodes], order[num_decodes:]
-        seqs, num_new = batch.seqs, batch.num_new_tokens
-        context_lens = {i: seqs[i].num_computed_tokens + num_new[i] for i in order}
-        cu_seqlens = [0]
-        for i in prefills:
-            cu_seqlens.append(cu_seqlens[-1] + num_new[i])
-        to = self._tensor
-        return AttentionMetadata(
-            slot_mapping=to(slots, torch.long),
-            num_decode_tokens=num_decodes,
-            decode_block_tables=self._block_tables([seqs[i] for i in decodes]),
-            decode_context_lens=to([context_lens[i] for i in decodes], torch.int32),
-            prefill_cu_seqlens_q=to(cu_seqlens, torch.int32),
-            prefill_context_lens=to([context_lens[i] for i in prefills], torch.int32),
-            prefill_block_tables=self._block_tables([seqs[i] for i in prefills]),
-            max_prefill_query_len=max((num_new[i] for i in prefills), default=0),
-            max_context_len=max(context_lens.values(), default=0),
-        )
+    def _forward(self, step: StepInputs, graph_size: int | None) -> torch.Tensor:
+        if graph_size is not None:
+            assert self.graphs is not None
+            self.num_graph_steps += 1
+            return self.graphs.replay(graph_size)
+        self.num_eager_steps += 1
+        with attention_metadata(step.metadata):
+            return self.model(step.input_ids, step.positions)
 
-    def _block_tables(self, seqs: list[Sequence]) -> torch.Tensor:
-        width = max((len(s.block_table) for s in seqs), default=0)
-        rows = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
-        return self._tensor(rows, torch.int32).reshape(len(seqs), width)
+    def _host_samples(self, rows: int) -> torch.Tensor:
+        return torch.empty((rows, 2), dtype=torch.float64, pin_memory=self.on_cuda)
 
-    def _tensor(self, values: list, dtype: torch.dtype) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
+    def _send_to_host(self, out: SamplerOutput, seqs: list[Sequence], used_graph: bool) -> StepHandle:
+        if not self.on_cuda:
+            top = None if out.top_ids is None else (out.top_ids, out.top_logprobs)
+            return StepHandle(seqs, out.packed, top, None, used_graph)
+        self._turn ^= 1  # two host buffers: the engine may still read the other step's
+        count = out.packed.shape[0]
+        if count > self._hosts[self._turn].shape[0]:
+            self._hosts[self._turn] = self._host_samples(count)
+        host = self._hosts[self._turn][:count]
+        host.copy_(out.packed, non_blocking=True)
+        top = None
+        if out.top_ids is not None:
+            top = (out.top_ids.to("cpu", non_blocking=True), out.top_logprobs.to("cpu", non_blocking=True))
+        ready = torch.cuda.Event()
+        ready.record()
+        return StepHandle(seqs, host, top, ready, used_graph)

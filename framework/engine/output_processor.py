@@ -67,7 +67,7 @@ class OutputProcessor:
 
     def _update(self, state: RequestState, seq: Sequence, scheduler: Scheduler) -> None:
         completion = state.completions[seq.index]
-        new_tokens = seq.output_token_ids[len(completion.token_ids) :]
+        new_tokens = seq.token_ids[seq.num_prompt_tokens + len(completion.token_ids) :]
         delta, hit_stop = state.detokenizers[seq.index].update(new_tokens, seq.is_finished)
         if hit_stop and not seq.is_finished:
             scheduler.finish(seq, "stop")

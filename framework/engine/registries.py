@@ -29,11 +29,11 @@ class EngineRegistries:
 
     @classmethod
     def builtin(cls) -> EngineRegistries:
-        from pagedserve_plugins import architectures, scheduling_policies, torch_attention
+        from pagedserve_plugins import architectures, scheduling_policies, torch_attention, triton_attention
 
         pm = pluggy.PluginManager(hookspecs.PROJECT)
         pm.add_hookspecs(hookspecs)
-        for module in (torch_attention, scheduling_policies, architectures):
+        for module in (torch_attention, triton_attention, scheduling_policies, architectures):
             pm.register(module)
         return cls.from_plugin_manager(pm)
 

@@ -5,6 +5,10 @@ masking of stop tokens → greedy argmax, or temperature, top-k, top-p, min-p an
 The draw is ``argmax(probs / E)`` with ``E ~ Exp(1)`` per vocabulary entry (the exponential race,
 equivalent to sampling from ``probs``), taken from the sequence's own generator when the request
 has a ``seed``, so its text does not depend on what else is in the batch.
+
+:meth:`Sampler.sample` only queues device work (no ``torch.multinomial``, no host reads of device
+values); the caller copies :attr:`SamplerOutput.packed` to the host once per step and turns it into
+:class:`Sample` values with :meth:`Sampler.to_samples`.
 """
 
 from __future__ import annotations
@@ -15,6 +19,16 @@ import torch
 from pagedserve.engine.outputs import Sample
 from pagedserve.engine.sampling_params import SamplingParams
 from pagedserve.engine.sequence import Sequence
+
+
+@dataclass
+class SamplerOutput:
+    """Device tensors of one step's draw."""
+
+    token_ids: torch.Tensor  # [B] int64, stays on the device (the next step's input ids)
+    packed: torch.Tensor  # [B, 2] float64: token id, its log-probability (what goes to the host)
+    top_ids: torch.Tensor | None = None  # [B, k] when some row asked for top log-probabilities
+    top_logprobs: torch.Tensor | None = None  # [B, k]
 
 
 @dataclass
@@ -36,13 +50,48 @@ class Sampler:
         self._shared: torch.Generator | None = None
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[Sample]:
-        """``logits`` ``[B, V]``, row ``i`` for ``seqs[i]``; returns one sample per row."""
+        """``logits`` ``[B, V]``, row ``i`` for ``seqs[i]``; returns one sample per row (waits)."""
+        out = self.sample(logits, seqs)
+        top = None
+        if out.top_ids is not None:
+            top = (out.top_ids.tolist(), out.top_logprobs.tolist())
+        return self.to_samples(out.packed.cpu(), top, seqs)
+
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
+        """Queue the draw on the logits' device; nothing here waits for the device."""
         logits = logits[:, : self.vocab_size].float()
-        logprobs = torch.log_softmax(logits, dim=-1)
+        # The reported log-probability is the model's, before penalties and truncation.
+        log_norm = torch.logsumexp(logits, dim=-1)
+        top_ids = top_logprobs = None
+        k = max((s.params.logprobs or 0 for s in seqs if s.params.logprobs is not None), default=None)
+        if k:
+            top_logprobs, top_ids = (logits - log_norm[:, None]).topk(min(k, logits.shape[1]), dim=-1)
+        raw = logits if not any(_has_penalty(s.params) for s in seqs) else logits.clone()
         logits = self._apply_penalties(logits, seqs)
         logits = self._mask_early_stops(logits, seqs)
         token_ids = self._choose(logits, seqs)
-        return self._to_samples(token_ids, logprobs, seqs)
+        chosen = raw.gather(1, token_ids[:, None])[:, 0] - log_norm
+        packed = torch.stack((token_ids.double(), chosen.double()), dim=1)
+        return SamplerOutput(token_ids, packed, top_ids, top_logprobs)
+
+    def to_samples(
+        self,
+        packed: torch.Tensor,
+        top: tuple[list[list[int]], list[list[float]]] | None,
+        seqs: list[Sequence],
+    ) -> list[Sample]:
+        """Host values of :attr:`SamplerOutput.packed` (and the top log-probabilities) → samples."""
+        rows = packed.tolist()
+        samples = []
+        for i, seq in enumerate(seqs):
+            token_id, logprob = int(rows[i][0]), rows[i][1]
+            top_logprobs = None
+            if seq.params.logprobs is not None:
+                k = seq.params.logprobs
+                top_logprobs = dict(zip(top[0][i][:k], top[1][i][:k], strict=True)) if top else {}
+                top_logprobs[token_id] = logprob
+            samples.append(Sample(token_id, logprob, top_logprobs))
+        return samples
 
     # ---- logits processing -----------------------------------------------------------------------
 
@@ -55,13 +104,13 @@ class Sampler:
     def _penalise(self, row: torch.Tensor, seq: Sequence) -> torch.Tensor:
         params, device = seq.params, row.device
         if params.repetition_penalty != 1.0:
-            seen = torch.tensor(sorted(set(seq.token_ids)), dtype=torch.long, device=device)
+            seen = _to_device(sorted(set(seq.token_ids)), torch.long, device)
             values = row[seen]
             row[seen] = torch.where(
                 values > 0, values / params.repetition_penalty, values * params.repetition_penalty
             )
         if seq.num_output_tokens and (params.presence_penalty or params.frequency_penalty):
-            output = torch.tensor(seq.output_token_ids, dtype=torch.long, device=device)
+            output = _to_device(seq.output_token_ids, torch.long, device)
             counts = torch.bincount(output, minlength=row.numel())[: row.numel()].to(row.dtype)
             row = (
                 row - params.frequency_penalty * counts - params.presence_penalty * (counts > 0).to(row.dtype)
@@ -69,13 +118,18 @@ class Sampler:
         return row
 
     def _mask_early_stops(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        rows, cols = [], []
         for i, seq in enumerate(seqs):
-            if seq.num_output_tokens < seq.params.min_tokens:
+            if seq.num_sampled_before_step < seq.params.min_tokens:
                 stops = set(seq.params.stop_token_ids)
                 if not seq.params.ignore_eos:
                     stops |= self.eos_token_ids
                 ids = [t for t in stops if t < logits.shape[1]]
-                logits[i, ids] = float("-inf")
+                rows += [i] * len(ids)
+                cols += ids
+        if rows:
+            device = logits.device
+            logits[_to_device(rows, torch.long, device), _to_device(cols, torch.long, device)] = float("-inf")
         return logits
 
     # ---- choosing --------------------------------------------------------------------------------
@@ -94,48 +148,44 @@ class Sampler:
         params = [s.params for s in seqs]
         vocab = self.vocab_size
         return SamplingBatch(
-            temperature=torch.tensor([p.temperature or 1.0 for p in params], device=device),
-            top_k=torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=device),
-            top_p=torch.tensor([p.top_p for p in params], device=device),
-            min_p=torch.tensor([p.min_p for p in params], device=device),
-            is_greedy=torch.tensor([p.is_greedy for p in params], device=device),
+            temperature=_to_device([p.temperature or 1.0 for p in params], torch.float32, device),
+            top_k=_to_device([p.top_k if 0 < p.top_k < vocab else vocab for p in params], torch.long, device),
+            top_p=_to_device([p.top_p for p in params], torch.float32, device),
+            min_p=_to_device([p.min_p for p in params], torch.float32, device),
+            is_greedy=_to_device([p.is_greedy for p in params], torch.bool, device),
         )
 
     def _exponential_noise(
         self, seqs: list[Sequence], shape: torch.Size, device: torch.device
     ) -> torch.Tensor:
         noise = torch.ones(shape, device=device)
+        shared = [i for i, s in enumerate(seqs) if not s.params.is_greedy and s.params.seed is None]
+        if shared:  # one draw for every unseeded row
+            rows = torch.empty(len(shared), shape[1], device=device)
+            noise[_to_device(shared, torch.long, device)] = rows.exponential_(
+                generator=self._shared_generator(device)
+            )
         for i, seq in enumerate(seqs):
-            if not seq.params.is_greedy:
-                noise[i].exponential_(generator=self._generator_for(seq, device))
+            if not seq.params.is_greedy and seq.params.seed is not None:
+                noise[i].exponential_(generator=self._seeded_generator(seq, device))
         return noise.clamp_(min=1e-20)  # a zero draw would turn a removed token's 0/0 into NaN
 
-    def _generator_for(self, seq: Sequence, device: torch.device) -> torch.Generator:
-        if seq.params.seed is None:
-            if self._shared is None:
-                self._shared = torch.Generator(device=device).manual_seed(self.seed)
-            return self._shared
+    def _shared_generator(self, device: torch.device) -> torch.Generator:
+        if self._shared is None:
+            self._shared = torch.Generator(device=device).manual_seed(self.seed)
+        return self._shared
+
+    def _seeded_generator(self, seq: Sequence, device: torch.device) -> torch.Generator:
         if seq.generator is None:
             # Siblings of an n > 1 request get distinct, reproducible streams.
             seed = seq.params.seed if seq.index == 0 else hash((seq.params.seed, seq.index)) & (2**63 - 1)
             seq.generator = torch.Generator(device=device).manual_seed(seed)
         return seq.generator
 
-    # ---- results ---------------------------------------------------------------------------------
 
-    def _to_samples(
-        self, token_ids: torch.Tensor, logprobs: torch.Tensor, seqs: list[Sequence]
-    ) -> list[Sample]:
-        chosen = logprobs.gather(1, token_ids[:, None])[:, 0].tolist()
-        token_list = token_ids.tolist()
-        samples = []
-        for i, seq in enumerate(seqs):
-            top = None
-            if seq.params.logprobs is not None:
-                top = _top_logprobs(logprobs[i], seq.params.logprobs)
-                top[token_list[i]] = chosen[i]
-            samples.append(Sample(token_list[i], chosen[i], top))
-        return samples
+def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list on ``device`` without waiting for the device (an asynchronous copy)."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
 
 def _has_penalty(params: SamplingParams) -> bool:
@@ -156,10 +206,3 @@ def _truncated_probs(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor
     sorted_probs = sorted_probs.masked_fill(mass_before >= batch.top_p[:, None], 0.0)
     sorted_probs = sorted_probs.masked_fill(sorted_probs < batch.min_p[:, None] * sorted_probs[:, :1], 0.0)
     return torch.empty_like(sorted_probs).scatter_(1, order, sorted_probs)
-
-
-def _top_logprobs(row: torch.Tensor, k: int) -> dict[int, float]:
-    if k == 0:
-        return {}
-    values, ids = row.topk(min(k, row.numel()))
-    return dict(zip(ids.tolist(), values.tolist(), strict=True))

@@ -1,9 +1,15 @@
 """Continuous batching: which sequences run this step, with how many tokens each.
 
 There is no prefill or decode phase. Every sequence has ``num_computed_tokens`` and the scheduler
-hands out tokens so that it catches up with ``len(seq)``: one token for a decode, a chunk of the
-prompt for a prefill. Running sequences go first (decodes before unfinished prefills), then waiting
-ones in policy order while the token budget, ``max_num_seqs`` and the block pool allow. When the pool
+hands out tokens so that it catches up with its length: one token for a decode, a chunk of the
+prompt for a prefill. Scheduling a batch advances ``num_computed_tokens`` at once and counts each
+token the batch will sample as *pending*; :meth:`Scheduler.postprocess` later appends the sampled
+tokens. So the engine may schedule step N+1 while step N still runs on the device: a sequence's
+next input is then its pending token, which the runner reads on the device. A sequence whose
+pending token already reaches ``max_tokens`` or the context limit is not scheduled again.
+
+Running sequences go first (decodes before unfinished prefills), then waiting ones in policy order
+while the token budget, ``max_num_seqs`` and the block pool allow. When the pool
 runs dry a running sequence is preempted by recompute: its blocks are freed and it waits again with
 all its tokens, to be prefilled anew (mostly from the prefix cache).
 
@@ -27,7 +33,7 @@ from pagedserve.engine.sequence import Sequence, SequenceStatus
 class ScheduledBatch:
     """What the runner computes this step.
 
-    ``seqs[i]`` gets ``num_new_tokens[i]`` tokens starting at its ``num_computed_tokens``.
+    ``seqs[i]`` gets ``num_new_tokens[i]`` tokens starting at position ``start_positions[i]``.
     ``sample_rows`` pairs each sequence that receives a token with the index in ``seqs`` whose last
     position's logits it samples from (forked siblings sample from their parent's row).
     """
@@ -37,14 +43,30 @@ class ScheduledBatch:
     sample_rows: list[tuple[Sequence, int]] = field(default_factory=list)
     block_copies: list[tuple[int, int]] = field(default_factory=list)
     num_preempted: int = 0
+    start_positions: list[int] = field(default_factory=list)
+    num_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.start_positions:
+            self.start_positions = [seq.num_computed_tokens for seq in self.seqs]
+        self.num_tokens = sum(self.num_new_tokens)
 
     @property
     def is_empty(self) -> bool:
         return not self.seqs
 
-    @property
-    def num_tokens(self) -> int:
-        return sum(self.num_new_tokens)
+    def add(self, seq: Sequence, num_new: int) -> None:
+        self.seqs.append(seq)
+        self.num_new_tokens.append(num_new)
+        self.start_positions.append(seq.num_computed_tokens)
+        self.num_tokens += num_new
+
+    def remove(self, seq: Sequence) -> None:
+        for i, scheduled in enumerate(self.seqs):
+            if scheduled is seq:
+                self.num_tokens -= self.num_new_tokens[i]
+                del self.seqs[i], self.num_new_tokens[i], self.start_positions[i]
+                return
 
 
 class Scheduler:
@@ -76,6 +98,11 @@ class Scheduler:
             raise ValueError(
                 f"the prompt has {num_prompt_tokens} tokens, which leaves no room to "
                 f"generate within the model context of {self.max_model_len} tokens"
+            )
+        if params.n > self.config.max_num_seqs:
+            raise ValueError(
+                f"n={params.n} sequences cannot run together: scheduler.max_num_seqs is "
+                f"{self.config.max_num_seqs}"
             )
         worst = min(num_prompt_tokens + params.max_tokens, self.max_model_len)
         pool = self.block_manager
@@ -112,24 +139,39 @@ class Scheduler:
     # ---- one step --------------------------------------------------------------------------------
 
     def schedule(self) -> ScheduledBatch:
+        """Pick this step's work and advance every scheduled sequence's progress (tokens pending)."""
         batch = ScheduledBatch()
         self._schedule_running(batch)
         if batch.num_preempted == 0:
             self._schedule_waiting(batch, self.config.max_num_batched_tokens - batch.num_tokens)
         self._fork_and_mark_sampling(batch)
+        for seq, num_new in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            seq.num_computed_tokens += num_new
+        for seq, _ in batch.sample_rows:
+            seq.num_pending_tokens += 1
         return batch
 
     def postprocess(self, batch: ScheduledBatch, samples: list[Sample]) -> list[Sequence]:
-        """Advance KV progress, append sampled tokens, finish sequences that hit a token-level stop."""
-        for seq, num_new in zip(batch.seqs, batch.num_new_tokens, strict=True):
-            seq.num_computed_tokens += num_new
-            self.block_manager.cache_full_blocks(seq)
+        """Append sampled tokens, cache full blocks, finish sequences that hit a token-level stop.
+
+        Returns the sequences that received a token; a sequence that finished (stop, abort) while
+        this batch ran gets nothing.
+        """
+        updated = []
         for (seq, _), sample in zip(batch.sample_rows, samples, strict=True):
+            if seq.is_finished:
+                continue
+            seq.num_pending_tokens -= 1
             seq.append_token(sample.token_id, sample.logprob, sample.top_logprobs)
+            updated.append(seq)
+        for seq in batch.seqs:
+            if seq.status is SequenceStatus.RUNNING:
+                self.block_manager.cache_full_blocks(seq)
+        for seq in updated:
             reason = self._stop_reason(seq)
-            if reason is not None:
+            if reason is not None and not seq.is_finished:
                 self.finish(seq, reason)
-        return [seq for seq, _ in batch.sample_rows]
+        return updated
 
     # ---- internals -------------------------------------------------------------------------------
 
@@ -140,15 +182,14 @@ class Scheduler:
             budget = self.config.max_num_batched_tokens - batch.num_tokens  # a preemption may refund
             if budget == 0:
                 break
-            if seq.status is not SequenceStatus.RUNNING:
-                continue  # preempted earlier in this loop
+            if seq.status is not SequenceStatus.RUNNING or self._stops_on_pending_token(seq):
+                continue  # preempted earlier in this loop, or done once its pending token lands
             num_new = min(seq.num_uncomputed_tokens, budget)
             seq_copies = self._allocate_or_preempt(seq, num_new, batch, copies)
             if seq_copies is None:
                 continue
             copies[id(seq)] = seq_copies
-            batch.seqs.append(seq)
-            batch.num_new_tokens.append(num_new)
+            batch.add(seq, num_new)
         batch.block_copies = [pair for seq in batch.seqs for pair in copies.get(id(seq), [])]
 
     def _allocate_or_preempt(
@@ -160,19 +201,13 @@ class Scheduler:
     ) -> list[tuple[int, int]] | None:
         while (seq_copies := self.block_manager.allocate_slots(seq, num_new)) is None:
             victim = self.policy.select_victim(self.running)
-            self._unschedule(victim, batch)
+            batch.remove(victim)
             copies.pop(id(victim), None)
             self._preempt(victim)
             batch.num_preempted += 1
             if victim is seq:
                 return None
         return seq_copies
-
-    def _unschedule(self, seq: Sequence, batch: ScheduledBatch) -> None:
-        for i, scheduled in enumerate(batch.seqs):
-            if scheduled is seq:
-                del batch.seqs[i], batch.num_new_tokens[i]
-                return
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
@@ -200,8 +235,7 @@ class Scheduler:
             self.waiting.pop(0)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            batch.seqs.append(seq)
-            batch.num_new_tokens.append(num_new)
+            batch.add(seq, num_new)
             batch.block_copies.extend(seq_copies)
             budget -= num_new
 
@@ -209,7 +243,7 @@ class Scheduler:
         # Forking happens only once no more preemption can occur in this step, so children never
         # share blocks whose KV this step will not compute.
         for row, (seq, num_new) in enumerate(zip(batch.seqs, batch.num_new_tokens, strict=True)):
-            if seq.num_computed_tokens + num_new < len(seq):
+            if seq.num_computed_tokens + num_new < len(seq) + seq.num_pending_tokens:
                 continue  # a prompt chunk that is not the last one
             batch.sample_rows.append((seq, row))
             if not seq.is_forked:
@@ -225,6 +259,15 @@ class Scheduler:
             self.running.append(child)
             children.append(child)
         return children
+
+    def _stops_on_pending_token(self, seq: Sequence) -> bool:
+        if not seq.num_pending_tokens:
+            return False
+        num_tokens = len(seq) + seq.num_pending_tokens
+        return (
+            seq.num_output_tokens + seq.num_pending_tokens >= seq.params.max_tokens
+            or num_tokens >= self.max_model_len
+        )
 
     def _stop_reason(self, seq: Sequence) -> str | None:
         params, last = seq.params, seq.token_ids[-1]

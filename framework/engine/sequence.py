@@ -42,10 +42,12 @@ class Sequence:
         self.priority = priority
         self.arrival = next(_arrival_counter) if arrival is None else arrival
         self.status = SequenceStatus.WAITING
-        self.num_computed_tokens = 0
+        self.num_computed_tokens = 0  # tokens whose KV is computed or scheduled to be
+        self.num_pending_tokens = 0  # sampled on the device, not yet appended to token_ids
         self.num_cached_tokens = 0  # prompt tokens served by the prefix cache at the last admission
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []  # chained hashes of the full blocks of token_ids
+        self.num_hashed_blocks = 0  # leading blocks of block_table already offered to the prefix cache
         self.is_forked = params.n == 1
         self.finish_reason: str | None = None
         self.cumulative_logprob = 0.0
@@ -76,7 +78,12 @@ class Sequence:
 
     @property
     def num_uncomputed_tokens(self) -> int:
-        return len(self.token_ids) - self.num_computed_tokens
+        return len(self.token_ids) + self.num_pending_tokens - self.num_computed_tokens
+
+    @property
+    def num_sampled_before_step(self) -> int:
+        """Output tokens that precede the one being sampled now (the newest pending token)."""
+        return self.num_output_tokens + max(self.num_pending_tokens - 1, 0)
 
     @property
     def is_finished(self) -> bool:

@@ -7,6 +7,7 @@ import math
 
 import torch
 from pagedserve.models.hf_config import RopeConfig
+from pagedserve.models.layers import fused
 from torch import nn
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -52,7 +53,14 @@ class RotaryEmbedding(nn.Module):
         q: torch.Tensor,
         k: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``q`` ``[T, Hq, D]``, ``k`` ``[T, Hkv, D]`` rotated by their token positions ``[T]``."""
+        """``q`` ``[T, Hq, D]``, ``k`` ``[T, Hkv, D]`` rotated by their token positions ``[T]``.
+
+        On CUDA ``q`` and ``k`` are rotated in place (one fused kernel) and returned.
+        """
+        half = self.cos_cache.shape[1]
+        if fused.enabled(q) and half & (half - 1) == 0 and q.stride(-1) == 1 and k.stride(-1) == 1:
+            fused.rotary_(positions, q, k, self.cos_cache, self.sin_cache)
+            return q, k
         cos = self.cos_cache[positions][:, None, :]
         sin = self.sin_cache[positions][:, None, :]
         return _rotate(q, cos, sin), _rotate(k, cos, sin)

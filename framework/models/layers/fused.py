@@ -1,0 +1,209 @@
+"""Fused elementwise kernels in the Triton language: residual add + RMSNorm, SiLU·mul, rotary.
+
+Each replaces a chain of PyTorch ops that would read and write the activations several times (the
+float32 RMSNorm alone is about six passes) with one pass, and rounds where the PyTorch code rounds,
+so results match it to the last bit in most elements. The layers call these on CUDA tensors when
+``triton`` imports; everywhere else (CPU, no triton) they keep their plain PyTorch code. Nothing
+here knows about the model.
+
+``TRITON_INTERPRET=1`` set before ``triton`` is first imported runs the kernels on the CPU
+interpreter (the tests do that, in a child process); :func:`enabled` then also accepts CPU tensors.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
+    triton = None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+@functools.lru_cache(maxsize=1)
+def _disabled_by_env() -> bool:
+    return os.environ.get("PAGEDSERVE_FUSED", "1") == "0"
+
+
+def enabled(x: torch.Tensor) -> bool:
+    """Whether the fused kernels serve ``x`` (``PAGEDSERVE_FUSED=0`` turns them off, for A/B runs)."""
+    if triton is None or _disabled_by_env():
+        return False
+    return x.is_cuda or (_interpreting() and x.device.type == "cpu")
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rms_norm_kernel(
+        x_ptr,
+        residual_ptr,
+        weight_ptr,
+        out_ptr,
+        stride_x,
+        stride_r,
+        stride_o,
+        n_cols,
+        eps,
+        HAS_RESIDUAL: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        """One row: ``s = x (+ residual)`` rounded to the input dtype (stored back to ``residual``),
+        then ``weight * (s / rms(s))`` with the normalised value rounded before the weight multiply."""
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+        if HAS_RESIDUAL:
+            r = tl.load(residual_ptr + row * stride_r + cols, mask=mask, other=0.0)
+            x = (x.to(tl.float32) + r.to(tl.float32)).to(r.dtype)
+            tl.store(residual_ptr + row * stride_r + cols, x, mask=mask)
+        x32 = x.to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(x32 * x32, axis=0) / n_cols + eps)
+        normed = (x32 * rstd).to(x.dtype).to(tl.float32)
+        w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * stride_o + cols, (normed * w).to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n_cols, BLOCK: tl.constexpr):
+        """``silu(gate) * up`` for one tile of one row of ``[gate | up]``, rounding like PyTorch
+        (silu's result, then the product)."""
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+        up = tl.load(x_ptr + row * stride_x + n_cols + cols, mask=mask, other=0.0)
+        g = gate.to(tl.float32)
+        act = (g / (1.0 + tl.exp(-g))).to(gate.dtype).to(tl.float32)
+        tl.store(out_ptr + row * stride_o + cols, (act * up.to(tl.float32)).to(gate.dtype), mask=mask)
+
+    @triton.jit
+    def _rotary_kernel(
+        q_ptr,
+        k_ptr,
+        positions_ptr,
+        cos_ptr,
+        sin_ptr,
+        stride_qt,
+        stride_qh,
+        stride_kt,
+        stride_kh,
+        num_q_heads,
+        num_k_heads,
+        HALF: tl.constexpr,
+        Q_HEADS: tl.constexpr,
+        K_HEADS: tl.constexpr,
+    ):
+        """Rotate every head of one token's ``q`` and ``k`` in place ("rotate half" layout, float32)."""
+        t = tl.program_id(0).to(tl.int64)
+        pos = tl.load(positions_ptr + t).to(tl.int64)
+        dims = tl.arange(0, HALF)
+        cos = tl.load(cos_ptr + pos * HALF + dims)[None, :]
+        sin = tl.load(sin_ptr + pos * HALF + dims)[None, :]
+
+        heads = tl.arange(0, Q_HEADS)[:, None]
+        mask = heads < num_q_heads
+        base = q_ptr + t * stride_qt + heads * stride_qh + dims[None, :]
+        x1 = tl.load(base, mask=mask, other=0.0)
+        x2 = tl.load(base + HALF, mask=mask, other=0.0)
+        a, b = x1.to(tl.float32), x2.to(tl.float32)
+        tl.store(base, (a * cos - b * sin).to(x1.dtype), mask=mask)
+        tl.store(base + HALF, (b * cos + a * sin).to(x1.dtype), mask=mask)
+
+        heads = tl.arange(0, K_HEADS)[:, None]
+        mask = heads < num_k_heads
+        base = k_ptr + t * stride_kt + heads * stride_kh + dims[None, :]
+        x1 = tl.load(base, mask=mask, other=0.0)
+        x2 = tl.load(base + HALF, mask=mask, other=0.0)
+        a, b = x1.to(tl.float32), x2.to(tl.float32)
+        tl.store(base, (a * cos - b * sin).to(x1.dtype), mask=mask)
+        tl.store(base + HALF, (b * cos + a * sin).to(x1.dtype), mask=mask)
+
+
+def _row_warps(block: int) -> int:
+    return max(1, min(16, block // 256))
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``weight * rmsnorm(x + residual)``; with ``residual`` the sum is also written into it."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    out = torch.empty(x2.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    rows, cols = x2.shape
+    if rows == 0:
+        return out.view(x.shape)
+    r2 = x2 if residual is None else residual.view(-1, cols)
+    block = _pow2(cols)
+    _rms_norm_kernel[(rows,)](
+        x2,
+        r2,
+        weight,
+        out,
+        x2.stride(0),
+        r2.stride(0),
+        out.stride(0),
+        cols,
+        eps,
+        HAS_RESIDUAL=residual is not None,
+        BLOCK=block,
+        num_warps=_row_warps(block),
+    )
+    return out.view(x.shape)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """``[T, 2I]`` → ``[T, I]``: ``silu(x[:, :I]) * x[:, I:]``."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    rows, cols = x.shape[0], x.shape[1] // 2
+    out = torch.empty((rows, cols), dtype=x.dtype, device=x.device)
+    if rows == 0:
+        return out
+    block = min(1024, _pow2(cols))
+    _silu_and_mul_kernel[(rows, triton.cdiv(cols, block))](
+        x, out, x.stride(0), out.stride(0), cols, BLOCK=block, num_warps=4
+    )
+    return out
+
+
+def rotary_(
+    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> None:
+    """Rotate ``q`` ``[T, Hq, D]`` and ``k`` ``[T, Hk, D]`` in place; ``cos``/``sin`` ``[P, D/2]`` float32."""
+    tokens, num_q, head_dim = q.shape
+    if tokens == 0:
+        return
+    if q.stride(-1) != 1 or k.stride(-1) != 1:
+        raise ValueError("rotary_ needs a unit stride on head_dim")
+    _rotary_kernel[(tokens,)](
+        q,
+        k,
+        positions,
+        cos,
+        sin,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        num_q,
+        k.shape[1],
+        HALF=head_dim // 2,
+        Q_HEADS=_pow2(num_q),
+        K_HEADS=_pow2(k.shape[1]),
+        num_warps=4,
+    )
