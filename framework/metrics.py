@@ -181,42 +181,42 @@ _LABELS = ["model", "version"]
 _TRITON_COUNTERS: list[tuple[str, str, Callable[[Any], float]]] = [
     (
         "nv_inference_request_success",
-        "Number of successful inference requests, all batch sizes",
+        "Requests answered without error (a batched request counts once)",
         lambda s: s.success.count,
     ),
     (
         "nv_inference_count",
-        "Number of inferences performed (does not include cached requests)",
+        "Batch elements inferred: a request of batch size 8 adds 8",
         lambda s: s.inference_count,
     ),
     (
         "nv_inference_exec_count",
-        "Number of model executions performed (does not include cached requests)",
+        "Model execute calls; one dynamic batch of many requests adds 1",
         lambda s: s.execution_count,
     ),
     (
         "nv_inference_request_duration_us",
-        "Cumulative inference request duration in microseconds (includes cached requests)",
+        "Total microseconds from arrival to final response, successful requests",
         lambda s: s.success.ns // 1000,
     ),
     (
         "nv_inference_queue_duration_us",
-        "Cumulative inference queuing duration in microseconds (includes cached requests)",
+        "Total microseconds requests waited in the batching queue",
         lambda s: s.queue.ns // 1000,
     ),
     (
         "nv_inference_compute_input_duration_us",
-        "Cumulative compute input duration in microseconds (does not include cached requests)",
+        "Total microseconds spent decoding and validating input tensors",
         lambda s: s.compute_input.ns // 1000,
     ),
     (
         "nv_inference_compute_infer_duration_us",
-        "Cumulative compute inference duration in microseconds (does not include cached requests)",
+        "Total microseconds spent in model execution",
         lambda s: s.compute_infer.ns // 1000,
     ),
     (
         "nv_inference_compute_output_duration_us",
-        "Cumulative inference compute output duration in microseconds (does not include cached requests)",
+        "Total microseconds spent encoding output tensors",
         lambda s: s.compute_output.ns // 1000,
     ),
 ]
@@ -246,9 +246,7 @@ class ServerCollector(Collector):
             for labels, snap in snapshots:
                 family.add_sample(name, labels, float(read(snap)))
             yield family
-        failures = _counter(
-            "nv_inference_request_failure", "Number of failed inference requests, all batch sizes"
-        )
+        failures = _counter("nv_inference_request_failure", "Requests that ended in an error")
         for labels, snap in snapshots:
             # ModelStats does not tell failures apart; Triton's catch-all reason is OTHER.
             failures.add_sample(
@@ -257,7 +255,7 @@ class ServerCollector(Collector):
         yield failures
         pending = GaugeMetricFamily(
             "nv_inference_pending_request_count",
-            "Instantaneous number of pending requests awaiting execution per-model.",
+            "Requests accepted by the model but not yet answered",
             labels=_LABELS,
         )
         for version in versions:
@@ -287,22 +285,22 @@ def _engine_metrics(versions: list[LoadedVersion]) -> Iterator[Metric]:
     gauges = [
         (
             "vllm:num_requests_running",
-            "Number of requests in model execution batches.",
+            "LLM requests the engine is running now",
             lambda s: s.state.num_running,
         ),
         (
             "vllm:num_requests_waiting",
-            "Number of requests waiting to be processed.",
+            "LLM requests queued for the engine",
             lambda s: s.state.num_waiting,
         ),
         (
             "vllm:kv_cache_usage_perc",
-            "KV-cache usage. 1 means 100 percent usage.",
+            "Fraction of KV-cache blocks in use (1.0 = all)",
             lambda s: s.state.kv_cache_usage,
         ),
         (
             "vllm:gpu_prefix_cache_hit_rate",
-            "Prefix cache hit rate (fraction of queried prompt tokens found in the cache).",
+            "Share of looked-up prompt tokens served from the prefix cache",
             lambda s: _ratio(s.state.prefix_hit_tokens, s.state.prefix_queried_tokens),
         ),
     ]
@@ -312,25 +310,25 @@ def _engine_metrics(versions: list[LoadedVersion]) -> Iterator[Metric]:
             gauge.add_metric(labels, float(read(snap)))
         yield gauge
     counters = [
-        ("vllm:prompt_tokens_total", "Number of prefill tokens processed.", lambda s: s.prompt_tokens),
+        ("vllm:prompt_tokens_total", "Prompt tokens prefilled", lambda s: s.prompt_tokens),
         (
             "vllm:generation_tokens_total",
-            "Number of generation tokens processed.",
+            "Output tokens generated",
             lambda s: s.generation_tokens,
         ),
         (
             "vllm:num_preemptions_total",
-            "Cumulative number of preemptions.",
+            "Requests preempted (and later recomputed) for lack of KV blocks",
             lambda s: s.state.num_preemptions,
         ),
         (
             "vllm:prefix_cache_queries_total",
-            "Prompt tokens looked up in the prefix cache.",
+            "Prompt tokens looked up in the prefix cache",
             lambda s: s.state.prefix_queried_tokens,
         ),
         (
             "vllm:prefix_cache_hits_total",
-            "Prompt tokens found in the prefix cache.",
+            "Prompt tokens found in the prefix cache",
             lambda s: s.state.prefix_hit_tokens,
         ),
     ]
@@ -342,22 +340,22 @@ def _engine_metrics(versions: list[LoadedVersion]) -> Iterator[Metric]:
     histograms = [
         (
             "vllm:time_to_first_token_seconds",
-            "Histogram of time to first token in seconds.",
+            "Seconds from arrival to the first output token",
             "time_to_first_token",
         ),
         (
             "vllm:time_per_output_token_seconds",
-            "Histogram of time per output token in seconds.",
+            "Seconds per output token after the first, per request",
             "time_per_output_token",
         ),
         (
             "vllm:inter_token_latency_seconds",
-            "Histogram of inter-token latency in seconds.",
+            "Seconds between consecutive output tokens",
             "inter_token_latency",
         ),
         (
             "vllm:e2e_request_latency_seconds",
-            "Histogram of end to end request latency in seconds.",
+            "Seconds from arrival to the final response",
             "e2e_request_latency",
         ),
     ]
@@ -385,10 +383,12 @@ def _gpu_metrics() -> Iterator[Metric]:
     if torch is None or not torch.cuda.is_available():
         return
     utilization = GaugeMetricFamily(
-        "nv_gpu_utilization", "GPU utilization rate [0.0 - 1.0)", labels=["gpu_uuid"]
+        "nv_gpu_utilization", "Fraction of time the GPU was busy (0 to 1)", labels=["gpu_uuid"]
     )
-    total = GaugeMetricFamily("nv_gpu_memory_total_bytes", "GPU total memory, in bytes", labels=["gpu_uuid"])
-    used = GaugeMetricFamily("nv_gpu_memory_used_bytes", "GPU used memory, in bytes", labels=["gpu_uuid"])
+    total = GaugeMetricFamily("nv_gpu_memory_total_bytes", "Memory of the GPU, bytes", labels=["gpu_uuid"])
+    used = GaugeMetricFamily(
+        "nv_gpu_memory_used_bytes", "Memory in use on the GPU, bytes", labels=["gpu_uuid"]
+    )
     for index in range(torch.cuda.device_count()):
         properties = torch.cuda.get_device_properties(index)
         uuid = f"GPU-{properties.uuid}"
@@ -405,11 +405,11 @@ def _cpu_metrics() -> Iterator[Metric]:
     import psutil
 
     memory = psutil.virtual_memory()
-    utilization = GaugeMetricFamily("nv_cpu_utilization", "CPU utilization rate [0.0 - 1.0]")
+    utilization = GaugeMetricFamily("nv_cpu_utilization", "Fraction of CPU time in use across cores (0 to 1)")
     utilization.add_metric([], psutil.cpu_percent(interval=None) / 100.0)
-    total = GaugeMetricFamily("nv_cpu_memory_total_bytes", "CPU total memory (RAM), in bytes")
+    total = GaugeMetricFamily("nv_cpu_memory_total_bytes", "Host memory, bytes")
     total.add_metric([], float(memory.total))
-    used = GaugeMetricFamily("nv_cpu_memory_used_bytes", "CPU used memory (RAM), in bytes")
+    used = GaugeMetricFamily("nv_cpu_memory_used_bytes", "Host memory in use, bytes")
     used.add_metric([], float(memory.total - memory.available))
     yield from (utilization, total, used)
 
