@@ -175,7 +175,8 @@ class EngineSettings:
     load_format: str = "auto"
     """``auto`` reads the weights; ``dummy`` runs the architecture with random weights."""
     weights: str | None = None
-    """A Hugging Face directory that overrides the ``weights`` of the LLM model(s) loaded at start."""
+    """A Hugging Face directory for LLM models whose YAML leaves ``parameters.weights`` empty
+    (``llama3``); a model YAML that names its weights keeps them."""
     seed: int = 0
     max_model_len: int | None = None
 
