@@ -1,4 +1,5 @@
-"""Built-in batching policies: ``direct``, ``dynamic`` (Triton's dynamic batcher) and ``sequence``.
+"""Built-in batching policies ``direct`` and ``dynamic`` (Triton's dynamic batcher), and the worker
+base they share with ``sequence`` (:mod:`pagedserve_plugins.sequence_batching`).
 
 Every policy runs one worker thread per model instance (``instance_group`` counts). Workers form their
 own batches under one condition variable, so a request goes from ``submit`` to ``execute`` without an
@@ -18,9 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
 import grpc
-import numpy as np
-from pagedserve import datatypes
-from pagedserve.backend import Model, ModelSpec, enum_name, instance_count
+from pagedserve.backend import Model, ModelSpec, instance_count
 from pagedserve.batching import BatchingPolicy
 from pagedserve.errors import InferenceError
 from pagedserve.hookspecs import hookimpl
@@ -28,13 +27,11 @@ from pagedserve.inference import InferenceRequest
 from pagedserve.statistics import ModelStats
 
 if TYPE_CHECKING:
-    from pagedserve.protocol import model_config_pb2
+    pass
 
 log = logging.getLogger(__name__)
 
-_NS_PER_US = 1_000
-# Triton releases a sequence slot after one idle second when the config leaves the field at 0.
-_DEFAULT_SEQUENCE_IDLE_US = 1_000_000
+NS_PER_US = 1_000
 
 
 def fail_requests(requests: Iterable[InferenceRequest], error: InferenceError) -> None:
@@ -50,7 +47,7 @@ def _error_from(exception: Exception) -> InferenceError:
 
 
 @dataclass
-class _Take:
+class Take:
     """One planning step of a worker: a batch to run, requests to reject, or a time to wake up."""
 
     batch: list[InferenceRequest] = field(default_factory=list)
@@ -59,7 +56,7 @@ class _Take:
     done: bool = False
 
 
-class _WorkerPolicy(BatchingPolicy, abc.ABC):
+class WorkerPolicy(BatchingPolicy, abc.ABC):
     """Worker threads plus the shared bookkeeping; subclasses decide what a worker runs next."""
 
     def __init__(self, model: Model, spec: ModelSpec, stats: ModelStats) -> None:
@@ -84,7 +81,7 @@ class _WorkerPolicy(BatchingPolicy, abc.ABC):
         """Queue an accepted request; raise InferenceError to reject it."""
 
     @abc.abstractmethod
-    def _take(self, instance: int, now_ns: int) -> _Take:
+    def _take(self, instance: int, now_ns: int) -> Take:
         """Pick the next batch for ``instance``; ``done`` once closing and nothing is left."""
 
     def _finished(self, instance: int, batch: list[InferenceRequest]) -> None:
@@ -127,7 +124,7 @@ class _WorkerPolicy(BatchingPolicy, abc.ABC):
             elif take.done:
                 return
 
-    def _wait_for_work(self, instance: int) -> _Take:
+    def _wait_for_work(self, instance: int) -> Take:
         with self._cond:
             while True:
                 take = self._take(instance, time.monotonic_ns())
@@ -177,7 +174,7 @@ class _WorkerPolicy(BatchingPolicy, abc.ABC):
         return end
 
 
-class DirectPolicy(_WorkerPolicy):
+class DirectPolicy(WorkerPolicy):
     """No batching: each request is executed alone, in arrival order, by the next free instance."""
 
     name: ClassVar[str] = "direct"
@@ -190,10 +187,10 @@ class DirectPolicy(_WorkerPolicy):
     def _enqueue(self, request: InferenceRequest, now_ns: int) -> None:
         self._queue.append(request)
 
-    def _take(self, instance: int, now_ns: int) -> _Take:
+    def _take(self, instance: int, now_ns: int) -> Take:
         if self._queue:
-            return _Take(batch=[self._queue.popleft()])
-        return _Take(done=self._closing)
+            return Take(batch=[self._queue.popleft()])
+        return Take(done=self._closing)
 
 
 @dataclass
@@ -222,10 +219,10 @@ class _QueuePolicy:
             and (timeout_us == 0 or request.timeout_us < timeout_us)
         ):
             timeout_us = request.timeout_us
-        return now_ns + timeout_us * _NS_PER_US if timeout_us else 0
+        return now_ns + timeout_us * NS_PER_US if timeout_us else 0
 
 
-class DynamicPolicy(_WorkerPolicy):
+class DynamicPolicy(WorkerPolicy):
     """Triton's dynamic batcher: batches up to ``max_batch_size`` with preferred sizes, a queue delay,
     priority levels and per-level queue policies (size limit, timeouts)."""
 
@@ -237,7 +234,7 @@ class DynamicPolicy(_WorkerPolicy):
         self._max_size = max(spec.config.max_batch_size, 1)
         self._preferred = sorted({size for size in config.preferred_batch_size if 0 < size <= self._max_size})
         self._max_preferred = self._preferred[-1] if self._preferred else self._max_size
-        self._delay_ns = config.max_queue_delay_microseconds * _NS_PER_US
+        self._delay_ns = config.max_queue_delay_microseconds * NS_PER_US
         self._levels = max(config.priority_levels, 1)
         self._default_level = self._check_default_level(config.priority_levels, config.default_priority_level)
         self._policies = [self._queue_policy(level) for level in range(1, self._levels + 1)]
@@ -315,14 +312,14 @@ class DynamicPolicy(_WorkerPolicy):
             return None
         return min((e.deadline_ns for e in self._entries() if e.deadline_ns), default=None)
 
-    def _take(self, instance: int, now_ns: int) -> _Take:
+    def _take(self, instance: int, now_ns: int) -> Take:
         rejected = self._expire(now_ns)
         count, wait_until = self._plan(now_ns)
         if count:
-            return _Take(batch=self._pop(count), rejected=rejected)
+            return Take(batch=self._pop(count), rejected=rejected)
         wake = [t for t in (wait_until, self._next_deadline()) if t is not None]
         idle = not any(self._queues) and not self._delayed
-        return _Take(rejected=rejected, wake_at_ns=min(wake) if wake else None, done=self._closing and idle)
+        return Take(rejected=rejected, wake_at_ns=min(wake) if wake else None, done=self._closing and idle)
 
     def _plan(self, now_ns: int) -> tuple[int, int | None]:
         """How many queued requests (in priority order) to run now, or when to look again."""
@@ -361,213 +358,6 @@ class DynamicPolicy(_WorkerPolicy):
         return batch
 
 
-@dataclass(frozen=True)
-class _Control:
-    """One control tensor of ``sequence_batching.control_input``."""
-
-    input_name: str
-    kind: str  # CONTROL_SEQUENCE_START / READY / END / CORRID
-    dtype: np.dtype
-    values: tuple[object, object] = (0, 1)
-    """(false, true) values for START/READY/END."""
-
-
-def _false_true(control: model_config_pb2.ModelSequenceBatching.Control) -> tuple[np.dtype, list[object]]:
-    """The dtype and (false, true) values of a START/READY/END control, whichever list is set."""
-    if control.fp32_false_true:
-        return np.dtype(np.float32), list(control.fp32_false_true)
-    if control.bool_false_true:
-        return np.dtype(np.bool_), list(control.bool_false_true)
-    return np.dtype(np.int32), list(control.int32_false_true)
-
-
-@dataclass
-class _Sequence:
-    correlation_id: int | str
-    pending: deque[InferenceRequest] = field(default_factory=deque)
-    instance: int | None = None
-    running: bool = False
-    last_active_ns: int = 0
-
-
-class SequencePolicy(_WorkerPolicy):
-    """Triton's sequence batcher: all requests of a correlation ID run in order on one instance, with
-    the configured control tensors filled in; batches mix requests of different sequences."""
-
-    name: ClassVar[str] = "sequence"
-
-    def __init__(self, model: Model, spec: ModelSpec, stats: ModelStats) -> None:
-        super().__init__(model, spec, stats)
-        config = spec.config.sequence_batching
-        self._controls = [control for ci in config.control_input for control in self._parse_control(ci)]
-        idle_us = config.max_sequence_idle_microseconds or _DEFAULT_SEQUENCE_IDLE_US
-        self._idle_ns = idle_us * _NS_PER_US
-        self._batch_limit = max(spec.config.max_batch_size, 1)
-        instances = instance_count(spec)
-        # Concurrent sequences per instance: one per batch slot, or the oldest strategy's candidates.
-        candidates = config.oldest.max_candidate_sequences if config.HasField("oldest") else 0
-        self._capacity = -(-candidates // instances) if candidates > 0 else self._batch_limit
-        self._load = [0] * instances
-        self._sequences: dict[int | str, _Sequence] = {}
-        self._backlog: deque[_Sequence] = deque()
-        self._open: set[int | str] = set()
-        self._start()
-
-    @staticmethod
-    def _parse_control(control_input: model_config_pb2.ModelSequenceBatching.ControlInput) -> list[_Control]:
-        parsed = []
-        name = control_input.name
-        for control in control_input.control:
-            kind = enum_name(control, "kind")
-            if kind == "CONTROL_SEQUENCE_CORRID":
-                type_name = enum_name(control, "data_type")
-                if type_name not in ("TYPE_UINT64", "TYPE_INT64", "TYPE_UINT32", "TYPE_INT32", "TYPE_STRING"):
-                    raise ValueError(
-                        f"control input '{name}': CORRID data_type must be an integer type or "
-                        f"TYPE_STRING, got {type_name}"
-                    )
-                parsed.append(_Control(name, kind, datatypes.numpy_dtype(datatypes.from_config(type_name))))
-                continue
-            dtype, values = _false_true(control)
-            if len(values) != 2:
-                raise ValueError(
-                    f"control input '{name}' ({kind}) needs exactly two false/true values "
-                    "(int32_false_true, fp32_false_true or bool_false_true)"
-                )
-            parsed.append(_Control(name, kind, dtype, (values[0], values[1])))
-        return parsed
-
-    # -- submit side ------------------------------------------------------------------------------
-
-    def _enqueue(self, request: InferenceRequest, now_ns: int) -> None:
-        cid = request.sequence_id
-        if cid == 0 or cid == "":
-            raise InferenceError(
-                f"inference request to model '{self.spec.name}' must specify a non-zero or non-empty "
-                "correlation ID"
-            )
-        self._check_corrid_type(cid)
-        if not request.sequence_start and cid not in self._open:
-            raise InferenceError(
-                f"inference request for sequence {cid} to model '{self.spec.name}' must specify the START "
-                "flag on the first request of the sequence"
-            )
-        if request.sequence_start and cid in self._open:
-            log.warning("%s: sequence %s restarted before its END request", self.spec.name, cid)
-        if request.sequence_start:
-            self._open.add(cid)
-        if request.sequence_end:
-            self._open.discard(cid)
-        sequence = self._sequences.get(cid)
-        if sequence is None:
-            sequence = self._sequences[cid] = _Sequence(cid)
-            self._assign(sequence)
-        sequence.pending.append(request)
-        sequence.last_active_ns = now_ns
-
-    def _check_corrid_type(self, cid: int | str) -> None:
-        for control in self._controls:
-            if (
-                control.kind == "CONTROL_SEQUENCE_CORRID"
-                and control.dtype != np.object_
-                and isinstance(cid, str)
-            ):
-                raise InferenceError(
-                    f"inference request to model '{self.spec.name}' must specify an integer correlation ID "
-                    f"(control input '{control.input_name}' is numeric), got '{cid}'"
-                )
-
-    def _assign(self, sequence: _Sequence) -> None:
-        free = [i for i, load in enumerate(self._load) if load < self._capacity]
-        if not free:
-            self._backlog.append(sequence)
-            return
-        instance = min(free, key=lambda i: self._load[i])
-        self._load[instance] += 1
-        sequence.instance = instance
-
-    def _release(self, sequence: _Sequence) -> None:
-        del self._sequences[sequence.correlation_id]
-        assert sequence.instance is not None
-        self._load[sequence.instance] -= 1
-        while self._backlog and self._load[sequence.instance] < self._capacity:
-            waiting = self._backlog.popleft()
-            self._load[sequence.instance] += 1
-            waiting.instance = sequence.instance
-
-    # -- worker side ------------------------------------------------------------------------------
-
-    def _take(self, instance: int, now_ns: int) -> _Take:
-        self._release_idle(now_ns)
-        ready = [
-            s for s in self._sequences.values() if s.instance == instance and s.pending and not s.running
-        ]
-        ready.sort(key=lambda s: s.pending[0].timing.queued_ns)
-        batch: list[InferenceRequest] = []
-        total = 0
-        for sequence in ready:
-            size = sequence.pending[0].batch_size
-            if batch and total + size > self._batch_limit:
-                break
-            sequence.running = True
-            batch.append(sequence.pending.popleft())
-            total += size
-        if batch:
-            return _Take(batch=batch)
-        busy = any(s.pending or s.running for s in self._sequences.values())
-        return _Take(wake_at_ns=self._next_idle_ns(), done=self._closing and not busy)
-
-    def _idle(self, sequence: _Sequence) -> bool:
-        return sequence.instance is not None and not sequence.pending and not sequence.running
-
-    def _release_idle(self, now_ns: int) -> None:
-        for sequence in list(self._sequences.values()):
-            if self._idle(sequence) and now_ns - sequence.last_active_ns >= self._idle_ns:
-                log.info("%s: releasing idle sequence %s", self.spec.name, sequence.correlation_id)
-                self._open.discard(sequence.correlation_id)
-                self._release(sequence)
-
-    def _next_idle_ns(self) -> int | None:
-        times = [s.last_active_ns + self._idle_ns for s in self._sequences.values() if self._idle(s)]
-        return min(times, default=None)
-
-    def _finished(self, instance: int, batch: list[InferenceRequest]) -> None:
-        now = time.monotonic_ns()
-        for request in batch:
-            sequence = self._sequences.get(request.sequence_id)
-            if sequence is None:
-                continue
-            sequence.running = False
-            sequence.last_active_ns = now
-            if request.sequence_end and not sequence.pending:
-                self._release(sequence)
-
-    def _prepare(self, batch: list[InferenceRequest]) -> None:
-        for request in batch:
-            request.inputs.update(self.control_tensors(request))
-
-    def control_tensors(self, request: InferenceRequest) -> dict[str, np.ndarray]:
-        """The configured control inputs for one request, shaped ``[batch, 1]`` (``[1]`` without
-        batching). READY is always true: only real requests are sent to the model, never padding."""
-        shape = (request.batch_size, 1) if self.spec.config.max_batch_size > 0 else (1,)
-        tensors = {}
-        for control in self._controls:
-            if control.kind == "CONTROL_SEQUENCE_CORRID":
-                cid = request.sequence_id
-                value: object = str(cid).encode() if control.dtype == np.object_ else int(cid)
-            else:
-                flag = {
-                    "CONTROL_SEQUENCE_START": request.sequence_start,
-                    "CONTROL_SEQUENCE_END": request.sequence_end,
-                    "CONTROL_SEQUENCE_READY": True,
-                }[control.kind]
-                value = control.values[int(flag)]
-            array = np.empty(shape, dtype=control.dtype)
-            array.fill(value)  # type: ignore[arg-type]
-            tensors[control.input_name] = array
-        return tensors
-
-
 @hookimpl
 def pagedserve_batching_policies() -> list[type[BatchingPolicy]]:
-    return [DirectPolicy, DynamicPolicy, SequencePolicy]
+    return [DirectPolicy, DynamicPolicy]

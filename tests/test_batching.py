@@ -14,8 +14,9 @@ from pagedserve.errors import InferenceError
 from pagedserve.inference import InferenceRequest, InferenceResponse
 from pagedserve.repository import spec_from_document
 from pagedserve.statistics import ModelStats
-from pagedserve_plugins import batching
-from pagedserve_plugins.batching import DirectPolicy, DynamicPolicy, SequencePolicy
+from pagedserve_plugins import batching, sequence_batching
+from pagedserve_plugins.batching import DirectPolicy, DynamicPolicy
+from pagedserve_plugins.sequence_batching import SequencePolicy
 
 from tests.recorder import Recorder
 
@@ -106,8 +107,9 @@ def policies() -> Any:
         policy.close()
 
 
-def test_hook_lists_the_three_policies() -> None:
+def test_hooks_list_the_three_policies() -> None:
     names = [cls.name for cls in batching.pagedserve_batching_policies()]
+    names += [cls.name for cls in sequence_batching.pagedserve_batching_policies()]
     assert names == ["direct", "dynamic", "sequence"]
 
 

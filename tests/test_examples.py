@@ -15,8 +15,8 @@ from pagedserve.config import BackendSettings
 from pagedserve.inference import InferenceRequest
 from pagedserve.repository import ModelRepository
 from pagedserve.statistics import ModelStats
-from pagedserve_plugins.batching import SequencePolicy
 from pagedserve_plugins.python_backend import PythonBackend
+from pagedserve_plugins.sequence_batching import SequencePolicy
 
 from tests.conftest import REPO, STOCK_MODELS
 from tests.recorder import Recorder

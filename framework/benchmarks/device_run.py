@@ -47,6 +47,7 @@ PLUGINS = {  # entry-point name -> module (pyproject's table)
     "llm_backend": "pagedserve_plugins.llm_backend",
     "python_backend": "pagedserve_plugins.python_backend",
     "scheduling_policies": "pagedserve_plugins.scheduling_policies",
+    "sequence_batching": "pagedserve_plugins.sequence_batching",
     "torch_attention": "pagedserve_plugins.torch_attention",
     "torchscript_backend": "pagedserve_plugins.torchscript_backend",
     "trace_opentelemetry": "pagedserve_plugins.trace_opentelemetry",
