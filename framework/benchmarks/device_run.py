@@ -36,24 +36,16 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 LIMIT = "bench.limit_output_tokens_per_s=18500"
 BENCH = f"bench model=llama3 engine.load_format=dummy kernel=triton {LIMIT}"
-PLUGINS = {  # entry-point name -> module (pyproject's table)
-    "architectures": "pagedserve_plugins.architectures",
-    "batching": "pagedserve_plugins.batching",
-    "llm_backend": "pagedserve_plugins.llm_backend",
-    "python_backend": "pagedserve_plugins.python_backend",
-    "scheduling_policies": "pagedserve_plugins.scheduling_policies",
-    "sequence_batching": "pagedserve_plugins.sequence_batching",
-    "torch_attention": "pagedserve_plugins.torch_attention",
-    "torchscript_backend": "pagedserve_plugins.torchscript_backend",
-    "trace_opentelemetry": "pagedserve_plugins.trace_opentelemetry",
-    "trace_triton": "pagedserve_plugins.trace_triton",
-    "triton_attention": "pagedserve_plugins.triton_attention",
-}
+# entry-point name -> module, as pyproject declares them (no install on the device machine)
+PLUGINS: dict[str, str] = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["entry-points"][
+    "pagedserve.plugins"
+]
 
 
 def steps(peer_requests: int, extra: str, workers: int, bench: str = BENCH) -> dict[str, tuple[str, int]]:
