@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -51,7 +52,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.live = True
         self.started = False
         self.exiting = False
-        self._decoders: dict[int, RequestDecoder] = {}
+        # One decoder per loaded version, forgotten with it (a reload makes new versions).
+        self._decoders: weakref.WeakKeyDictionary[LoadedVersion, RequestDecoder] = weakref.WeakKeyDictionary()
         self._loop_mailbox: LoopMailbox | None = None
         self.shm = SharedMemoryManager(config.server.allow_client_shm)
         self.tracer = tracer or Tracer(TraceSettings(config.tracing), None)
@@ -218,9 +220,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return self._loop_mailbox
 
     def _decoder(self, loaded: LoadedVersion) -> RequestDecoder:
-        decoder = self._decoders.get(id(loaded))
-        if decoder is None or decoder.spec is not loaded.spec:
-            decoder = self._decoders[id(loaded)] = RequestDecoder(loaded.spec, loaded.version)
+        decoder = self._decoders.get(loaded)
+        if decoder is None:
+            decoder = self._decoders[loaded] = RequestDecoder(loaded.spec, loaded.version)
         return decoder
 
     def start_request(
