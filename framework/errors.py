@@ -33,5 +33,19 @@ class InferenceError(Exception):
     def unimplemented(cls, message: str) -> InferenceError:
         return cls(message, grpc.StatusCode.UNIMPLEMENTED)
 
+    @property
+    def failure_reason(self) -> str:
+        """How Triton's failure metric files this error: the scheduler refused it (REJECTED), the
+        client went away (CANCELED), the model failed (BACKEND), or anything else (OTHER)."""
+        return _FAILURE_REASONS.get(self.code, "OTHER")
+
     def __str__(self) -> str:
         return self.message
+
+
+_FAILURE_REASONS = {
+    grpc.StatusCode.UNAVAILABLE: "REJECTED",
+    grpc.StatusCode.CANCELLED: "CANCELED",
+    grpc.StatusCode.INTERNAL: "BACKEND",
+    grpc.StatusCode.UNKNOWN: "BACKEND",
+}

@@ -176,6 +176,7 @@ class LLMMetrics:
 # -- the collector ------------------------------------------------------------------------------------
 
 _LABELS = ["model", "version"]
+FAILURE_REASONS = ("REJECTED", "CANCELED", "BACKEND", "OTHER")
 
 # Triton's counters: (name, help, how to read it from a ModelStats snapshot).
 _TRITON_COUNTERS: list[tuple[str, str, Callable[[Any], float]]] = [
@@ -248,10 +249,9 @@ class ServerCollector(Collector):
             yield family
         failures = _counter("nv_inference_request_failure", "Requests that ended in an error")
         for labels, snap in snapshots:
-            # ModelStats does not tell failures apart; Triton's catch-all reason is OTHER.
-            failures.add_sample(
-                "nv_inference_request_failure", {**labels, "reason": "OTHER"}, snap.fail.count
-            )
+            for reason in FAILURE_REASONS:
+                count = snap.fail_reasons.get(reason, 0)
+                failures.add_sample("nv_inference_request_failure", {**labels, "reason": reason}, count)
         yield failures
         pending = GaugeMetricFamily(
             "nv_inference_pending_request_count",

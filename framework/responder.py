@@ -102,7 +102,7 @@ class ServerResponder(Responder):
             self._finished = final
         delivery = self._encode(response, final)
         if final:
-            self._finish(delivery.error is None)
+            self._finish(delivery.error)
         self.mailbox.post(self.deliver, delivery)
 
     def _encode(self, response: InferenceResponse | None, final: bool) -> Delivery:
@@ -128,12 +128,12 @@ class ServerResponder(Responder):
         self.loaded.stats.record_response(index, infer_ns=infer_ns, output_ns=output_ns, ok=True, empty=empty)
         return Delivery(None if empty else message, None, final)
 
-    def _finish(self, ok: bool) -> None:
+    def _finish(self, error: InferenceError | None) -> None:
         assert self.request is not None
         timing = self.request.timing
         now = time.monotonic_ns()
         stats = self.loaded.stats
-        if ok:
+        if error is None:
             started = timing.compute_start_ns or now
             stats.record_success(
                 total_ns=now - timing.arrival_ns,
@@ -144,7 +144,7 @@ class ServerResponder(Responder):
                 batch_size=self.request.batch_size,
             )
         else:
-            stats.record_failure(now - timing.arrival_ns)
+            stats.record_failure(now - timing.arrival_ns, error.failure_reason)
         if self.trace is not None:
             self._trace_timeline(self.trace, now)
         if self.lease is not None:

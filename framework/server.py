@@ -239,10 +239,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         lease = self.shm.lease() if self.shm.enabled else None
         try:
             request, options = self._decoder(loaded).decode(message, responder, lease)
-        except InferenceError:
+        except InferenceError as error:
             if lease is not None:
                 lease.release()
-            loaded.stats.record_failure(time.monotonic_ns() - arrival)
+            loaded.stats.record_failure(time.monotonic_ns() - arrival, error.failure_reason)
             loaded.release()
             raise
         request.timing.arrival_ns = arrival

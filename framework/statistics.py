@@ -50,6 +50,7 @@ class StatsSnapshot:
     compute_output: Duration
     batches: dict[int, BatchDurations]
     responses: dict[int, ResponseDurations]
+    fail_reasons: dict[str, int] = field(default_factory=dict)
 
 
 class ModelStats:
@@ -62,6 +63,7 @@ class ModelStats:
         self._execution_count = 0
         self._success = Duration()
         self._fail = Duration()
+        self._fail_reasons: dict[str, int] = defaultdict(int)
         self._queue = Duration()
         self._compute_input = Duration()
         self._compute_infer = Duration()
@@ -81,10 +83,12 @@ class ModelStats:
             self._compute_infer.add(infer_ns)
             self._compute_output.add(output_ns)
 
-    def record_failure(self, total_ns: int) -> None:
+    def record_failure(self, total_ns: int, reason: str = "OTHER") -> None:
+        """``reason`` as Triton's failure metric labels it: REJECTED, CANCELED, BACKEND or OTHER."""
         with self._lock:
             self._last_inference_ms = time.time_ns() // 1_000_000
             self._fail.add(total_ns)
+            self._fail_reasons[reason] += 1
 
     def record_execution(self, batch_size: int, *, input_ns: int, infer_ns: int, output_ns: int) -> None:
         with self._lock:
@@ -127,6 +131,7 @@ class ModelStats:
                     size: BatchDurations(copy(b.compute_input), copy(b.compute_infer), copy(b.compute_output))
                     for size, b in sorted(self._batches.items())
                 },
+                fail_reasons=dict(self._fail_reasons),
                 responses={
                     i: ResponseDurations(
                         *(copy(getattr(r, f)) for f in ResponseDurations.__dataclass_fields__)

@@ -81,6 +81,8 @@ def test_triton_counters_move(metered: ServerProcess) -> None:
     assert moved("nv_inference_count", **SIMPLE) == 3  # counts batch elements
     assert 1 <= moved("nv_inference_exec_count", **SIMPLE) <= 2
     assert moved("nv_inference_request_failure", **SIMPLE, reason="OTHER") == 1
+    for reason in ("REJECTED", "CANCELED", "BACKEND"):
+        assert moved("nv_inference_request_failure", **SIMPLE, reason=reason) == 0
     for name in ("request", "queue", "compute_input", "compute_infer", "compute_output"):
         assert moved(f"nv_inference_{name}_duration_us", **SIMPLE) >= 0
     assert moved("nv_inference_request_duration_us", **SIMPLE) > 0
@@ -160,3 +162,22 @@ def test_metrics_off_and_port_taken(metered: ServerProcess) -> None:
             assert "serving without /metrics" in busy.output
         finally:
             busy.stop()
+
+
+def test_failures_are_filed_by_reason() -> None:
+    import grpc
+    from pagedserve.errors import InferenceError
+    from pagedserve.statistics import ModelStats
+
+    stats = ModelStats()
+    for error in (
+        InferenceError.unavailable("Exceeds maximum queue size"),
+        InferenceError.cancelled("Request was cancelled"),
+        InferenceError.internal("model raised"),
+        InferenceError("bad input"),
+        InferenceError("odd", grpc.StatusCode.UNKNOWN),
+    ):
+        stats.record_failure(1_000, error.failure_reason)
+    snapshot = stats.snapshot()
+    assert snapshot.fail.count == 5
+    assert snapshot.fail_reasons == {"REJECTED": 1, "CANCELED": 1, "BACKEND": 2, "OTHER": 1}
