@@ -222,9 +222,8 @@ async def _poll(config: ServeConfig, manager: ModelManager) -> None:
     while True:
         await asyncio.sleep(config.poll_interval_s)
         current = _mtimes(manager)
-        for name in current.keys() - seen.keys() | {
-            n for n in current if n in seen and current[n] != seen[n]
-        }:
+        added_or_changed = [name for name, mtime in current.items() if seen.get(name) != mtime]
+        for name in added_or_changed:
             try:
                 await loop.run_in_executor(None, manager.load, name)
             except InferenceError as error:

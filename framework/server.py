@@ -104,19 +104,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         response = pb.ModelMetadataResponse(
             name=loaded.spec.name, versions=versions, platform=config.platform or config.backend
         )
-
-        for tensor in config.input:
-            response.inputs.add(
-                name=tensor.name,
-                datatype=of_tensor(tensor),
-                shape=batch + list(tensor.dims),
-            )
-        for tensor in config.output:
-            response.outputs.add(
-                name=tensor.name,
-                datatype=of_tensor(tensor),
-                shape=batch + list(tensor.dims),
-            )
+        for tensors, target in ((config.input, response.inputs), (config.output, response.outputs)):
+            for tensor in tensors:
+                target.add(name=tensor.name, datatype=of_tensor(tensor), shape=batch + list(tensor.dims))
         return response
 
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:
