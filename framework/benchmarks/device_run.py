@@ -48,9 +48,12 @@ PLUGINS: dict[str, str] = tomllib.loads((REPO / "pyproject.toml").read_text())["
 ]
 
 
-def steps(peer_requests: int, extra: str, workers: int, bench: str = BENCH) -> dict[str, tuple[str, int]]:
+def steps(
+    peer_requests: int, extra: str, workers: int, out: Path, bench: str = BENCH
+) -> dict[str, tuple[str, int]]:
     """name -> (shell command, time limit in seconds)."""
     here = shlex.quote(sys.executable)
+    serve_args = "engine.load_format=dummy kernel=triton " + extra
     me = f"{here} {shlex.quote(__file__)}"
     return {
         "tests": (
@@ -86,6 +89,11 @@ def steps(peer_requests: int, extra: str, workers: int, bench: str = BENCH) -> d
             300,
         ),
         "fusions": (f"{me} --fusion-bench", 240),
+        "serving": (
+            f"{here} -m pagedserve.benchmarks.serving --model llama3 --num-requests 512 --rates 16 64 inf "
+            f"--json {shlex.quote(str(out / 'serving.json'))} --markdown --serve-args {serve_args}",
+            420,
+        ),
     }
 
 
@@ -168,7 +176,7 @@ def run_step(name: str, command: str, limit: float, out: Path, env: dict[str, st
     return rc, seconds
 
 
-_LOG_MARKERS = ("pagedserve: ", "engine freed", "row is left out", "produced no tokens", "OutOfMemoryError")
+_LOG_MARKERS = ("pagedserve: ", "serving at saturation", "rate ", "engine freed", "row is left out", "produced no tokens", "OutOfMemoryError")
 
 
 def tables(text: str) -> str:
@@ -185,7 +193,7 @@ def tables(text: str) -> str:
                 grabbing = False
         elif any(marker in line for marker in _LOG_MARKERS):
             keep.append(line.strip())
-        elif line.startswith(("=", "[profile]", "[fusion]")) or " passed" in line or " failed" in line:
+        elif line.startswith(("=", "|", "[profile]", "[fusion]")) or " passed" in line or " failed" in line:
             keep.append(line)
     return "\n".join(keep)
 
@@ -213,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     print(report)
     if left_out:
         print("plugins left out here: " + "; ".join(left_out))
-    table = steps(args.peer_requests, args.bench_extra, args.workers, args.bench)
+    table = steps(args.peer_requests, args.bench_extra, args.workers, args.out, args.bench)
     results = []
     for name in [s for s in args.steps.split(",") if s]:
         command, limit = table[name]

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 BLOCK_SIZES = [1, 8, 16, 32, 64, 128]
 DTYPES = ["auto", "float32", "float16", "bfloat16"]
 LOAD_FORMATS = ["auto", "safetensors", "dummy"]
+KV_CACHE_DTYPES = ["auto", "fp8", "fp8_e4m3", "fp8_e5m2"]
 
 
 def _check_choice(key: str, value: object, choices: list) -> None:
@@ -33,9 +34,13 @@ class CacheConfig:
     num_blocks: int | None = None
     memory_fraction: float = 0.9
     prefix_caching: bool = True
+    dtype: str = "auto"
+    """KV cache element type: ``auto`` = the model's dtype; ``fp8`` (= ``fp8_e4m3``) or ``fp8_e5m2``
+    store one byte per element (values scaled by 1.0, saturated at the format's largest finite value)."""
 
     def __post_init__(self) -> None:
         _check_choice("cache.block_size", self.block_size, BLOCK_SIZES)
+        _check_choice("cache.dtype", self.dtype, KV_CACHE_DTYPES)
         _check_positive("cache.num_blocks", self.num_blocks)
         if not 0.0 < self.memory_fraction <= 1.0:
             raise ValueError(f"cache.memory_fraction must be in (0, 1], got {self.memory_fraction!r}")
@@ -69,6 +74,9 @@ class EngineConfig:
     cuda_graphs: bool = True
     async_scheduling: bool = True
     """On CUDA, schedule and prepare step N+1 while the device runs step N (results one step later)."""
+    separate_process: bool = False
+    """Run the engine in a child process (the server's ``llm`` backend turns this on): the model step
+    loop then never competes for the GIL with request handling and response streaming."""
     max_model_len: int | None = None
     seed: int = 0
     cache: CacheConfig = field(default_factory=CacheConfig)
