@@ -3,13 +3,14 @@
 K/V are gathered through the block table into a contiguous view per sequence, then attention is a
 grouped matmul in float32 (query heads are folded as ``[Hkv, group]`` so K/V are never repeated).
 Unused cache slots are zeroed in the gathered copy, so whatever they hold (even NaN) cannot leak into
-the result. Every optimised backend is tested against this one.
+the result. A float8 cache is read back as ``q``'s dtype. Every optimised backend is tested against this
+one.
 """
 
 from __future__ import annotations
 
 import torch
-from pagedserve.engine.attention import AttentionBackend
+from pagedserve.engine.attention import AttentionBackend, kv_saturation_limit
 from pagedserve.hookspecs import hookimpl
 
 
@@ -25,9 +26,11 @@ class TorchAttentionBackend(AttentionBackend):
         dtype: torch.dtype,
         block_size: int,
         device: torch.device,
+        kv_cache_dtype: torch.dtype,
     ) -> str | None:
-        if not dtype.is_floating_point:
-            return f"dtype {dtype} is not a floating-point type"
+        for name, value in (("dtype", dtype), ("kv_cache_dtype", kv_cache_dtype)):
+            if not value.is_floating_point:
+                return f"{name} {value} is not a floating-point type"
         return None
 
     def store_kv(
@@ -40,8 +43,9 @@ class TorchAttentionBackend(AttentionBackend):
     ) -> None:
         keep = slot_mapping >= 0
         slots = slot_mapping[keep].long()
-        k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, key[keep].to(k_cache.dtype))
-        v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, value[keep].to(v_cache.dtype))
+        # index_put_ rather than index_copy_: the latter has no float8 kernel on the CPU
+        k_cache.view(-1, *k_cache.shape[2:]).index_put_((slots,), _to_cache(key[keep], k_cache.dtype))
+        v_cache.view(-1, *v_cache.shape[2:]).index_put_((slots,), _to_cache(value[keep], v_cache.dtype))
 
     def prefill(
         self,
@@ -57,7 +61,7 @@ class TorchAttentionBackend(AttentionBackend):
         starts, lens = cu_seqlens_q.tolist(), context_lens.tolist()
         for b, context_len in enumerate(lens):
             begin, end = starts[b], starts[b + 1]
-            k, v = _gather(k_cache, v_cache, block_tables[b : b + 1], context_lens[b : b + 1])
+            k, v = _gather(k_cache, v_cache, block_tables[b : b + 1], context_lens[b : b + 1], q.dtype)
             query_pos = torch.arange(context_len - (end - begin), context_len, device=q.device)
             visible = torch.arange(k.shape[1], device=q.device)[None, :] <= query_pos[:, None]
             out[begin:end] = _attend(q[begin:end][None], k, v, visible[None], scale)[0]
@@ -72,9 +76,14 @@ class TorchAttentionBackend(AttentionBackend):
         context_lens: torch.Tensor,
         scale: float,
     ) -> torch.Tensor:
-        k, v = _gather(k_cache, v_cache, block_tables, context_lens)
+        k, v = _gather(k_cache, v_cache, block_tables, context_lens, q.dtype)
         visible = _valid_positions(context_lens, k.shape[1])  # [B, L]
         return _attend(q[:, None], k, v, visible[:, None, :], scale)[:, 0]
+
+
+def _to_cache(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    limit = kv_saturation_limit(x.dtype, dtype)
+    return (x if limit is None else x.clamp(-limit, limit)).to(dtype)
 
 
 def _valid_positions(context_lens: torch.Tensor, length: int) -> torch.Tensor:
@@ -86,14 +95,15 @@ def _gather(
     v_cache: torch.Tensor,
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
+    dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """K and V of each sequence as ``[B, L, Hkv, D]`` with ``L`` covering the longest context."""
+    """K and V of each sequence as ``[B, L, Hkv, D]`` in ``dtype``, ``L`` covering the longest context."""
     block_size = k_cache.shape[1]
     num_blocks = -(-int(context_lens.max()) // block_size)
     table = block_tables[:, :num_blocks].long()
     batch = table.shape[0]
-    k = k_cache[table].reshape(batch, num_blocks * block_size, *k_cache.shape[2:])
-    v = v_cache[table].reshape(batch, num_blocks * block_size, *v_cache.shape[2:])
+    k = k_cache[table].to(dtype).reshape(batch, num_blocks * block_size, *k_cache.shape[2:])
+    v = v_cache[table].to(dtype).reshape(batch, num_blocks * block_size, *v_cache.shape[2:])
     invalid = ~_valid_positions(context_lens, k.shape[1])[:, :, None, None]
     return k.masked_fill(invalid, 0.0), v.masked_fill(invalid, 0.0)
 

@@ -87,6 +87,7 @@ def engine_config(
     block_size: int = 16,
     num_blocks: int | None = 256,
     prefix_caching: bool = True,
+    cache_dtype: str = "auto",
     max_num_batched_tokens: int = 512,
     max_num_seqs: int = 64,
     policy: str = "fcfs",
@@ -98,7 +99,9 @@ def engine_config(
         model=str(model),
         dtype=dtype,
         device=device,
-        cache=CacheConfig(block_size=block_size, num_blocks=num_blocks, prefix_caching=prefix_caching),
+        cache=CacheConfig(
+            block_size=block_size, num_blocks=num_blocks, prefix_caching=prefix_caching, dtype=cache_dtype
+        ),
         scheduler=SchedulerConfig(
             policy=policy, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens
         ),

@@ -9,6 +9,7 @@ import pytest
 from hydra import compose, initialize_config_module
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
+from pagedserve.benchmarks.throughput import settings_label
 from pagedserve.config import ModelControlMode, ServeConfig, register_configs
 
 from .conftest import REPO
@@ -28,6 +29,16 @@ def test_documented_command_line_parses() -> None:
     assert config.startup_models() == ["llama3"]
     assert config.scheduler.policy == "fcfs"
     assert config.cache.block_size == 16
+
+
+@pytest.mark.parametrize("dtype", ["auto", "fp8", "fp8_e4m3", "fp8_e5m2"])
+def test_every_kv_cache_dtype_composes(dtype: str) -> None:
+    assert compose_config(f"cache.dtype={dtype}").cache.dtype == dtype
+
+
+def test_bench_settings_name_a_narrow_kv_cache() -> None:
+    assert settings_label(compose_config()) == "block=16 sched=fcfs kernel=auto"
+    assert settings_label(compose_config("cache.dtype=fp8")) == "block=16 sched=fcfs kernel=auto kv=fp8"
 
 
 def test_defaults() -> None:
@@ -56,6 +67,7 @@ def test_model_list_and_modes() -> None:
         ("server.grpc_port=70000", "server.grpc_port must be in [0, 65535]"),
         ("model_control_mode=sometimes", "model_control_mode"),
         ("cache.block_size=abc", "block_size"),
+        ("cache.dtype=bad", "cache.dtype must be one of ['auto', 'fp8', 'fp8_e4m3', 'fp8_e5m2'], got 'bad'"),
     ],
 )
 def test_bad_values_name_the_key(override: str, message: str) -> None:

@@ -19,7 +19,7 @@ import torch
 from hydra.experimental.callback import Callback
 from pagedserve.benchmarks import hf_peers
 from pagedserve.benchmarks.workload import BenchRequest, standard_workload
-from pagedserve.config import BackendSettings, BenchConfig
+from pagedserve.config import BackendSettings, BenchConfig, ServeConfig
 from pagedserve.models.presets import resolve_model_source
 from pagedserve.plugin_manager import Registries
 from pagedserve.repository import ModelRepository
@@ -48,6 +48,14 @@ class Row:
         return self.total_tokens / self.seconds
 
 
+def settings_label(config: ServeConfig) -> str:
+    """The table's settings column; the KV cache dtype only when it is not the model's own."""
+    label = f"block={config.cache.block_size} sched={config.scheduler.policy} kernel={config.kernel}"
+    if config.cache.dtype != "auto":
+        label += f" kv={config.cache.dtype}"
+    return label
+
+
 def run_bench(config: BenchConfig, registries: Registries) -> list[Row]:
     from pagedserve.engine.llm import LLM
     from pagedserve.engine.sampling_params import SamplingParams
@@ -65,7 +73,7 @@ def run_bench(config: BenchConfig, registries: Registries) -> list[Row]:
     b = config.bench
     requests = standard_workload(b.num_requests, vocab, tuple(b.prompt_len), tuple(b.output_len), b.seed)
     prompt_tokens = sum(len(r.prompt_token_ids) for r in requests)
-    label = f"block={config.cache.block_size} sched={config.scheduler.policy} kernel={config.kernel}"
+    label = settings_label(config)
 
     params = [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True) for r in requests]
     # Warm-up with the workload's own size and prompt lengths (short outputs), so the batch shapes of

@@ -5,6 +5,12 @@ each of shape ``[num_blocks, block_size, num_kv_heads, head_dim]``. Token ``t`` 
 in slot ``block_table[t // block_size] * block_size + t % block_size``. A slot of ``-1`` in
 ``slot_mapping`` means "do not store" (padding rows).
 
+The caches may hold a narrower element type than ``q``/``key``/``value`` (``cache.dtype=fp8``:
+``torch.float8_e4m3fn`` or ``torch.float8_e5m2``, one byte per element, scale fixed at 1.0), so
+backends convert both ways: ``store_kv`` clamps to the cache type's largest finite value
+(:func:`kv_saturation_limit`) and then casts, so large values saturate instead of becoming NaN or
+infinite; ``prefill`` and ``decode`` upcast what they read to ``q``'s dtype and return ``q``'s dtype.
+
 The runner builds one :class:`AttentionMetadata` per step and makes it current with
 :func:`attention_metadata`; each model ``Attention`` layer reads it with :func:`current_metadata`.
 The first ``num_decode_tokens`` rows of the batch are single-token sequences (decode); the rest are
@@ -68,8 +74,12 @@ class AttentionBackend(ABC):
         dtype: torch.dtype,
         block_size: int,
         device: torch.device,
+        kv_cache_dtype: torch.dtype,
     ) -> str | None:
-        """``None`` when this backend can serve the configuration, else a short human reason."""
+        """``None`` when this backend can serve the configuration, else a short human reason.
+
+        ``dtype`` is the model's (``q``/``key``/``value``), ``kv_cache_dtype`` the caches' element type:
+        the same, or a float8 type."""
 
     @abstractmethod
     def store_kv(
@@ -126,6 +136,7 @@ def select_attention_backend(
     dtype: torch.dtype,
     block_size: int,
     device: torch.device,
+    kv_cache_dtype: torch.dtype,
 ) -> type[AttentionBackend]:
     """Resolve ``kernel`` (a backend name or ``auto``) to a backend class that supports the model.
 
@@ -141,10 +152,13 @@ def select_attention_backend(
         candidates = sorted(backends.items(), key=lambda item: (-item[1].preference, item[0]))
     else:
         candidates = [(kernel, backends[kernel])]
-    setup = f"head_dim={head_dim}, dtype={dtype}, block_size={block_size}, device={device}"
+    setup = (
+        f"head_dim={head_dim}, dtype={dtype}, kv_cache_dtype={kv_cache_dtype}, "
+        f"block_size={block_size}, device={device}"
+    )
     reasons = []
     for name, backend in candidates:
-        reason = backend.unsupported_reason(head_dim, dtype, block_size, device)
+        reason = backend.unsupported_reason(head_dim, dtype, block_size, device, kv_cache_dtype)
         if reason is None:
             for passed_over in reasons:
                 log.info("kernel=auto passed over attention backend %s (%s)", passed_over, setup)
@@ -154,6 +168,13 @@ def select_attention_backend(
         f"no attention backend for kernel={kernel!r} can serve {setup}: "
         + ("; ".join(reasons) or "no backends are registered")
     )
+
+
+def kv_saturation_limit(dtype: torch.dtype, kv_cache_dtype: torch.dtype) -> float | None:
+    """The bound ``store_kv`` clamps ``dtype`` values to before casting them to ``kv_cache_dtype``;
+    ``None`` when the cache type's range already covers every finite input."""
+    limit = torch.finfo(kv_cache_dtype).max
+    return limit if limit < torch.finfo(dtype).max else None
 
 
 _current: contextvars.ContextVar[AttentionMetadata | None] = contextvars.ContextVar(

@@ -74,9 +74,6 @@ class EngineConfig:
     cuda_graphs: bool = True
     async_scheduling: bool = True
     """On CUDA, schedule and prepare step N+1 while the device runs step N (results one step later)."""
-    separate_process: bool = False
-    """Run the engine in a child process (the server's ``llm`` backend turns this on): the model step
-    loop then never competes for the GIL with request handling and response streaming."""
     max_model_len: int | None = None
     seed: int = 0
     cache: CacheConfig = field(default_factory=CacheConfig)

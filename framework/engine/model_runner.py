@@ -48,7 +48,7 @@ class ModelRunner:
         num_blocks: int,
         block_size: int,
         device: torch.device,
-        dtype: torch.dtype,
+        kv_cache_dtype: torch.dtype,
         max_num_seqs: int,
         max_num_batched_tokens: int,
         max_model_len: int,
@@ -61,8 +61,8 @@ class ModelRunner:
         layers = model.attention_layers()
         first = layers[0]
         shape = (len(layers), num_blocks, block_size, first.num_kv_heads, first.head_dim)
-        self.k_caches = torch.empty(shape, dtype=dtype, device=device)
-        self.v_caches = torch.empty(shape, dtype=dtype, device=device)
+        self.k_caches = torch.empty(shape, dtype=kv_cache_dtype, device=device)
+        self.v_caches = torch.empty(shape, dtype=kv_cache_dtype, device=device)
         for i, layer in enumerate(layers):
             layer.backend, layer.k_cache, layer.v_cache = backend, self.k_caches[i], self.v_caches[i]
         self.buffers = StepBuffers(

@@ -1,4 +1,4 @@
-"""Start-up decisions for one engine: device, dtype, context length, model weights, KV cache size.
+"""Start-up decisions for one engine: device, dtypes, context length, model weights, KV cache size.
 
 Everything here runs once; the results live in :class:`ModelSetup`, never written back into the
 config.
@@ -19,6 +19,11 @@ from pagedserve.models.presets import resolve_model_source
 from pagedserve.models.registry import ModelArchitecture, resolve_architecture
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_KV_CACHE_DTYPES = {
+    "fp8": torch.float8_e4m3fn,
+    "fp8_e4m3": torch.float8_e4m3fn,
+    "fp8_e5m2": torch.float8_e5m2,
+}
 
 
 @dataclass
@@ -28,6 +33,7 @@ class ModelSetup:
     directory: Path | None
     device: torch.device
     dtype: torch.dtype
+    kv_cache_dtype: torch.dtype
     max_model_len: int
 
 
@@ -50,6 +56,11 @@ def resolve_dtype(name: str, arch: ModelArchConfig, device: torch.device) -> tor
     return torch.bfloat16
 
 
+def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    """``cache.dtype``: ``auto`` keeps the model's dtype, the fp8 names store one byte per element."""
+    return model_dtype if name == "auto" else _KV_CACHE_DTYPES[name]
+
+
 def resolve_max_model_len(requested: int | None, arch: ModelArchConfig) -> int:
     if requested is None:
         return arch.max_position_embeddings
@@ -67,13 +78,14 @@ def build_model(config: EngineConfig, architectures: Mapping[str, type[ModelArch
     model_cls = resolve_architecture(architectures, arch)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, arch, device)
+    kv_cache_dtype = resolve_kv_cache_dtype(config.cache.dtype, dtype)
     max_model_len = resolve_max_model_len(config.max_model_len, arch)
     model = _instantiate(model_cls, arch, device, dtype)
     if config.load_format == "dummy":
         init_dummy_weights(model, config.seed)
     else:
         load_weights(model, source.directory)
-    return ModelSetup(model.eval(), arch, source.directory, device, dtype, max_model_len)
+    return ModelSetup(model.eval(), arch, source.directory, device, dtype, kv_cache_dtype, max_model_len)
 
 
 def _instantiate(
@@ -88,14 +100,13 @@ def _instantiate(
         torch.set_default_dtype(previous)
 
 
-def kv_bytes_per_block(arch: ModelArchConfig, block_size: int, dtype: torch.dtype) -> int:
-    element = torch.empty(0, dtype=dtype).element_size()
-    return 2 * arch.num_layers * block_size * arch.num_kv_heads * arch.head_dim * element
+def kv_bytes_per_block(arch: ModelArchConfig, block_size: int, kv_cache_dtype: torch.dtype) -> int:
+    return 2 * arch.num_layers * block_size * arch.num_kv_heads * arch.head_dim * kv_cache_dtype.itemsize
 
 
 def cpu_num_blocks(cache: CacheConfig, setup: ModelSetup, max_tokens_in_flight: int) -> int:
     """Blocks from a fraction of free RAM, capped at what ``max_num_seqs`` full contexts could use."""
-    per_block = kv_bytes_per_block(setup.arch, cache.block_size, setup.dtype)
+    per_block = kv_bytes_per_block(setup.arch, cache.block_size, setup.kv_cache_dtype)
     by_memory = int(psutil.virtual_memory().available * cache.memory_fraction) // per_block
     by_demand = -(-max_tokens_in_flight // cache.block_size)
     return max(1, min(by_memory, by_demand))
@@ -105,7 +116,7 @@ def cuda_num_blocks(cache: CacheConfig, setup: ModelSetup, peak_activation_bytes
     """Blocks from ``memory_fraction`` of the GPU after weights and the profiled activation peak."""
     free, total = torch.cuda.mem_get_info(setup.device)
     budget = total * cache.memory_fraction - (total - free) - peak_activation_bytes
-    num_blocks = int(budget) // kv_bytes_per_block(setup.arch, cache.block_size, setup.dtype)
+    num_blocks = int(budget) // kv_bytes_per_block(setup.arch, cache.block_size, setup.kv_cache_dtype)
     if num_blocks < 1:
         raise RuntimeError(
             f"no GPU memory is left for the KV cache (cache.memory_fraction="

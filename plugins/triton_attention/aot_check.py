@@ -90,19 +90,31 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     ok = True
     f32 = {"qk_scale": "fp32"}
-    for dt in ("bf16",) if args.quick else ("bf16", "fp32"):
+    # (input dtype, cache dtype, the float8 cache's largest value: SATURATE)
+    store_variants = [("bf16", "bf16", None), ("bf16", "fp8e4nv", 448.0), ("fp32", "fp32", None)]
+    store_variants += [("fp16", "fp8e5", 57344.0)]
+    for dt, cache, saturate in store_variants[:2] if args.quick else store_variants:
+        types = dict(key_ptr=f"*{dt}", value_ptr=f"*{dt}", k_cache_ptr=f"*{cache}", v_cache_ptr=f"*{cache}")
         for bs in (16,) if args.quick else (16, 64, 1):
-            ce = {"BLOCK_SIZE": bs, "HEAD_DIM": 128, "HEADS_PAD": 8}
-            ok &= compile_one(K.store_kv_kernel, {}, ce, 4, 2, args.arch, f"store_kv {dt} bs={bs}")
-    decode_variants = [("bf16", 64, 4, 3), ("bf16", 128, 8, 2), ("bf16", 32, 4, 4), ("fp32", 32, 4, 3)]
-    for dt, tile, warps, stages in decode_variants[:1] if args.quick else decode_variants:
+            ce = {"BLOCK_SIZE": bs, "HEAD_DIM": 128, "HEADS_PAD": 8, "SATURATE": saturate}
+            label = f"store_kv {dt} -> {cache} bs={bs}"
+            ok &= compile_one(K.store_kv_kernel, types, ce, 4, 2, args.arch, label)
+    decode_variants = [
+        ("bf16", "bf16", 64, 4, 3),
+        ("bf16", "fp8e4nv", 64, 4, 2),
+        ("bf16", "bf16", 128, 8, 2),
+        ("bf16", "bf16", 32, 4, 4),
+        ("fp32", "fp32", 32, 4, 3),
+        ("fp16", "fp8e5", 64, 4, 2),
+    ]
+    for dt, cache, tile, warps, stages in decode_variants[:2] if args.quick else decode_variants:
         for direct in (True, False):
             ptr = f"*{dt}"
             types = dict(
                 f32,
                 q_ptr=ptr,
-                k_cache_ptr=ptr,
-                v_cache_ptr=ptr,
+                k_cache_ptr=f"*{cache}",
+                v_cache_ptr=f"*{cache}",
                 out_ptr=ptr,
                 part_out_ptr="*fp32",
                 part_lse_ptr="*fp32",
@@ -127,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                 warps,
                 stages,
                 args.arch,
-                f"decode {dt} tile={tile} w={warps} s={stages} direct={direct}",
+                f"decode {dt} cache={cache} tile={tile} w={warps} s={stages} direct={direct}",
                 args.sass,
             )
     types = {"part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "context_lens_ptr": "*i32", "out_ptr": "*bf16"}
@@ -141,19 +153,21 @@ def main(argv: list[str] | None = None) -> int:
         "decode_reduce",
     )
     prefill_variants = [
-        ("bf16", 128, 128, 64, 4),
-        ("bf16", 256, 64, 32, 4),
-        ("fp32", 64, 64, 32, 1),
-        ("bf16", 64, 128, 64, 3),
+        ("bf16", "bf16", 128, 128, 64, 4),
+        ("bf16", "fp8e4nv", 128, 128, 64, 4),
+        ("bf16", "bf16", 256, 64, 32, 4),
+        ("fp32", "fp32", 64, 64, 32, 1),
+        ("bf16", "bf16", 64, 128, 64, 3),
+        ("fp16", "fp8e5", 128, 128, 64, 4),
     ]
-    for dt, d, rows, tile, qpk in prefill_variants[:1] if args.quick else prefill_variants:
+    for dt, cache, d, rows, tile, qpk in prefill_variants[:2] if args.quick else prefill_variants:
         ptr = f"*{dt}"
         qpk_pad = 1 << (qpk - 1).bit_length()
         types = dict(
             f32,
             q_ptr=ptr,
-            k_cache_ptr=ptr,
-            v_cache_ptr=ptr,
+            k_cache_ptr=f"*{cache}",
+            v_cache_ptr=f"*{cache}",
             out_ptr=ptr,
             block_tables_ptr="*i32",
             cu_seqlens_q_ptr="*i32",
@@ -170,7 +184,13 @@ def main(argv: list[str] | None = None) -> int:
             "UPCAST": False,
         }
         ok &= compile_one(
-            K.prefill_kernel, types, ce, 8, 2, args.arch, f"prefill {dt} d={d} rows={rows} qpk={qpk}"
+            K.prefill_kernel,
+            types,
+            ce,
+            8,
+            2,
+            args.arch,
+            f"prefill {dt} cache={cache} d={d} rows={rows} qpk={qpk}",
         )
     print("ALL OK" if ok else "SOME FAILED")
     return 0 if ok else 1

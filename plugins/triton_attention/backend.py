@@ -4,6 +4,9 @@ Imports ``triton`` at module import; the plugin hook imports this module lazily.
 tensor shapes and strides (no device-to-host copies), so they can be captured in CUDA graphs: every launch
 grid follows from static shapes, e.g. the decode split count from ``batch``, ``num_kv_heads`` and the
 block table's width.
+
+A float8 cache (``cache.dtype=fp8``) takes the same launch parameters as one of ``q``'s dtype: the kernels
+convert on store and on load, and only the bytes read from memory change.
 """
 
 from __future__ import annotations
@@ -17,11 +20,12 @@ from typing import Any, ClassVar
 
 import torch
 import triton
-from pagedserve.engine.attention import AttentionBackend
+from pagedserve.engine.attention import AttentionBackend, kv_saturation_limit
 
 SUPPORTED_BLOCK_SIZES = (1, 8, 16, 32, 64, 128)
 SUPPORTED_HEAD_DIMS = (32, 64, 128, 256)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+FP8_CACHE_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)  # besides a cache of the model's dtype
 _LOG2E = 1.0 / math.log(2.0)
 
 # Launch parameters. ``device_check.py`` times alternatives on the GPU; these are the defaults it chose.
@@ -71,6 +75,49 @@ def _patch_interpreter_scalar_index() -> None:
     interpreter._patch_lang_tensor = patched
 
 
+_INTERPRETER_FLOATS = {
+    "fp8e4nv": torch.float8_e4m3fn,
+    "fp8e5": torch.float8_e5m2,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "fp32": torch.float32,
+}
+
+
+def _patch_interpreter_fp8_casts() -> None:
+    """Make Triton 3.6's CPU interpreter convert to and from float8 as the GPU does.
+
+    Its bit-level converter rounds ties away from zero, drops the carry when rounding overflows the
+    mantissa (0.0303 becomes 0.0156 in e4m3), mishandles subnormals and reads NaN as a number
+    (triton-lang/triton#8322); torch rounds to nearest even, as the hardware does. Only the interpreter is
+    touched.
+    """
+    import numpy as np
+    from triton.runtime import interpreter
+
+    original = interpreter.InterpreterBuilder.create_fp_to_fp
+    if getattr(original, "_torch_fp8", False):
+        return
+
+    def patched(self: Any, src: Any, dst_type: Any, rounding_mode: Any) -> Any:
+        src_dtype = _INTERPRETER_FLOATS.get(src.dtype.scalar.name)
+        dst_dtype = _INTERPRETER_FLOATS.get(dst_type.scalar.name)
+        if (
+            src_dtype is None
+            or dst_dtype is None
+            or not {src_dtype, dst_dtype} & set(FP8_CACHE_DTYPES)
+            or rounding_mode == interpreter._ir.ROUNDING_MODE.RTZ  # torch only rounds to nearest even
+        ):
+            return original(self, src, dst_type, rounding_mode)
+        raw = torch.from_numpy(np.ascontiguousarray(src.data).reshape(-1).view(np.uint8))
+        out = raw.view(src_dtype).to(dst_dtype).view(torch.uint8).numpy()
+        data = out.view(interpreter._get_np_dtype(dst_type)).reshape(src.data.shape)
+        return interpreter.TensorHandle(data, dst_type.scalar)
+
+    patched._torch_fp8 = True  # type: ignore[attr-defined]
+    interpreter.InterpreterBuilder.create_fp_to_fp = patched
+
+
 def _kernels() -> ModuleType:
     """The kernels module, built compiled or interpreted as ``TRITON_INTERPRET`` says now."""
     global _kernel_module
@@ -79,6 +126,7 @@ def _kernels() -> ModuleType:
     if mod is None or want != mod.INTERPRETED:
         if want:
             _patch_interpreter_scalar_index()
+            _patch_interpreter_fp8_casts()
         mod = importlib.import_module(f"{__package__}.kernels")
         if want != mod.INTERPRETED:
             mod = importlib.reload(mod)
@@ -101,10 +149,17 @@ def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, int
             f"k_cache/v_cache must both be [num_blocks, block_size, num_kv_heads, head_dim]; got "
             f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
         )
+    if k_cache.dtype != v_cache.dtype:
+        raise ValueError(f"k_cache is {k_cache.dtype} but v_cache is {v_cache.dtype}")
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("k_cache/v_cache need a unit stride on head_dim")
     _, block_size, num_kv_heads, head_dim = k_cache.shape
     return block_size, num_kv_heads, head_dim
+
+
+def _check_cache_dtype(q: torch.Tensor, k_cache: torch.Tensor) -> None:
+    if k_cache.dtype != q.dtype and k_cache.dtype not in FP8_CACHE_DTYPES:
+        raise ValueError(f"cache dtype {k_cache.dtype} is neither q's ({q.dtype}) nor a float8 type")
 
 
 def _names(values: tuple[int, ...]) -> str:
@@ -125,7 +180,12 @@ class TritonAttentionBackend(AttentionBackend):
     # ------------------------------------------------------------------ capability check
     @classmethod
     def unsupported_reason(
-        cls, head_dim: int, dtype: torch.dtype, block_size: int, device: torch.device | str
+        cls,
+        head_dim: int,
+        dtype: torch.dtype,
+        block_size: int,
+        device: torch.device | str,
+        kv_cache_dtype: torch.dtype,
     ) -> str | None:
         """``None`` when these kernels run for this configuration, else why not."""
         if block_size not in SUPPORTED_BLOCK_SIZES:
@@ -134,15 +194,21 @@ class TritonAttentionBackend(AttentionBackend):
             return f"head_dim {head_dim} not supported (supported: {_names(SUPPORTED_HEAD_DIMS)})"
         if dtype not in SUPPORTED_DTYPES:
             return f"dtype {dtype} not supported (float16, bfloat16, float32)"
+        fp8_cache = kv_cache_dtype in FP8_CACHE_DTYPES
+        if kv_cache_dtype != dtype and not fp8_cache:
+            return f"kv_cache_dtype {kv_cache_dtype} not supported (the model's dtype or a float8 type)"
         dev = torch.device(device)
         if dev.type == "cuda":
             if not torch.cuda.is_available():
                 return "needs a CUDA device (none is available)"
             if _interpreting():
                 return "TRITON_INTERPRET=1 is set: the kernels run on the CPU interpreter, not on CUDA"
-            major, _ = torch.cuda.get_device_capability(dev)
+            major, minor = torch.cuda.get_device_capability(dev)
             if major < 8:
-                return f"needs compute capability 8.0 or newer (device has {major}.x)"
+                return f"needs compute capability 8.0 or newer (device has {major}.{minor})"
+            if fp8_cache and (major, minor) < (8, 9):
+                # float8 casts are instructions from Ada on; Triton's software casts round ties wrongly
+                return f"a float8 KV cache needs compute capability 8.9 or newer (device has {major}.{minor})"
             return None
         if dev.type == "cpu" and _interpreting():
             if not _interpreter_live():
@@ -169,8 +235,6 @@ class TritonAttentionBackend(AttentionBackend):
         if n == 0:
             return
         key, value = _unit_last(key), _unit_last(value)
-        if key.dtype != k_cache.dtype:
-            key, value = key.to(k_cache.dtype), value.to(v_cache.dtype)
         k = _kernels()
         k.store_kv_kernel[(n,)](
             key,
@@ -192,6 +256,7 @@ class TritonAttentionBackend(AttentionBackend):
             BLOCK_SIZE=block_size,
             HEAD_DIM=head_dim,
             HEADS_PAD=_pow2_at_least(num_kv_heads),
+            SATURATE=kv_saturation_limit(key.dtype, k_cache.dtype),
             num_warps=4,
         )
 
@@ -218,8 +283,7 @@ class TritonAttentionBackend(AttentionBackend):
         batch, num_q_heads, qd = q.shape
         if qd != head_dim or num_q_heads % num_kv_heads:
             raise ValueError(f"q {tuple(q.shape)} does not fit a cache of {num_kv_heads} x {head_dim}")
-        if q.dtype != k_cache.dtype:
-            raise ValueError(f"q dtype {q.dtype} differs from the cache's {k_cache.dtype}")
+        _check_cache_dtype(q, k_cache)
         q = _unit_last(q)
         if out is None:
             out = torch.empty((batch, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
@@ -329,8 +393,7 @@ class TritonAttentionBackend(AttentionBackend):
         total, num_q_heads, qd = q.shape
         if qd != head_dim or num_q_heads % num_kv_heads:
             raise ValueError(f"q {tuple(q.shape)} does not fit a cache of {num_kv_heads} x {head_dim}")
-        if q.dtype != k_cache.dtype:
-            raise ValueError(f"q dtype {q.dtype} differs from the cache's {k_cache.dtype}")
+        _check_cache_dtype(q, k_cache)
         q = _unit_last(q)
         if out is None:
             out = torch.empty((total, num_q_heads, head_dim), dtype=q.dtype, device=q.device)

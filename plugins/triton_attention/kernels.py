@@ -11,6 +11,9 @@ once per group and never copied or repeated.
 
 Softmax is computed online in base 2 (``exp2``), with the softmax scale folded into ``log2(e)``.
 
+The caches may be float8 (scale 1.0): the store kernel clamps and casts, the attention kernels convert each
+K/V tile to ``q``'s dtype as it is loaded, so the matrix products run as for a cache of ``q``'s dtype.
+
 Whether these kernels run compiled or in Triton's CPU interpreter is fixed when this module is imported
 (``TRITON_INTERPRET``); :data:`INTERPRETED` records which, and the backend re-imports the module when the
 setting has changed since.
@@ -45,8 +48,12 @@ def store_kv_kernel(
     BLOCK_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEADS_PAD: tl.constexpr,
+    SATURATE: tl.constexpr,
 ):
-    """One program per new token: copy its K and V rows (all KV heads) into the token's cache slot."""
+    """One program per new token: copy its K and V rows (all KV heads) into the token's cache slot.
+
+    ``SATURATE`` (``None`` or the cache type's largest finite value): clamp before the cast, so values out
+    of a float8 cache's range are stored as its largest value instead of NaN."""
     n = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + n).to(tl.int64)
     keep = slot >= 0
@@ -58,10 +65,13 @@ def store_kv_kernel(
     mask = (heads[:, None] < num_kv_heads) & keep
     k = tl.load(key_ptr + n * stride_kn + heads[:, None] * stride_kh + dims[None, :], mask=mask)
     v = tl.load(value_ptr + n * stride_vn + heads[:, None] * stride_vh + dims[None, :], mask=mask)
+    if SATURATE is not None:
+        k = tl.clamp(k.to(tl.float32), -SATURATE, SATURATE, propagate_nan=tl.PropagateNan.ALL)
+        v = tl.clamp(v.to(tl.float32), -SATURATE, SATURATE, propagate_nan=tl.PropagateNan.ALL)
     k_dst = k_cache_ptr + page * stride_kc_blk + row * stride_kc_off + heads[:, None] * stride_kc_head
     v_dst = v_cache_ptr + page * stride_vc_blk + row * stride_vc_off + heads[:, None] * stride_vc_head
-    tl.store(k_dst + dims[None, :], k, mask=mask)
-    tl.store(v_dst + dims[None, :], v, mask=mask)
+    tl.store(k_dst + dims[None, :], k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_dst + dims[None, :], v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -191,14 +201,14 @@ def decode_partition_kernel(
             v_head,
             BLOCK_SIZE,
         )
-        k = tl.load(k_cache_ptr + k_off[:, None] + dims[None, :], mask=tok_ok[:, None], other=0.0)
+        k = tl.load(k_cache_ptr + k_off[:, None] + dims[None, :], mask=tok_ok[:, None], other=0.0).to(q.dtype)
         qk = _mm(q, tl.trans(k), IEEE, UPCAST)
         qk = tl.where(tok_ok[None, :], qk * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         p = tl.math.exp2(qk - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + v_off[:, None] + dims[None, :], mask=tok_ok[:, None], other=0.0)
+        v = tl.load(v_cache_ptr + v_off[:, None] + dims[None, :], mask=tok_ok[:, None], other=0.0).to(q.dtype)
         pv = _mm(p.to(v.dtype), v, IEEE, UPCAST)
         acc = acc * alpha[:, None] + pv
         m_i = m_new
@@ -370,14 +380,14 @@ def prefill_kernel(
             v_head,
             BLOCK_SIZE,
         )
-        k = tl.load(k_cache_ptr + k_off[:, None] + dims[None, :])
+        k = tl.load(k_cache_ptr + k_off[:, None] + dims[None, :]).to(q.dtype)
         qk = _mm(q, tl.trans(k), IEEE, UPCAST)
         qk = qk * qk_scale
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         p = tl.math.exp2(qk - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + v_off[:, None] + dims[None, :])
+        v = tl.load(v_cache_ptr + v_off[:, None] + dims[None, :]).to(q.dtype)
         pv = _mm(p.to(v.dtype), v, IEEE, UPCAST)
         acc = acc * alpha[:, None] + pv
         m_i = m_new
@@ -397,7 +407,7 @@ def prefill_kernel(
             v_head,
             BLOCK_SIZE,
         )
-        k = tl.load(k_cache_ptr + k_off[:, None] + dims[None, :], mask=tok_ok[:, None], other=0.0)
+        k = tl.load(k_cache_ptr + k_off[:, None] + dims[None, :], mask=tok_ok[:, None], other=0.0).to(q.dtype)
         qk = _mm(q, tl.trans(k), IEEE, UPCAST)
         visible = (tok[None, :] <= q_pos[:, None]) & tok_ok[None, :]
         qk = tl.where(visible, qk * qk_scale, float("-inf"))
@@ -405,7 +415,7 @@ def prefill_kernel(
         p = tl.math.exp2(qk - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + v_off[:, None] + dims[None, :], mask=tok_ok[:, None], other=0.0)
+        v = tl.load(v_cache_ptr + v_off[:, None] + dims[None, :], mask=tok_ok[:, None], other=0.0).to(q.dtype)
         pv = _mm(p.to(v.dtype), v, IEEE, UPCAST)
         acc = acc * alpha[:, None] + pv
         m_i = m_new
