@@ -179,6 +179,10 @@ class EngineSettings:
     (``llama3``); a model YAML that names its weights keeps them."""
     seed: int = 0
     max_model_len: int | None = None
+    separate_process: bool = True
+    """Run each LLM engine in its own process, as vLLM's engine core does: its step loop then never
+    waits for the GIL behind request handling and response streaming. ``false`` runs it on a thread
+    of the server process."""
 
 
 @dataclass

@@ -6,12 +6,16 @@ backend does; falls back to the request's parameters), ``exclude_input_in_output
 ``cumulative_logprob``, ``logprobs``, ``num_input_tokens``, ``num_output_tokens``.
 
 Threads: the gRPC worker thread that calls :meth:`LLMModel.execute` parses and tokenizes; the engine
-runs on its own thread (:class:`EngineLoop`); a third, the output thread, turns engine outputs into
-responses and encodes them, so protocol work overlaps with model steps.
+runs in its own process (:class:`EngineProcess`, ``engine.separate_process``, the default) or on its
+own thread (:class:`EngineLoop`); the output thread turns engine outputs into responses and encodes
+them, so protocol work overlaps with model steps. When responses are produced faster than they go out,
+the output thread folds a request's queued outputs into one response (as vLLM's output collector
+does): a slow stream gets bigger pieces instead of a growing backlog.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import queue
@@ -32,6 +36,7 @@ if TYPE_CHECKING:
     from pagedserve.config import BackendSettings
     from pagedserve.engine.config import EngineConfig
     from pagedserve.engine.engine_loop import EngineLoop
+    from pagedserve.engine.engine_process import EngineProcess
     from pagedserve.engine.outputs import CompletionOutput, RequestOutput
     from pagedserve.engine.registries import EngineRegistries
     from pagedserve.engine.sampling_params import SamplingParams
@@ -93,11 +98,18 @@ class LLMBackend(ModelBackend):
         config.parameters["unary_decoupled"].string_value = "true"
 
     def load(self, spec: ModelSpec, context: LoadContext) -> Model:
-        from pagedserve.engine.engine_loop import EngineLoop
-        from pagedserve.engine.llm_engine import LLMEngine
+        config = self.engine_config(spec, context.settings)
+        registries = engine_registries(context.settings)
+        loop: EngineLoop | EngineProcess
+        if context.settings.engine.separate_process:
+            from pagedserve.engine.engine_process import EngineProcess
 
-        engine = LLMEngine(self.engine_config(spec, context.settings), engine_registries(context.settings))
-        loop = EngineLoop(engine)
+            loop = EngineProcess(config, registries)
+        else:
+            from pagedserve.engine.engine_loop import EngineLoop
+            from pagedserve.engine.llm_engine import LLMEngine
+
+            loop = EngineLoop(LLMEngine(config, registries))
         loop.start()
         return LLMModel(loop)
 
@@ -139,6 +151,20 @@ class LLMBackend(ModelBackend):
         )
 
 
+def coalesce(items: list[Any]) -> list[Any]:
+    """One ``(active, output)`` per request, in the order requests first appear: a request's later
+    outputs absorb its earlier ones (deltas join). ``None`` (stop) ends the list."""
+    merged: dict[int, tuple[Any, Any]] = {}
+    for item in items:
+        if item is None:
+            merged[-1] = (None, None)  # answer what came before the stop, then stop
+            break
+        active, output = item
+        earlier = merged.get(id(active))
+        merged[id(active)] = (active, output if earlier is None else earlier[1].merge_into(output))
+    return list(merged.values())
+
+
 def engine_registries(settings: BackendSettings) -> EngineRegistries:
     from pagedserve.engine.registries import EngineRegistries
 
@@ -169,7 +195,7 @@ class _Active:
 
 
 class LLMModel(Model):
-    def __init__(self, loop: EngineLoop) -> None:
+    def __init__(self, loop: EngineLoop | EngineProcess) -> None:
         self.loop = loop
         self._outputs: queue.Queue[tuple[_Active, RequestOutput] | None] = queue.Queue()
         self._active: dict[str, _Active] = {}
@@ -194,7 +220,14 @@ class LLMModel(Model):
                 continue
             with self._lock:
                 self._active[active.engine_id] = active
-            self.loop.submit(engine_request, lambda output, a=active: self._outputs.put((a, output)))
+            self.loop.submit(engine_request, functools.partial(self._on_output, active))
+
+    def _on_output(self, active: _Active, output: RequestOutput) -> None:
+        """On the engine's delivering thread: metrics per engine output (before any coalescing, so
+        latencies are the engine's), then the response waits for the output thread."""
+        new_tokens = sum(c.num_new_tokens for c in output.outputs)
+        self.metrics.on_output(active.timer, new_tokens, output.num_prompt_tokens, output.finished)
+        self._outputs.put((active, output))
 
     def _parse(self, request: InferenceRequest) -> _Active:
         from pagedserve.engine.sampling_params import SamplingParams
@@ -227,21 +260,33 @@ class LLMModel(Model):
     def _output_thread(self) -> None:
         while True:
             try:
-                item = self._outputs.get(timeout=0.05)
+                first = self._outputs.get(timeout=0.05)
             except queue.Empty:
                 self._abort_cancelled()
                 continue
-            if item is None:
-                return
-            active, output = item
-            try:
-                self._respond(active, output)
-            except Exception as error:  # noqa: BLE001 - never leave a client waiting
-                log.exception("failed to build an LLM response")
-                if output.finished or not active.request.responder.cancelled:
-                    self._finish(active, InferenceResponse(error=InferenceError(_ERROR_PREFIX + str(error))))
-                    self.loop.abort(active.engine_id)
+            batch = self._drain(first)
+            for active, output in batch:
+                if active is None:
+                    return
+                try:
+                    self._respond(active, output)
+                except Exception as error:  # noqa: BLE001 - never leave a client waiting
+                    log.exception("failed to build an LLM response")
+                    if output.finished or not active.request.responder.cancelled:
+                        response = InferenceResponse(error=InferenceError(_ERROR_PREFIX + str(error)))
+                        self._finish(active, response)
+                        self.loop.abort(active.engine_id)
             self._abort_cancelled()
+
+    def _drain(self, first: tuple[_Active, RequestOutput] | None) -> list[tuple[Any, Any]]:
+        """``first`` and what is queued behind it, coalesced."""
+        items = [first]
+        for _ in range(self._outputs.qsize()):  # bounded: the engine keeps adding meanwhile
+            try:
+                items.append(self._outputs.get_nowait())
+            except queue.Empty:
+                break
+        return coalesce(items)
 
     def _abort_cancelled(self) -> None:
         with self._lock:
@@ -253,8 +298,6 @@ class LLMModel(Model):
     def _respond(self, active: _Active, output: RequestOutput) -> None:
         if active.engine_id not in self._active:
             return  # already answered (an error ended it)
-        new_tokens = sum(c.num_new_tokens for c in output.outputs)
-        self.metrics.on_output(active.timer, new_tokens, output.num_prompt_tokens, output.finished)
         if output.error is not None:
             self._finish(active, InferenceResponse(error=InferenceError(_ERROR_PREFIX + output.error)))
         elif active.aborted or any(c.finish_reason == "abort" for c in output.outputs):
@@ -301,7 +344,7 @@ class LLMModel(Model):
         start = active.logprobs_sent.get(completion.index, 0) if active.stream else 0
         new = completion.logprobs[start:]
         active.logprobs_sent[completion.index] = len(completion.logprobs)
-        tokenizer = self.loop.engine.tokenizer
+        tokenizer = self.loop.tokenizer
         entries = []
         for step in new:
             ranked = sorted(step.items(), key=lambda item: -item[1])
@@ -321,14 +364,15 @@ class LLMModel(Model):
 
     def engine_metrics(self) -> EngineMetricsSnapshot:
         """Read by the Prometheus collector at scrape time (see ``pagedserve.metrics``)."""
-        scheduler, usage = self.loop.engine.scheduler, self.loop.last_usage
+        stats = self.loop.stats()
+        usage = stats.usage
         state = EngineState(
-            num_running=len(scheduler.running),
-            num_waiting=len(scheduler.waiting),
+            num_running=stats.num_running,
+            num_waiting=stats.num_waiting,
             kv_cache_usage=usage.usage,
             prefix_queried_tokens=usage.num_queried_tokens,
             prefix_hit_tokens=usage.num_hit_tokens,
-            num_preemptions=scheduler.num_preemptions,
+            num_preemptions=stats.num_preemptions,
         )
         return self.metrics.snapshot(state)
 

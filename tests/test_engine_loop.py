@@ -1,12 +1,21 @@
-"""The threaded engine loop: thread-safe submit/abort, callbacks, freeing blocks on abort."""
+"""The engine drivers: thread-safe submit/abort, callbacks, freeing blocks on abort.
+
+Every behaviour test runs against both drivers, the engine on a thread of this process
+(:class:`EngineLoop`) and in a child process (:class:`EngineProcess`); the process-only tests cover
+what a second process adds: start-up errors and a child that dies.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import threading
 import time
 
 import pytest
 from pagedserve.engine.engine_loop import EngineLoop
+from pagedserve.engine.engine_process import EngineProcess, EngineStartError
 from pagedserve.engine.llm_engine import LLMEngine
 from pagedserve.engine.sampling_params import SamplingParams
 from pagedserve.models.tiny import ensure_tiny_llama
@@ -14,14 +23,31 @@ from pagedserve.models.tiny import ensure_tiny_llama
 from .engine_helpers import assert_pool_free, engine_config
 
 
-@pytest.fixture
-def loop(tmp_path_factory):
-    engine = LLMEngine(engine_config(ensure_tiny_llama(tmp_path_factory.mktemp("t") / "tiny"), block_size=8))
-    loop = EngineLoop(engine)
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return ensure_tiny_llama(tmp_path_factory.mktemp("t") / "tiny")
+
+
+def _start(kind: str, tiny, **overrides):
+    config = engine_config(tiny, block_size=8, **overrides)
+    loop = EngineLoop(LLMEngine(config)) if kind == "thread" else EngineProcess(config)
     loop.start()
+    return loop
+
+
+def _assert_idle_and_free(loop) -> None:
+    stats = loop.stats()
+    assert (stats.num_running, stats.num_waiting, stats.usage.num_used) == (0, 0, 0)
+    if isinstance(loop, EngineLoop):
+        assert_pool_free(loop.engine.block_manager)
+
+
+@pytest.fixture(params=["thread", "process"])
+def loop(request, tiny):
+    loop = _start(request.param, tiny)
     yield loop
     loop.stop(timeout=10)
-    assert_pool_free(engine.block_manager)
+    _assert_idle_and_free(loop)
 
 
 class Collector:
@@ -33,6 +59,15 @@ class Collector:
         self.outputs.append(output)
         if output.finished:
             self.done.set()
+
+
+def _wait_idle(loop, seconds: float = 5.0) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        stats = loop.stats()
+        if stats.num_running == stats.num_waiting == 0:
+            return
+        time.sleep(0.01)
 
 
 def test_requests_from_many_threads_all_finish(loop):
@@ -54,6 +89,8 @@ def test_requests_from_many_threads_all_finish(loop):
         final = collector.outputs[-1]
         assert final.request_id == rid and len(final.outputs[0].token_ids) == 8
         assert "".join(o.outputs[0].text_delta for o in collector.outputs) == final.outputs[0].text
+        assert sum(o.outputs[0].num_new_tokens for o in collector.outputs) == 8
+        assert final.prompt_token_ids == loop.tokenizer.encode(f"prompt number {rid}")
 
 
 def test_abort_stops_a_request_and_frees_it(loop):
@@ -66,10 +103,8 @@ def test_abort_stops_a_request_and_frees_it(loop):
     loop.abort("long")
     assert collector.done.wait(10)
     assert collector.outputs[-1].outputs[0].finish_reason == "abort"
-    deadline = time.time() + 5
-    while loop.engine.has_unfinished_requests() and time.time() < deadline:
-        time.sleep(0.01)
-    assert not loop.engine.has_unfinished_requests()
+    _wait_idle(loop)
+    _assert_idle_and_free(loop)
 
 
 def test_duplicate_id_is_reported_through_the_callback(loop):
@@ -77,15 +112,76 @@ def test_duplicate_id_is_reported_through_the_callback(loop):
     loop.submit(loop.make_request("same", "a", SamplingParams(max_tokens=50, ignore_eos=True)), first)
     loop.submit(loop.make_request("same", "b", SamplingParams(max_tokens=3)), second)
     assert second.done.wait(10) and "already in use" in second.outputs[-1].error
-    assert first.done.wait(30)
+    assert first.done.wait(30) and first.outputs[-1].error is None
+    assert len(first.outputs[-1].outputs[0].token_ids) == 50
 
 
-def test_stop_aborts_running_requests(tmp_path_factory):
-    engine = LLMEngine(engine_config(ensure_tiny_llama(tmp_path_factory.mktemp("t") / "tiny"), block_size=8))
-    loop = EngineLoop(engine)
-    loop.start()
+def test_a_request_the_engine_cannot_serve_fails_through_its_callback(loop):
+    collector = Collector()
+    ids = list(range(3, 3 + 4096))  # longer than tiny-llama's context
+    try:
+        request = loop.make_request("huge", ids, SamplingParams(max_tokens=4))
+    except ValueError as error:  # the thread driver checks at once
+        assert "leaves no room" in str(error) and isinstance(loop, EngineLoop)
+        return
+    loop.submit(request, collector)
+    assert collector.done.wait(10)
+    assert "leaves no room" in collector.outputs[-1].error
+    ok = Collector()  # the engine goes on serving
+    loop.submit(loop.make_request("ok", "hello", SamplingParams(max_tokens=3, ignore_eos=True)), ok)
+    assert ok.done.wait(30) and len(ok.outputs[-1].outputs[0].token_ids) == 3
+
+
+@pytest.mark.parametrize("kind", ["thread", "process"])
+def test_stop_aborts_running_requests(kind, tiny):
+    loop = _start(kind, tiny)
     collector = Collector()
     loop.submit(loop.make_request("x", "hi", SamplingParams(max_tokens=1000, ignore_eos=True)), collector)
     loop.stop(timeout=10)
     assert collector.done.is_set() and collector.outputs[-1].outputs[0].finish_reason == "abort"
-    assert_pool_free(engine.block_manager)
+    _assert_idle_and_free(loop)
+    late = Collector()
+    with pytest.raises(RuntimeError) if kind == "thread" else contextlib.nullcontext():
+        loop.submit(loop.make_request("y", "hi", SamplingParams(max_tokens=2)), late)
+    if kind == "process":
+        assert late.done.is_set() and "stopped" in late.outputs[-1].error
+
+
+def test_both_drivers_generate_the_same_tokens(tiny):
+    prompts = {f"p{i}": f"the prompt {i} " * (i + 1) for i in range(5)}
+    tokens = {}
+    for kind in ("thread", "process"):
+        loop = _start(kind, tiny)
+        collectors = {rid: Collector() for rid in prompts}
+        # One at a time: batches of the same shapes in both drivers, so the float results are equal.
+        for rid, text in prompts.items():
+            params = SamplingParams(max_tokens=12, ignore_eos=True, logprobs=2)
+            loop.submit(loop.make_request(rid, text, params), collectors[rid])
+            assert collectors[rid].done.wait(30)
+        tokens[kind] = {
+            rid: (c.outputs[-1].outputs[0].token_ids, len(c.outputs[-1].outputs[0].logprobs))
+            for rid, c in collectors.items()
+        }
+        loop.stop(timeout=10)
+    assert tokens["thread"] == tokens["process"]
+    assert all(n == 12 for _, n in tokens["process"].values())
+
+
+def test_engine_start_error_names_the_problem(tiny):
+    with pytest.raises(EngineStartError, match="nonexistent"):
+        EngineProcess(engine_config(tiny, kernel="nonexistent"))
+
+
+def test_a_dead_engine_process_fails_requests_instead_of_hanging(tiny):
+    loop = _start("process", tiny)
+    collector = Collector()
+    loop.submit(loop.make_request("x", "hi", SamplingParams(max_tokens=1000, ignore_eos=True)), collector)
+    while not collector.outputs:
+        time.sleep(0.01)
+    os.kill(loop.pid, signal.SIGKILL)
+    assert collector.done.wait(10)
+    assert "exited unexpectedly" in collector.outputs[-1].error
+    late = Collector()
+    loop.submit(loop.make_request("y", "hi", SamplingParams(max_tokens=2)), late)
+    assert late.done.wait(5) and "exited unexpectedly" in late.outputs[-1].error
+    loop.stop(timeout=5)

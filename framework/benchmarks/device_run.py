@@ -15,7 +15,7 @@ Steps (``--bench-extra`` is appended to every ``bench`` command):
   graphs, Triton kernels, fused layers), in parallel workers.
 * ``bench``: the standard workload (512 requests) on our engine alone; ``bench256``, ``bench512`` and
   ``bench16k`` the same with ``scheduler.max_num_seqs=256`` / ``512`` or
-  ``scheduler.max_num_batched_tokens=16384``.
+  ``scheduler.max_num_batched_tokens=16384``; ``benchfp8`` with the FP8 KV cache (``cache.dtype=fp8``).
 * ``peers``: the first ``--peer-requests`` requests of the same workload on our engine and both HF
   peers, in one ``bench`` run (the peers need minutes for all 512).
 * ``sweep``: ``bench -m cache.block_size=16,32,64 scheduler=fcfs,priority`` without peers.
@@ -24,6 +24,8 @@ Steps (``--bench-extra`` is appended to every ``bench`` command):
   category in two windows of steps (prefill, decode).
 * ``ablation``: 256 requests with each of async scheduling, CUDA graphs and the fused kernels off.
 * ``fusions``: eager PyTorch vs the Triton kernels vs ``torch.compile`` for the fused ops.
+* ``serving``: the serving benchmark (``pagedserve.benchmarks.serving``) on llama3 with random
+  weights, 512 requests at 16 and 64 req/s and all at once, then the offline engine on the same prompts.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ def steps(
             200,
         ),
         "bench": (f"{bench} bench.num_requests=512 bench.peers=[] {extra}", 240),
+        "benchfp8": (f"{bench} bench.num_requests=512 bench.peers=[] cache.dtype=fp8 {extra}", 240),
         "bench512": (
             f"{bench} bench.num_requests=512 bench.peers=[] scheduler.max_num_seqs=512 {extra}",
             240,
@@ -176,7 +179,15 @@ def run_step(name: str, command: str, limit: float, out: Path, env: dict[str, st
     return rc, seconds
 
 
-_LOG_MARKERS = ("pagedserve: ", "serving at saturation", "rate ", "engine freed", "row is left out", "produced no tokens", "OutOfMemoryError")
+_LOG_MARKERS = (
+    "pagedserve: ",
+    "serving at saturation",
+    "rate ",
+    "engine freed",
+    "row is left out",
+    "produced no tokens",
+    "OutOfMemoryError",
+)
 
 
 def tables(text: str) -> str:

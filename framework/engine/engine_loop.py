@@ -5,6 +5,8 @@ validation happen there), then :meth:`submit` them with a callback. The engine t
 callback with every :class:`RequestOutput` of that request, the last one having ``finished=True``.
 Callbacks run on the engine thread and must be quick (e.g. ``loop.call_soon_threadsafe``).
 :meth:`submit` and :meth:`abort` are thread-safe; nothing else touches the engine from outside.
+:class:`pagedserve.engine.engine_process.EngineProcess` offers the same interface with the engine in
+a child process.
 """
 
 from __future__ import annotations
@@ -14,26 +16,70 @@ import threading
 from collections import deque
 from collections.abc import Callable
 
-from pagedserve.engine.block_manager import BlockUsage
+from pagedserve.engine.engine_core import EngineCore, EngineStats
 from pagedserve.engine.llm_engine import LLMEngine
-from pagedserve.engine.outputs import CompletionOutput, RequestOutput
+from pagedserve.engine.outputs import RequestOutput
 from pagedserve.engine.request import EngineRequest
 from pagedserve.engine.sampling_params import SamplingParams
+from pagedserve.models.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
 OutputCallback = Callable[[RequestOutput], None]
 
 
+class OutputRouter:
+    """Request id -> callback, dropped with the request's final output. Callback errors are logged,
+    never raised into the loop that delivers."""
+
+    def __init__(self) -> None:
+        self._callbacks: dict[str, OutputCallback] = {}
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self._callbacks
+
+    def __len__(self) -> int:
+        return len(self._callbacks)
+
+    def register(self, request_id: str, callback: OutputCallback) -> None:
+        self._callbacks[request_id] = callback
+
+    def deliver(self, output: RequestOutput) -> None:
+        if output.finished:
+            callback = self._callbacks.pop(output.request_id, None)
+        else:
+            callback = self._callbacks.get(output.request_id)
+        if callback is not None:
+            call(callback, output)
+
+    def request_ids(self) -> list[str]:
+        return list(self._callbacks)
+
+
+def call(callback: OutputCallback, output: RequestOutput) -> None:
+    try:
+        callback(output)
+    except Exception:
+        log.exception("output callback for request %s raised", output.request_id)
+
+
 class EngineLoop:
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
+        self._core = EngineCore(engine)
         self._commands: deque[tuple[str, object]] = deque()
         self._wakeup = threading.Condition()
-        self._callbacks: dict[str, OutputCallback] = {}
+        self._router = OutputRouter()
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self.last_usage: BlockUsage = engine.block_usage()
+
+    @property
+    def tokenizer(self) -> Tokenizer | None:
+        return self.engine.tokenizer
+
+    def stats(self) -> EngineStats:
+        """As of the last step (read from any thread)."""
+        return self._core.stats
 
     # ---- caller side (any thread) ----------------------------------------------------------------
 
@@ -78,15 +124,16 @@ class EngineLoop:
     def _run(self) -> None:
         while self._wait_for_work():
             self._apply_commands()
-            if self.engine.has_unfinished_requests():
-                self._step()
+            if self._core.has_work():
+                for output in self._core.step():
+                    self._router.deliver(output)
         self._apply_commands()
-        for request_id in list(self._callbacks):
-            self._abort(request_id)
+        for output in self._core.abort_all():
+            self._router.deliver(output)
 
     def _wait_for_work(self) -> bool:
         with self._wakeup:
-            while not (self._stopping or self._commands or self.engine.has_unfinished_requests()):
+            while not (self._stopping or self._commands or self._core.has_work()):
                 self._wakeup.wait()
             return not self._stopping
 
@@ -97,58 +144,16 @@ class EngineLoop:
                     return
                 kind, payload = self._commands.popleft()
             if kind == "add":
-                self._add(*payload)
+                request, callback = payload  # type: ignore[misc]
+                self._add(request, callback)
             else:
-                self._abort(payload)
+                output = self._core.abort(payload)  # type: ignore[arg-type]
+                if output is not None:
+                    self._router.deliver(output)
 
     def _add(self, request: EngineRequest, callback: OutputCallback) -> None:
-        if request.request_id in self._callbacks:
-            self._deliver(callback, _failed(request, f"request id {request.request_id!r} is already in use"))
-            return
-        try:
-            self.engine.add(request)
-        except ValueError as exc:
-            self._deliver(callback, _failed(request, str(exc)))
-            return
-        self._callbacks[request.request_id] = callback
-
-    def _abort(self, request_id: str) -> None:
-        output = self.engine.abort_request(request_id)
-        callback = self._callbacks.pop(request_id, None)
-        if output is not None and callback is not None:
-            self._deliver(callback, output)
-
-    def _step(self) -> None:
-        try:
-            outputs = self.engine.step()
-        except Exception as exc:  # a failed step must not leave callers waiting forever
-            log.exception("engine step failed; failing all running requests")
-            self._fail_all(f"engine step failed: {exc!r}")
-            return
-        self.last_usage = self.engine.block_usage()
-        for output in outputs:
-            callback = self._callbacks.get(output.request_id)
-            if output.finished:
-                self._callbacks.pop(output.request_id, None)
-            if callback is not None:
-                self._deliver(callback, output)
-
-    def _fail_all(self, message: str) -> None:
-        for request_id in list(self._callbacks):
-            output = self.engine.abort_request(request_id)
-            callback = self._callbacks.pop(request_id)
-            if output is not None:
-                output.error = message
-                self._deliver(callback, output)
-
-    @staticmethod
-    def _deliver(callback: OutputCallback, output: RequestOutput) -> None:
-        try:
-            callback(output)
-        except Exception:
-            log.exception("output callback for request %s raised", output.request_id)
-
-
-def _failed(request: EngineRequest, message: str) -> RequestOutput:
-    outputs = [CompletionOutput(index=i, finish_reason="abort") for i in range(request.params.n)]
-    return RequestOutput(request.request_id, request.prompt_token_ids, outputs, finished=True, error=message)
+        rejected = self._core.add(request)
+        if rejected is not None:
+            call(callback, rejected)  # not routed: a duplicate id must not end the live request
+        else:
+            self._router.register(request.request_id, callback)

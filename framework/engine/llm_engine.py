@@ -21,7 +21,7 @@ from pagedserve.engine.output_processor import OutputProcessor
 from pagedserve.engine.outputs import RequestOutput
 from pagedserve.engine.policy import SchedulingPolicy
 from pagedserve.engine.registries import EngineRegistries
-from pagedserve.engine.request import EngineRequest
+from pagedserve.engine.request import EngineRequest, build_request
 from pagedserve.engine.sampler import Sampler
 from pagedserve.engine.sampling_params import SamplingParams
 from pagedserve.engine.scheduler import ScheduledBatch, Scheduler
@@ -37,6 +37,7 @@ class LLMEngine:
         registries = registries or EngineRegistries.builtin()
         setup = build_model(config, registries.architectures)
         self.max_model_len = setup.max_model_len
+        self.directory = setup.directory  # where config.json and the tokenizer live (None: built in)
         self.tokenizer = Tokenizer.from_dir(setup.directory) if setup.directory else None
         self.eos_token_ids = self._eos_ids(setup)
         self._check_budgets()
@@ -47,6 +48,7 @@ class LLMEngine:
             dtype=setup.dtype,
             block_size=config.cache.block_size,
             device=setup.device,
+            kv_cache_dtype=setup.kv_cache_dtype,
         )
         self.device = setup.device
         self.attention_backend = backend_cls.name
@@ -66,12 +68,13 @@ class LLMEngine:
         self._inflight: tuple[ScheduledBatch, StepHandle] | None = None
         self.outputs = OutputProcessor(self.tokenizer)
         log.info(
-            "engine ready: %s on %s (%s), %d KV blocks of %d tokens, attention=%s",
+            "engine ready: %s on %s (%s), %d KV blocks of %d tokens in %s, attention=%s",
             setup.arch.architecture,
             setup.device,
             setup.dtype,
             num_blocks,
             config.cache.block_size,
+            setup.kv_cache_dtype,
             backend_cls.name,
         )
 
@@ -85,17 +88,13 @@ class LLMEngine:
         priority: int = 0,
     ) -> EngineRequest:
         """Tokenize and validate; raises ``ValueError`` for a request the engine could never serve."""
-        params = params or SamplingParams()
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("this model has no tokenizer.json; send token ids instead of text")
-            token_ids = self.tokenizer.encode(prompt)
-        else:
-            token_ids = [int(t) for t in prompt]
-        if params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer, and this model has no tokenizer.json")
-        self.scheduler.check_request(len(token_ids), params)
-        return EngineRequest(request_id, token_ids, params, priority)
+        request = build_request(self.tokenizer, request_id, prompt, params, priority)
+        self.check(request)
+        return request
+
+    def check(self, request: EngineRequest) -> None:
+        """Raise ``ValueError`` for a request the engine could never serve."""
+        self.scheduler.check_request(len(request.prompt_token_ids), request.params)
 
     def add_request(
         self,
@@ -209,7 +208,7 @@ class LLMEngine:
             num_blocks=num_blocks,
             block_size=self.config.cache.block_size,
             device=setup.device,
-            dtype=setup.dtype,
+            kv_cache_dtype=setup.kv_cache_dtype,
             max_num_seqs=scheduler.max_num_seqs,
             max_num_batched_tokens=scheduler.max_num_batched_tokens,
             max_model_len=self.max_model_len,

@@ -31,7 +31,7 @@ class RequestState:
         return all(c.finished for c in self.completions)
 
     def snapshot(self) -> RequestOutput:
-        outputs = [_copy(c) for c in self.completions]
+        outputs = [c.copy() for c in self.completions]
         for c in self.completions:  # deltas are reported once
             c.text_delta, c.num_new_tokens = "", 0
         return RequestOutput(self.request.request_id, self.request.prompt_token_ids, outputs, self.finished)
@@ -87,16 +87,3 @@ class OutputProcessor:
         if output.finished:
             del self.states[state.request.request_id]
         return output
-
-
-def _copy(c: CompletionOutput) -> CompletionOutput:
-    return CompletionOutput(
-        c.index,
-        c.text,
-        c.text_delta,
-        list(c.token_ids),
-        c.num_new_tokens,
-        c.cumulative_logprob,
-        None if c.logprobs is None else list(c.logprobs),
-        c.finish_reason,
-    )

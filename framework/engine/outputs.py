@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 
@@ -36,6 +37,11 @@ class CompletionOutput:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    def copy(self) -> CompletionOutput:
+        """A snapshot whose lists later updates of ``self`` do not change."""
+        logprobs = None if self.logprobs is None else list(self.logprobs)
+        return dataclasses.replace(self, token_ids=list(self.token_ids), logprobs=logprobs)
+
 
 @dataclass
 class RequestOutput:
@@ -48,3 +54,11 @@ class RequestOutput:
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
+
+    def merge_into(self, later: RequestOutput) -> RequestOutput:
+        """``later`` extended to also carry this output's deltas (this one came first and was not
+        delivered): a consumer that fell behind sends one response for both."""
+        for mine, theirs in zip(self.outputs, later.outputs, strict=True):
+            theirs.text_delta = mine.text_delta + theirs.text_delta
+            theirs.num_new_tokens += mine.num_new_tokens
+        return later

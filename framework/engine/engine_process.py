@@ -1,0 +1,298 @@
+"""Runs an :class:`LLMEngine` in a child process, behind :class:`EngineLoop`'s interface.
+
+Why a process: the engine's step loop is host work between device launches. On a thread of the
+server it waits for the GIL behind the event loop and the response encoding (a thread that gives
+the GIL up in every torch call waits again each time it wants it back), which cost the GPU serving
+benchmark half its throughput. vLLM's engine core runs in its own process for the same reason.
+
+The parent tokenizes (:meth:`make_request`), sends requests down one pipe and receives, once per
+step, the outputs of that step as deltas (new token ids, new text, new logprobs) on another. A
+receiver thread rebuilds full :class:`RequestOutput` values and calls each request's callback on
+it, so callers cannot tell this class from :class:`EngineLoop`, except that a request the engine
+rejects (too long, duplicate id...) fails through its callback rather than in ``make_request``.
+
+The child exits when told to stop or when its parent goes away (the command pipe closes). If it dies
+on its own, every request in flight fails with an error naming the exit code, and so does every
+later one: the model must be loaded again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import signal
+import threading
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from pagedserve.engine.config import EngineConfig
+from pagedserve.engine.engine_core import EngineCore, EngineStats, failed_output
+from pagedserve.engine.engine_loop import OutputCallback, call
+from pagedserve.engine.outputs import CompletionOutput, RequestOutput
+from pagedserve.engine.registries import EngineRegistries
+from pagedserve.engine.request import EngineRequest, build_request
+from pagedserve.engine.sampling_params import SamplingParams
+from pagedserve.models.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+# One completion's news in a step: index, new token ids, text delta, cumulative logprob,
+# new logprobs (None when not asked for), finish reason.
+_CompletionDelta = tuple[int, list[int], str, float, "list[dict[int, float]] | None", "str | None"]
+# request id, finished, error, completions
+_Delta = tuple[str, bool, "str | None", list[_CompletionDelta]]
+
+
+class EngineStartError(RuntimeError):
+    """The child could not build its engine; the message is the child's error."""
+
+
+@dataclass(frozen=True)
+class _Ready:
+    directory: str | None
+    stats: EngineStats
+
+
+# ---------------------------------------------------------------------------------------------- parent
+
+
+@dataclass
+class _Pending:
+    callback: OutputCallback
+    output: RequestOutput  # everything received so far
+
+
+class EngineProcess:
+    def __init__(self, config: EngineConfig, registries: EngineRegistries | None = None) -> None:
+        """Start the child and wait until its engine is built (raises :class:`EngineStartError`)."""
+        context = multiprocessing.get_context("spawn")  # never fork a process that may hold CUDA state
+        child_commands, self._commands = context.Pipe(duplex=False)
+        self._outputs, child_outputs = context.Pipe(duplex=False)
+        self._process = context.Process(
+            target=_child_main,
+            args=(config, registries, child_commands, child_outputs, logging.getLogger().getEffectiveLevel()),
+            name="pagedserve-engine",
+            daemon=True,  # ended with the server, never left holding the GPU
+        )
+        self._process.start()
+        child_commands.close()  # the child's ends: closing ours lets either side see the other go
+        child_outputs.close()
+        ready = self._wait_ready()
+        self.tokenizer = Tokenizer.from_dir(Path(ready.directory)) if ready.directory else None
+        self._stats = ready.stats
+        self._pending: dict[str, _Pending] = {}
+        self._lock = threading.Lock()  # guards _pending and _closed
+        # Sends get their own lock: a send that blocks on a full pipe must never keep the receiver
+        # from draining the child's outputs (the child reads commands only between steps).
+        self._send_lock = threading.Lock()
+        self._closed: str | None = None  # why requests can no longer be served
+        self._receiver = threading.Thread(target=self._receive, name="pagedserve-engine-outputs", daemon=True)
+
+    def _wait_ready(self) -> _Ready:
+        try:
+            kind, payload = self._outputs.recv()
+        except EOFError:
+            self._process.join(5)
+            raise EngineStartError(
+                f"the engine process exited while starting (exit code {self._process.exitcode})"
+            ) from None
+        if kind != "ready":
+            self._process.join(5)
+            raise EngineStartError(payload)
+        return payload
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid
+
+    def stats(self) -> EngineStats:
+        """As of the child's last step."""
+        return self._stats
+
+    def start(self) -> None:
+        if not self._receiver.is_alive() and self._receiver.ident is None:
+            self._receiver.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop the child; requests still running end with ``finish_reason="abort"``."""
+        with self._lock:
+            running, self._closed = self._closed is None, self._closed or "the engine is stopped"
+        if running:
+            self._send("stop", None)
+        if self._receiver.ident is not None:
+            self._receiver.join(timeout)
+        self._process.join(timeout)
+        if self._process.is_alive():
+            self._process.terminate()
+            self._process.join(5)
+        self._fail_pending("the engine is stopped")
+
+    def make_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        priority: int = 0,
+    ) -> EngineRequest:
+        return build_request(self.tokenizer, request_id, prompt, params, priority)
+
+    def submit(self, request: EngineRequest, callback: OutputCallback) -> None:
+        with self._lock:
+            rejection = self._closed
+            if rejection is None and request.request_id in self._pending:
+                rejection = f"request id {request.request_id!r} is already in use"
+            if rejection is None:
+                self._pending[request.request_id] = _Pending(callback, _empty_output(request))
+        if rejection is None and not self._send("add", request):
+            with self._lock:
+                self._pending.pop(request.request_id, None)
+            rejection = "the engine process is gone"
+        if rejection is not None:
+            call(callback, failed_output(request, rejection))
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            live = self._closed is None and request_id in self._pending
+        if live:
+            self._send("abort", request_id)
+
+    def _send(self, kind: str, payload: object) -> bool:
+        with self._send_lock:
+            try:
+                self._commands.send((kind, payload))
+            except OSError:
+                return False  # the child is gone; the receiver fails what was in flight
+        return True
+
+    # ---- receiver thread ---------------------------------------------------------------------------
+
+    def _receive(self) -> None:
+        while True:
+            try:
+                kind, payload = self._outputs.recv()
+            except (EOFError, OSError):
+                break
+            if kind == "stopped":
+                break
+            deltas, self._stats = payload
+            for delta in deltas:
+                self._deliver(delta)
+        self._process.join(5)
+        code = self._process.exitcode
+        with self._lock:
+            if self._closed is None:
+                log.error("the LLM engine process exited unexpectedly (exit code %s)", code)
+                self._closed = (
+                    f"the engine process exited unexpectedly (exit code {code}); load the model again"
+                )
+        self._fail_pending(self._closed)
+
+    def _deliver(self, delta: _Delta) -> None:
+        request_id, finished, error, completions = delta
+        with self._lock:
+            pending = self._pending.pop(request_id) if finished else self._pending.get(request_id)
+        if pending is None:
+            return
+        output = pending.output
+        for index, token_ids, text_delta, cumulative_logprob, logprobs, finish_reason in completions:
+            completion = output.outputs[index]
+            completion.token_ids.extend(token_ids)
+            completion.text += text_delta
+            completion.text_delta = text_delta
+            completion.num_new_tokens = len(token_ids)
+            completion.cumulative_logprob = cumulative_logprob
+            if logprobs is not None and completion.logprobs is not None:
+                completion.logprobs.extend(logprobs)
+            completion.finish_reason = finish_reason
+        snapshot = [c.copy() for c in output.outputs]
+        call(pending.callback, RequestOutput(request_id, output.prompt_token_ids, snapshot, finished, error))
+
+    def _fail_pending(self, message: str) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        for request_id, item in pending.items():
+            output = item.output
+            for completion in output.outputs:
+                completion.text_delta, completion.num_new_tokens = "", 0
+                completion.finish_reason = completion.finish_reason or "abort"
+            final = RequestOutput(request_id, output.prompt_token_ids, output.outputs, True, message)
+            call(item.callback, final)
+
+
+def _empty_output(request: EngineRequest) -> RequestOutput:
+    wants_logprobs = request.params.logprobs is not None
+    completions = [
+        CompletionOutput(index=i, logprobs=[] if wants_logprobs else None) for i in range(request.params.n)
+    ]
+    return RequestOutput(request.request_id, request.prompt_token_ids, completions)
+
+
+# ---------------------------------------------------------------------------------------------- child
+
+
+def _child_main(
+    config: EngineConfig,
+    registries: EngineRegistries | None,
+    commands: Connection,
+    outputs: Connection,
+    log_level: int,
+) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's to handle; it stops us
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname).1s %(name)s] (engine) %(message)s")
+    from pagedserve.engine.llm_engine import LLMEngine  # torch loads here, in the child only
+
+    try:
+        engine = LLMEngine(config, registries)
+    except Exception as exc:  # noqa: BLE001 - the parent reports it as the load error
+        log.exception("the engine could not start")
+        outputs.send(("failed", str(exc) or type(exc).__name__))
+        return
+    core = EngineCore(engine)
+    outputs.send(("ready", _Ready(str(engine.directory) if engine.directory else None, core.stats)))
+    with contextlib.suppress(BrokenPipeError, EOFError):  # the parent went away: nobody to answer
+        _serve(core, commands, outputs)
+
+
+def _serve(core: EngineCore, commands: Connection, outputs: Connection) -> None:
+    while True:
+        results: list[RequestOutput] = []
+        stopping = _apply_commands(core, commands, results, block=not core.has_work())
+        if stopping:
+            break
+        if core.has_work():
+            results += core.step()
+        if results:
+            outputs.send(("outputs", ([_encode(o) for o in results], core.stats)))
+    outputs.send(("outputs", ([_encode(o) for o in core.abort_all()], core.stats)))
+    outputs.send(("stopped", None))
+
+
+def _apply_commands(
+    core: EngineCore, commands: Connection, results: list[RequestOutput], block: bool
+) -> bool:
+    """Apply every queued command (waiting for one when ``block``); True once told to stop."""
+    if block:
+        commands.poll(None)
+    while commands.poll(0):
+        kind, payload = commands.recv()  # EOFError when the parent has gone
+        if kind == "stop":
+            return True
+        output: Any = core.add(payload) if kind == "add" else core.abort(payload)
+        if output is not None:
+            results.append(output)
+    return False
+
+
+def _encode(output: RequestOutput) -> _Delta:
+    completions = []
+    for c in output.outputs:
+        new = c.num_new_tokens
+        token_ids = c.token_ids[len(c.token_ids) - new :]
+        logprobs = None if c.logprobs is None else c.logprobs[len(c.logprobs) - new :]
+        completions.append(
+            (c.index, token_ids, c.text_delta, c.cumulative_logprob, logprobs, c.finish_reason)
+        )
+    return output.request_id, output.finished, output.error, completions
