@@ -185,3 +185,22 @@ def test_a_dead_engine_process_fails_requests_instead_of_hanging(tiny):
     loop.submit(loop.make_request("y", "hi", SamplingParams(max_tokens=2)), late)
     assert late.done.wait(5) and "exited unexpectedly" in late.outputs[-1].error
     loop.stop(timeout=5)
+
+
+def test_deltas_that_pile_up_for_a_slow_parent_join_without_loss():
+    from pagedserve.engine.engine_process import _join_deltas
+
+    deltas = [
+        ("a", False, None, [(0, [1], "x", -0.5, [{1: -0.5}], None), (1, [7], "p", -0.1, [{7: -0.1}], None)]),
+        ("b", False, None, [(0, [4], "q", -0.2, None, None)]),
+        ("a", False, None, [(0, [2, 3], "yz", -1.5, [{2: -0.4}, {3: -0.6}], None)]),
+        ("a", True, None, [(0, [], "", -1.5, [], "length"), (1, [8], "r", -0.3, [{8: -0.2}], "length")]),
+    ]
+    joined = _join_deltas(deltas)
+    assert [d[0] for d in joined] == ["a", "b"]
+    request_id, finished, error, completions = joined[0]
+    assert finished and error is None
+    by_index = {c[0]: c for c in completions}
+    assert by_index[0] == (0, [1, 2, 3], "xyz", -1.5, [{1: -0.5}, {2: -0.4}, {3: -0.6}], "length")
+    assert by_index[1] == (1, [7, 8], "pr", -0.3, [{7: -0.1}, {8: -0.2}], "length")
+    assert joined[1] == deltas[1]

@@ -18,9 +18,9 @@ later one: the model must be loaded again.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import multiprocessing
+import queue
 import signal
 import threading
 from dataclasses import dataclass
@@ -252,11 +252,16 @@ def _child_main(
         return
     core = EngineCore(engine)
     outputs.send(("ready", _Ready(str(engine.directory) if engine.directory else None, core.stats)))
-    with contextlib.suppress(BrokenPipeError, EOFError):  # the parent went away: nobody to answer
-        _serve(core, commands, outputs)
+    sender = _Sender(outputs)
+    try:
+        _serve(core, commands, sender)
+    except EOFError:
+        pass  # the parent went away: nobody is left to answer
+    finally:
+        sender.close()
 
 
-def _serve(core: EngineCore, commands: Connection, outputs: Connection) -> None:
+def _serve(core: EngineCore, commands: Connection, sender: _Sender) -> None:
     while True:
         results: list[RequestOutput] = []
         stopping = _apply_commands(core, commands, results, block=not core.has_work())
@@ -265,9 +270,71 @@ def _serve(core: EngineCore, commands: Connection, outputs: Connection) -> None:
         if core.has_work():
             results += core.step()
         if results:
-            outputs.send(("outputs", ([_encode(o) for o in results], core.stats)))
-    outputs.send(("outputs", ([_encode(o) for o in core.abort_all()], core.stats)))
-    outputs.send(("stopped", None))
+            sender.put([_encode(o) for o in results], core.stats)
+    sender.put([_encode(o) for o in core.abort_all()], core.stats)
+    sender.put_stopped()
+
+
+class _Sender:
+    """Writes the engine's outputs to the parent on its own thread, so a step never waits for a
+    parent that is slow to read: what piles up meanwhile goes out as one message, each request's
+    deltas joined."""
+
+    def __init__(self, outputs: Connection) -> None:
+        self._outputs = outputs
+        self._queue: queue.SimpleQueue[tuple[list[_Delta], EngineStats] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="pagedserve-engine-sender", daemon=True)
+        self._thread.start()
+
+    def put(self, deltas: list[_Delta], stats: EngineStats) -> None:
+        self._queue.put((deltas, stats))
+
+    def put_stopped(self) -> None:
+        self._queue.put(None)
+
+    def close(self) -> None:
+        self._thread.join(30)
+
+    def _run(self) -> None:
+        try:
+            while True:
+                batch = [self._queue.get()]
+                while not self._queue.empty():
+                    batch.append(self._queue.get())
+                items = [item for item in batch if item is not None]
+                if items:
+                    deltas = _join_deltas([delta for ds, _ in items for delta in ds])
+                    self._outputs.send(("outputs", (deltas, items[-1][1])))
+                if len(items) < len(batch):
+                    self._outputs.send(("stopped", None))
+                    return
+        except OSError:
+            pass  # the parent went away
+
+
+def _join_deltas(deltas: list[_Delta]) -> list[_Delta]:
+    """One delta per request, in order of first appearance, each the concatenation of its parts."""
+    joined: dict[str, _Delta] = {}
+    for delta in deltas:
+        earlier = joined.get(delta[0])
+        joined[delta[0]] = delta if earlier is None else _join(earlier, delta)
+    return list(joined.values())
+
+
+def _join(earlier: _Delta, later: _Delta) -> _Delta:
+    request_id, finished, error, completions = later
+    by_index = {c[0]: c for c in earlier[3]}
+    merged = []
+    for index, ids, text, cumulative, logprobs, reason in completions:
+        before = by_index.pop(index, None)
+        if before is not None:
+            ids = before[1] + ids
+            text = before[2] + text
+            if logprobs is not None and before[4] is not None:
+                logprobs = before[4] + logprobs
+        merged.append((index, ids, text, cumulative, logprobs, reason))
+    merged.extend(by_index.values())  # completions only the earlier delta mentioned
+    return request_id, finished, error or earlier[2], merged
 
 
 def _apply_commands(
