@@ -35,12 +35,6 @@ class OutputRouter:
     def __init__(self) -> None:
         self._callbacks: dict[str, OutputCallback] = {}
 
-    def __contains__(self, request_id: str) -> bool:
-        return request_id in self._callbacks
-
-    def __len__(self) -> int:
-        return len(self._callbacks)
-
     def register(self, request_id: str, callback: OutputCallback) -> None:
         self._callbacks[request_id] = callback
 
@@ -51,9 +45,6 @@ class OutputRouter:
             callback = self._callbacks.get(output.request_id)
         if callback is not None:
             call(callback, output)
-
-    def request_ids(self) -> list[str]:
-        return list(self._callbacks)
 
 
 def call(callback: OutputCallback, output: RequestOutput) -> None:

@@ -193,7 +193,7 @@ class EngineProcess:
     def _deliver(self, delta: _Delta) -> None:
         request_id, finished, error, completions = delta
         with self._lock:
-            pending = self._pending.pop(request_id) if finished else self._pending.get(request_id)
+            pending = self._pending.pop(request_id, None) if finished else self._pending.get(request_id)
         if pending is None:
             return
         output = pending.output
