@@ -113,18 +113,17 @@ if triton is not None:
         cos = tl.load(cos_ptr + pos * HALF + dims)[None, :]
         sin = tl.load(sin_ptr + pos * HALF + dims)[None, :]
 
-        heads = tl.arange(0, Q_HEADS)[:, None]
-        mask = heads < num_q_heads
-        base = q_ptr + t * stride_qt + heads * stride_qh + dims[None, :]
-        x1 = tl.load(base, mask=mask, other=0.0)
-        x2 = tl.load(base + HALF, mask=mask, other=0.0)
-        a, b = x1.to(tl.float32), x2.to(tl.float32)
-        tl.store(base, (a * cos - b * sin).to(x1.dtype), mask=mask)
-        tl.store(base + HALF, (b * cos + a * sin).to(x1.dtype), mask=mask)
+        _rotate_heads(q_ptr + t * stride_qt, stride_qh, num_q_heads, dims, cos, sin, HALF, Q_HEADS)
+        _rotate_heads(k_ptr + t * stride_kt, stride_kh, num_k_heads, dims, cos, sin, HALF, K_HEADS)
 
-        heads = tl.arange(0, K_HEADS)[:, None]
-        mask = heads < num_k_heads
-        base = k_ptr + t * stride_kt + heads * stride_kh + dims[None, :]
+    @triton.jit
+    def _rotate_heads(
+        token_ptr, stride_h, num_heads, dims, cos, sin, HALF: tl.constexpr, HEADS: tl.constexpr
+    ):
+        """Rotate one token's first ``num_heads`` heads (``HEADS``: that, rounded up to a power of 2)."""
+        heads = tl.arange(0, HEADS)[:, None]
+        mask = heads < num_heads
+        base = token_ptr + heads * stride_h + dims[None, :]
         x1 = tl.load(base, mask=mask, other=0.0)
         x2 = tl.load(base + HALF, mask=mask, other=0.0)
         a, b = x1.to(tl.float32), x2.to(tl.float32)
