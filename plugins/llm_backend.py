@@ -152,17 +152,16 @@ class LLMBackend(ModelBackend):
 
 
 def coalesce(items: list[Any]) -> list[Any]:
-    """One ``(active, output)`` per request, in the order requests first appear: a request's later
-    outputs absorb its earlier ones (deltas join). ``None`` (stop) ends the list."""
-    merged: dict[int, tuple[Any, Any]] = {}
-    for item in items:
-        if item is None:
-            merged[-1] = (None, None)  # answer what came before the stop, then stop
-            break
-        active, output = item
-        earlier = merged.get(id(active))
-        merged[id(active)] = (active, output if earlier is None else earlier[1].merge_into(output))
-    return list(merged.values())
+    """One ``(active, output)`` per request (see :func:`merge_by_request`). ``None`` (stop) ends the
+    list: what came before it is answered, then the output thread stops."""
+    from pagedserve.engine.outputs import merge_by_request
+
+    stop = None in items
+    if stop:
+        items = items[: items.index(None)]
+    actives = {output.request_id: active for active, output in items}
+    merged = [(actives[o.request_id], o) for o in merge_by_request([o for _, o in items])]
+    return [*merged, (None, None)] if stop else merged
 
 
 def engine_registries(settings: BackendSettings) -> EngineRegistries:

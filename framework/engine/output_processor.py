@@ -7,7 +7,7 @@ sequences) and groups the ``n`` sequences of a request into one output per step.
 from __future__ import annotations
 
 from pagedserve.engine.detokenizer import IncrementalDetokenizer
-from pagedserve.engine.outputs import CompletionOutput, RequestOutput
+from pagedserve.engine.outputs import RequestOutput, new_completions
 from pagedserve.engine.request import EngineRequest
 from pagedserve.engine.scheduler import Scheduler
 from pagedserve.engine.sequence import Sequence
@@ -21,10 +21,7 @@ class RequestState:
         self.detokenizers = [
             IncrementalDetokenizer(tokenizer, request.prompt_token_ids, request.params) for _ in range(n)
         ]
-        self.completions = [CompletionOutput(index=i) for i in range(n)]
-        if request.params.logprobs is not None:
-            for completion in self.completions:
-                completion.logprobs = []
+        self.completions = new_completions(n, request.params.logprobs is not None)
 
     @property
     def finished(self) -> bool:

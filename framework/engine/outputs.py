@@ -62,3 +62,18 @@ class RequestOutput:
             theirs.text_delta = mine.text_delta + theirs.text_delta
             theirs.num_new_tokens += mine.num_new_tokens
         return later
+
+
+def new_completions(n: int, with_logprobs: bool) -> list[CompletionOutput]:
+    """The ``n`` empty completions of a request that has produced nothing yet."""
+    return [CompletionOutput(index=i, logprobs=[] if with_logprobs else None) for i in range(n)]
+
+
+def merge_by_request(outputs: list[RequestOutput]) -> list[RequestOutput]:
+    """One output per request, in the order requests first appear: a request's later outputs absorb
+    its earlier ones (deltas join), for a consumer that fell behind."""
+    merged: dict[str, RequestOutput] = {}
+    for output in outputs:
+        earlier = merged.get(output.request_id)
+        merged[output.request_id] = output if earlier is None else earlier.merge_into(output)
+    return list(merged.values())
