@@ -188,40 +188,19 @@ def test_a_dead_engine_process_fails_requests_instead_of_hanging(tiny):
 
 
 def test_deltas_that_pile_up_for_a_slow_parent_join_without_loss():
-    from pagedserve.engine.engine_process import _encode
-    from pagedserve.engine.outputs import CompletionOutput, RequestOutput, merge_by_request
+    from pagedserve.engine.engine_process import _join_deltas
 
-    def snapshot(rid, finished, *completions):  # cumulative ids/text/logprobs, as the engine emits them
-        outs = [
-            CompletionOutput(i, text, delta, ids, new, cum, lps, reason)
-            for i, text, delta, ids, new, cum, lps, reason in completions
-        ]
-        return RequestOutput(rid, [1, 2], outs, finished)
-
-    a1 = snapshot(
-        "a",
-        False,
-        (0, "x", "x", [1], 1, -0.5, [{1: -0.5}], None),
-        (1, "p", "p", [7], 1, -0.1, [{7: -0.1}], None),
-    )
-    b1 = snapshot("b", False, (0, "q", "q", [4], 1, -0.2, None, None))
-    a2 = snapshot(
-        "a",
-        False,
-        (0, "xyz", "yz", [1, 2, 3], 2, -1.5, [{1: -0.5}, {2: -0.4}, {3: -0.6}], None),
-        (1, "p", "", [7], 0, -0.1, [{7: -0.1}], None),
-    )
-    a3 = snapshot(
-        "a",
-        True,
-        (0, "xyz", "", [1, 2, 3], 0, -1.5, [{1: -0.5}, {2: -0.4}, {3: -0.6}], "length"),
-        (1, "pr", "r", [7, 8], 1, -0.3, [{7: -0.1}, {8: -0.2}], "length"),
-    )
-    joined = [_encode(o) for o in merge_by_request([a1, b1, a2, a3])]
+    deltas = [
+        ("a", False, None, [(0, [1], "x", -0.5, [{1: -0.5}], None), (1, [7], "p", -0.1, [{7: -0.1}], None)]),
+        ("b", False, None, [(0, [4], "q", -0.2, None, None)]),
+        ("a", False, None, [(0, [2, 3], "yz", -1.5, [{2: -0.4}, {3: -0.6}], None)]),
+        ("a", True, None, [(0, [], "", -1.5, [], "length"), (1, [8], "r", -0.3, [{8: -0.2}], "length")]),
+    ]
+    joined = _join_deltas(deltas)
     assert [d[0] for d in joined] == ["a", "b"]
     request_id, finished, error, completions = joined[0]
     assert finished and error is None
     by_index = {c[0]: c for c in completions}
     assert by_index[0] == (0, [1, 2, 3], "xyz", -1.5, [{1: -0.5}, {2: -0.4}, {3: -0.6}], "length")
     assert by_index[1] == (1, [7, 8], "pr", -0.3, [{7: -0.1}, {8: -0.2}], "length")
-    assert joined[1] == ("b", False, None, [(0, [4], "q", -0.2, None, None)])
+    assert joined[1] == deltas[1]
