@@ -63,11 +63,12 @@ class Histogram:
         self._total = 0.0
         self._lock = threading.Lock()
 
-    def observe(self, value: float) -> None:
+    def observe(self, value: float, times: int = 1) -> None:
+        """Record ``value`` as ``times`` observations."""
         index = next((i for i, bound in enumerate(self.bounds) if value <= bound), len(self.bounds))
         with self._lock:
-            self._counts[index] += 1
-            self._total += value
+            self._counts[index] += times
+            self._total += value * times
 
     def snapshot(self) -> HistogramSnapshot:
         with self._lock:
@@ -138,14 +139,22 @@ class LLMMetrics:
     def on_output(
         self, timer: RequestTimer, num_new_tokens: int, num_prompt_tokens: int, finished: bool
     ) -> None:
-        """Record one engine output of a request (``num_new_tokens`` generated since the last one)."""
+        """Record one engine output of a request (``num_new_tokens`` generated since the last one).
+
+        Outputs of several steps may arrive joined (a lagging consumer's deltas are merged), so
+        every token after the first counts as one inter-token latency: a joined delta's gap is
+        shared among its tokens, and tokens that came with the first one count as zero gaps. The
+        count is then always ``generated - 1`` per request, however the outputs were batched.
+        """
         now = time.monotonic()
         if num_new_tokens:
             if timer.first_token is None:
                 timer.first_token = now
                 self.ttft.observe(now - timer.start)
+                if num_new_tokens > 1:
+                    self.itl.observe(0.0, num_new_tokens - 1)
             elif timer.last_token is not None:
-                self.itl.observe((now - timer.last_token) / num_new_tokens)
+                self.itl.observe((now - timer.last_token) / num_new_tokens, num_new_tokens)
             timer.last_token = now
             timer.num_generated += num_new_tokens
         if finished:

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from pagedserve.metrics import EngineState, LLMMetrics
 from tritonclient.utils import InferenceServerException
 
 from .conftest import ServerProcess, start_server
@@ -181,3 +182,17 @@ def test_failures_are_filed_by_reason() -> None:
     snapshot = stats.snapshot()
     assert snapshot.fail.count == 5
     assert snapshot.fail_reasons == {"REJECTED": 1, "CANCELED": 1, "BACKEND": 2, "OTHER": 1}
+
+
+@pytest.mark.parametrize("deltas", [[1, 1, 1, 1], [2, 2], [1, 3], [4], [3, 1]])
+def test_llm_metrics_count_every_token_however_outputs_are_joined(deltas: list[int]) -> None:
+    # A lagging stream gets several steps' tokens in one output; the histograms must not depend on it.
+    metrics = LLMMetrics()
+    timer = metrics.start()
+    for i, num_new in enumerate(deltas):
+        metrics.on_output(timer, num_new, num_prompt_tokens=5, finished=i == len(deltas) - 1)
+    snapshot = metrics.snapshot(EngineState(0, 0, 0.0, 0, 0, 0))
+    assert snapshot.generation_tokens == 4
+    assert snapshot.inter_token_latency.count == 3
+    assert (snapshot.time_to_first_token.count, snapshot.time_per_output_token.count) == (1, 1)
+    assert snapshot.inter_token_latency.total >= 0
