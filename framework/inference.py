@@ -45,6 +45,13 @@ class Responder(abc.ABC):
     def finished(self) -> bool:
         """True once the final response went out."""
 
+    @property
+    def unwritten(self) -> int:
+        """Responses sent but not yet written to the client's stream. A model that streams pieces
+        of one answer may fold its next piece into a later response while this is nonzero, so a
+        stream that cannot keep up gets fewer, bigger responses instead of a growing backlog."""
+        return 0
+
     def fail(self, error: InferenceError) -> None:
         """Finish with ``error`` unless the request already finished (e.g. a whole batch failed)."""
         if self.finished:

@@ -80,6 +80,7 @@ class ServerResponder(Responder):
         self._lock = threading.Lock()
         self._finished = False
         self._cancelled = False
+        self._unwritten = 0
         self._output_ns = 0
         self._responses = 0
         self._last_ns = time.monotonic_ns()
@@ -95,11 +96,21 @@ class ServerResponder(Responder):
     def finished(self) -> bool:
         return self._finished
 
+    @property
+    def unwritten(self) -> int:
+        return self._unwritten
+
+    def written(self) -> None:
+        """One sent response left for the client, or turned out to have nothing to write."""
+        with self._lock:
+            self._unwritten -= 1
+
     def send(self, response: InferenceResponse | None, final: bool) -> None:
         with self._lock:
             if self._finished:
                 raise RuntimeError("response sent after the final response")
             self._finished = final
+            self._unwritten += 1
         delivery = self._encode(response, final)
         if final:
             self._finish(delivery.error)

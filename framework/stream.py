@@ -43,6 +43,7 @@ class StreamSession:
         self.spec_of = spec_of
         self.start_request = start_request
         self.out: asyncio.Queue[Any] = asyncio.Queue()
+        """``(message, responder)`` pairs to write (the responder is told once its message is out)."""
         self.ordered: collections.deque[list[pb.ModelStreamInferResponse | None]] = collections.deque()
         self.responders: set[ServerResponder] = set()
         self.active = 0
@@ -87,6 +88,7 @@ class StreamSession:
         delivery: Delivery,
     ) -> None:
         options: RequestOptions = state.get("options") or RequestOptions()
+        responder: ServerResponder | None = state.get("responder")
         if delivery.error is not None:
             out = pb.ModelStreamInferResponse(
                 error_message=delivery.error.message,
@@ -106,14 +108,17 @@ class StreamSession:
             out.infer_response.parameters["triton_final_response"].bool_param = True
         else:
             out = None
-        if slot is None:
-            if out is not None:
-                self.out.put_nowait(out)
+        if slot is None and out is not None:
+            self.out.put_nowait((out, responder))
         else:
-            self._fill_slot(slot, out, delivery)
+            # Ordered responses leave with their slot, not one by one: they count as written now.
+            if responder is not None:
+                responder.written()
+            if slot is not None:
+                self._fill_slot(slot, out, delivery)
         if delivery.final:
-            self._follow_trace(state.get("responder"), out if slot is None else slot[0])
-            self.responders.discard(state.get("responder"))  # type: ignore[arg-type]
+            self._follow_trace(responder, out if slot is None else slot[0])
+            self.responders.discard(responder)  # type: ignore[arg-type]
             self.active -= 1
             self._flush()
             self._maybe_end()
@@ -148,7 +153,7 @@ class StreamSession:
         while self.ordered and len(self.ordered[0]) == 2:
             message = self.ordered.popleft()[0]
             if message is not None:
-                self.out.put_nowait(message)
+                self.out.put_nowait((message, None))
 
     def _maybe_end(self) -> None:
         if not self.reading and self.active == 0:
@@ -159,10 +164,13 @@ class StreamSession:
             item = await self.out.get()
             if item is self._END:
                 return
-            trace = self.unsent_traces.pop(id(item), None)
+            message, responder = item
+            trace = self.unsent_traces.pop(id(message), None)
             if trace is not None:
                 trace.mark("GRPC_SEND_START")
-            yield item
+            yield message
+            if responder is not None:
+                responder.written()
             if trace is not None:
                 sent(trace)
 

@@ -9,8 +9,9 @@ Threads: the gRPC worker thread that calls :meth:`LLMModel.execute` parses and t
 runs in its own process (:class:`EngineProcess`, ``engine.separate_process``, the default) or on its
 own thread (:class:`EngineLoop`); the output thread turns engine outputs into responses and encodes
 them, so protocol work overlaps with model steps. When responses are produced faster than they go out,
-the output thread folds a request's queued outputs into one response (as vLLM's output collector
-does): a slow stream gets bigger pieces instead of a growing backlog.
+the output thread folds a request's queued outputs into one response, and holds a stream's next piece
+while its previous response is still unwritten (:class:`StreamPacer`): a slow stream gets bigger
+pieces instead of a growing backlog.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import logging
 import queue
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -164,6 +166,41 @@ def coalesce(items: list[Any]) -> list[Any]:
     return [*merged, (None, None)] if stop else merged
 
 
+class StreamPacer:
+    """Keeps a stream's unfinished output back while its previous response is unwritten, folding the
+    next output into it (as vLLM's per-request collector merges what a slow consumer has not taken):
+    a stream that falls behind gets fewer, bigger responses, and the server never queues more than
+    one response per stream."""
+
+    def __init__(self, may_wait: Callable[[Any, RequestOutput], bool]) -> None:
+        self.may_wait = may_wait
+        self._held: dict[str, tuple[Any, RequestOutput]] = {}
+
+    @property
+    def holding(self) -> bool:
+        return bool(self._held)
+
+    def pace(self, items: list[Any]) -> list[Any]:
+        """``items`` coalesced, less what must wait, plus held outputs whose client caught up. The
+        stop marker stays last and releases everything."""
+        merged = coalesce(items)
+        stop = bool(merged) and merged[-1][0] is None
+        ready = []
+        for active, output in merged[:-1] if stop else merged:
+            earlier = self._held.pop(output.request_id, None)
+            if earlier is not None:
+                output = earlier[1].merge_into(output)
+            if self.may_wait(active, output):
+                self._held[output.request_id] = (active, output)
+            else:
+                ready.append((active, output))
+        for request_id, (active, output) in list(self._held.items()):
+            if stop or not self.may_wait(active, output):
+                del self._held[request_id]
+                ready.append((active, output))
+        return [*ready, (None, None)] if stop else ready
+
+
 def engine_registries(settings: BackendSettings) -> EngineRegistries:
     from pagedserve.engine.registries import EngineRegistries
 
@@ -197,6 +234,7 @@ class LLMModel(Model):
     def __init__(self, loop: EngineLoop | EngineProcess) -> None:
         self.loop = loop
         self._outputs: queue.Queue[tuple[_Active, RequestOutput] | None] = queue.Queue()
+        self._pacer = StreamPacer(_may_wait)
         self._active: dict[str, _Active] = {}
         self._lock = threading.Lock()
         self.metrics = LLMMetrics()
@@ -259,12 +297,12 @@ class LLMModel(Model):
     def _output_thread(self) -> None:
         while True:
             try:
-                first = self._outputs.get(timeout=0.05)
+                # Held outputs are retried soon even if the engine goes quiet.
+                first = self._outputs.get(timeout=0.005 if self._pacer.holding else 0.05)
+                items = self._drain(first)
             except queue.Empty:
-                self._abort_cancelled()
-                continue
-            batch = self._drain(first)
-            for active, output in batch:
+                items = []
+            for active, output in self._pacer.pace(items):
                 if active is None:
                     return
                 try:
@@ -278,14 +316,14 @@ class LLMModel(Model):
             self._abort_cancelled()
 
     def _drain(self, first: tuple[_Active, RequestOutput] | None) -> list[tuple[Any, Any]]:
-        """``first`` and what is queued behind it, coalesced."""
+        """``first`` and what is queued behind it (``None`` there stops the thread)."""
         items = [first]
         for _ in range(self._outputs.qsize()):  # bounded: the engine keeps adding meanwhile
             try:
                 items.append(self._outputs.get_nowait())
             except queue.Empty:
                 break
-        return coalesce(items)
+        return items
 
     def _abort_cancelled(self) -> None:
         with self._lock:
@@ -384,6 +422,17 @@ class LLMModel(Model):
 # Triton's request priority: 1 is the highest, larger numbers are lower, and 0 means "not set", the
 # default level. The engine orders by ascending number, so "not set" goes after every explicit level.
 _DEFAULT_PRIORITY = 2**31 - 1
+
+
+def _may_wait(active: _Active, output: RequestOutput) -> bool:
+    """A streamed piece that can wait for the client: not the last, and the previous one unwritten."""
+    return (
+        active.stream
+        and not output.finished
+        and output.error is None
+        and not active.aborted
+        and active.request.responder.unwritten > 0
+    )
 
 
 def engine_priority(triton_priority: int) -> int:

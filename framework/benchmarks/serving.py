@@ -454,6 +454,8 @@ def summarize(records: list[Record], duration: float, rate: float) -> dict[str, 
         "input_tokens": input_tokens,
         "output_tokens": output_tokens,
         "expected_output_tokens": sum(r.output_len for r in records),
+        # Below output_tokens when the server folded a lagging stream's pieces together.
+        "token_responses": sum(len(r.chunks) for r in ok),
         "request_throughput": len(ok) / duration if duration else 0.0,
         "output_throughput": output_tokens / duration if duration else 0.0,
         "total_token_throughput": (input_tokens + output_tokens) / duration if duration else 0.0,
@@ -636,7 +638,7 @@ def report_tables(results: dict[str, Any]) -> list[tuple[str, list[str], list[li
     """(title, header, rows) for each table of the report."""
     runs = results["runs"]
     head1 = ["rate (req/s)", "duration s", "completed", "req/s", "output tok/s", "total tok/s",
-             "E2E p50 ms", "E2E p99 ms", "client cores", "server cores"]  # fmt: skip
+             "E2E p50 ms", "E2E p99 ms", "tok/resp", "client cores", "server cores"]  # fmt: skip
     rows1 = []
     for r in runs:
         d = r["duration_s"]
@@ -645,6 +647,7 @@ def report_tables(results: dict[str, Any]) -> list[tuple[str, list[str], list[li
             str(r["request_rate"]), f"{d:.1f}", f"{r['completed']}/{r['completed'] + r['failed']}",
             f"{r['request_throughput']:.2f}", f"{r['output_throughput']:,.0f}",
             f"{r['total_token_throughput']:,.0f}", _fmt(r["e2el_ms"]["p50"]), _fmt(r["e2el_ms"]["p99"]),
+            f"{r['output_tokens'] / max(r['token_responses'], 1):.2f}",
             f"{r['client_cpu_s'] / d:.2f}" if d else "-", server_cpu,
         ])  # fmt: skip
     offline = results.get("offline")
@@ -652,7 +655,7 @@ def report_tables(results: dict[str, Any]) -> list[tuple[str, list[str], list[li
         rows1.append([
             "offline LLM", f"{offline['duration_s']:.1f}", f"{offline['requests']}/{offline['requests']}",
             f"{offline['requests'] / offline['duration_s']:.2f}", f"{offline['output_throughput']:,.0f}",
-            f"{offline['total_token_throughput']:,.0f}", "-", "-", "-",
+            f"{offline['total_token_throughput']:,.0f}", "-", "-", "-", "-",
             f"{offline['cpu_s'] / offline['duration_s']:.2f}",
         ])  # fmt: skip
     head2 = ["rate (req/s)"] + [
