@@ -51,7 +51,12 @@ PLUGINS: dict[str, str] = tomllib.loads((REPO / "pyproject.toml").read_text())["
 
 
 def steps(
-    peer_requests: int, extra: str, workers: int, out: Path, bench: str = BENCH
+    peer_requests: int,
+    extra: str,
+    workers: int,
+    out: Path,
+    bench: str = BENCH,
+    serving_rates: str = "16 64 inf",
 ) -> dict[str, tuple[str, int]]:
     """name -> (shell command, time limit in seconds)."""
     here = shlex.quote(sys.executable)
@@ -62,6 +67,16 @@ def steps(
             f"{here} -m pytest -m gpu -q -rfE -p no:cacheprovider --continue-on-collection-errors "
             f"-n {workers} tests",
             200,
+        ),
+        "attention_tests": (
+            f"{here} -m pytest -m gpu -q -rfE -p no:cacheprovider -n {workers} "
+            "tests/test_triton_attention.py",
+            150,
+        ),
+        "decode_bench": (
+            f"{here} plugins/triton_attention/device_check.py --out {shlex.quote(str(out / 'decode'))} "
+            "--no-tests --no-sweep",
+            240,
         ),
         "bench": (f"{bench} bench.num_requests=512 bench.peers=[] {extra}", 240),
         "benchfp8": (f"{bench} bench.num_requests=512 bench.peers=[] cache.dtype=fp8 {extra}", 240),
@@ -93,7 +108,8 @@ def steps(
         ),
         "fusions": (f"{me} --fusion-bench", 240),
         "serving": (
-            f"{here} -m pagedserve.benchmarks.serving --model llama3 --num-requests 512 --rates 16 64 inf "
+            f"{here} -m pagedserve.benchmarks.serving --model llama3 --num-requests 512 "
+            f"--rates {serving_rates} "
             f"--json {shlex.quote(str(out / 'serving.json'))} --markdown --serve-args {serve_args}",
             420,
         ),
@@ -219,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bench-extra", default="")
     parser.add_argument("--bench", default=BENCH, help="the bench command and its fixed overrides")
     parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--serving-rates", default="16 64 inf", help="request rates of the serving step")
     parser.add_argument("--deadline", type=float, default=560.0, help="seconds for all steps together")
     args = parser.parse_args(argv)
     start = time.time()
@@ -232,7 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     print(report)
     if left_out:
         print("plugins left out here: " + "; ".join(left_out))
-    table = steps(args.peer_requests, args.bench_extra, args.workers, args.out, args.bench)
+    table = steps(
+        args.peer_requests, args.bench_extra, args.workers, args.out, args.bench, args.serving_rates
+    )
     results = []
     for name in [s for s in args.steps.split(",") if s]:
         command, limit = table[name]

@@ -109,6 +109,18 @@ def _mm(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _softmax_accumulate(qk, v, m_i, l_i, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """One tile of online softmax (base 2): rescale the running max ``m_i``, sum ``l_i`` and output
+    ``acc`` to the tile's new max, then add the tile's ``softmax(qk) @ v``."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    p = tl.math.exp2(qk - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, IEEE, UPCAST)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def decode_partition_kernel(
     q_ptr,
     k_cache_ptr,
@@ -204,14 +216,8 @@ def decode_partition_kernel(
         k = tl.load(k_cache_ptr + k_off[:, None] + dims[None, :], mask=tok_ok[:, None], other=0.0).to(q.dtype)
         qk = _mm(q, tl.trans(k), IEEE, UPCAST)
         qk = tl.where(tok_ok[None, :], qk * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.math.exp2(qk - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_cache_ptr + v_off[:, None] + dims[None, :], mask=tok_ok[:, None], other=0.0).to(q.dtype)
-        pv = _mm(p.to(v.dtype), v, IEEE, UPCAST)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+        m_i, l_i, acc = _softmax_accumulate(qk, v, m_i, l_i, acc, IEEE, UPCAST)
 
     has_work = t_begin < t_end
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
@@ -382,15 +388,8 @@ def prefill_kernel(
         )
         k = tl.load(k_cache_ptr + k_off[:, None] + dims[None, :]).to(q.dtype)
         qk = _mm(q, tl.trans(k), IEEE, UPCAST)
-        qk = qk * qk_scale
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.math.exp2(qk - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_cache_ptr + v_off[:, None] + dims[None, :]).to(q.dtype)
-        pv = _mm(p.to(v.dtype), v, IEEE, UPCAST)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+        m_i, l_i, acc = _softmax_accumulate(qk * qk_scale, v, m_i, l_i, acc, IEEE, UPCAST)
 
     for t in range(n_free, n_all):
         tok = t * TILE + tl.arange(0, TILE)
@@ -411,14 +410,8 @@ def prefill_kernel(
         qk = _mm(q, tl.trans(k), IEEE, UPCAST)
         visible = (tok[None, :] <= q_pos[:, None]) & tok_ok[None, :]
         qk = tl.where(visible, qk * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.math.exp2(qk - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_cache_ptr + v_off[:, None] + dims[None, :], mask=tok_ok[:, None], other=0.0).to(q.dtype)
-        pv = _mm(p.to(v.dtype), v, IEEE, UPCAST)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+        m_i, l_i, acc = _softmax_accumulate(qk, v, m_i, l_i, acc, IEEE, UPCAST)
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     result = acc / l_safe[:, None]
