@@ -92,3 +92,25 @@ def test_fp8_cache_greedy_tokens_track_the_full_precision_cache(checkpoint, mode
     # its own decode steps (float8 read by the decode path) pick what its prefill picks after them
     assert _next_tokens(llm, prompts, generated) == [token for tokens in generated for token in tokens]
     assert_pool_free(llm.engine.block_manager)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("cache_dtype", ["auto", "fp8"])
+def test_forked_sequences_copy_their_shared_partial_block_intact(checkpoint, monkeypatch, mode, cache_dtype):
+    # n > 1 forks a prompt whose last block is partly filled; the first child to write there copies it
+    # (copy-on-write). A copy that lost or converted bytes would change what the children read back.
+    llm = LLM(engine_config(checkpoint, cache_dtype=cache_dtype, **mode))
+    prompts = random_prompts([21, 37], 320, seed=5)  # 16-token blocks: both end mid-block
+    copies: list[tuple[int, int]] = []
+    copy_blocks = llm.engine.runner.copy_blocks
+    monkeypatch.setattr(
+        llm.engine.runner, "copy_blocks", lambda pairs: copy_blocks(copies.extend(pairs) or pairs)
+    )
+    forked = llm.generate(prompts, dataclasses.replace(_greedy(MAX_NEW), n=3))
+    assert len(copies) >= 4, copies  # two of each prompt's three children copied the shared block
+    children = [c.token_ids for out in forked for c in out.outputs]
+    assert all(len(tokens) == MAX_NEW for tokens in children)
+    # every child's decode steps pick what the same engine's prefill picks after them (no fork there)
+    parents = [prompt for prompt in prompts for _ in range(3)]
+    assert _next_tokens(llm, parents, children) == [token for tokens in children for token in tokens]
+    assert_pool_free(llm.engine.block_manager)
