@@ -78,6 +78,10 @@ def steps(
             "--no-tests --no-sweep",
             240,
         ),
+        "overlap": (
+            f"{here} plugins/triton_attention/overlap_check.py --out {shlex.quote(str(out / 'overlap'))}",
+            180,
+        ),
         "bench": (f"{bench} bench.num_requests=512 bench.peers=[] {extra}", 240),
         "benchfp8": (f"{bench} bench.num_requests=512 bench.peers=[] cache.dtype=fp8 {extra}", 240),
         "bench512": (
