@@ -98,6 +98,7 @@ class ServerResponder(Responder):
 
     @property
     def unwritten(self) -> int:
+        # Counted down by ModelStreamInfer as it writes; a unary call answers once and is not paced.
         return self._unwritten
 
     def written(self) -> None:
