@@ -70,12 +70,17 @@ def steps(
         ),
         "attention_tests": (
             f"{here} -m pytest -m gpu -q -rfE -p no:cacheprovider -n {workers} "
-            "tests/test_triton_attention.py",
+            "tests/test_triton_attention.py tests/test_engine_kv_cache_dtype.py",
             150,
         ),
         "decode_bench": (
             f"{here} plugins/triton_attention/device_check.py --out {shlex.quote(str(out / 'decode'))} "
             "--no-tests --no-sweep",
+            240,
+        ),
+        "fp8_decode": (
+            f"{here} plugins/triton_attention/fp8_decode_check.py "
+            f"--out {shlex.quote(str(out / 'fp8_decode'))}",
             240,
         ),
         "overlap": (
