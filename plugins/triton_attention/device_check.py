@@ -215,6 +215,25 @@ def sdpa_measure(case: Case, reps: int) -> dict:
     return res
 
 
+def decode_config(bmod) -> dict:
+    """The decode launch parameters the backend module uses now (what set_decode_config sets)."""
+    return {
+        "tile": bmod.DECODE_TILE,
+        "warps": bmod.DECODE_WARPS,
+        "stages": bmod.DECODE_STAGES,
+        "pps": bmod.DECODE_PROGRAMS_PER_SM,
+        "heads_first": bmod.DECODE_HEADS_FIRST,
+    }
+
+
+def write_report(out: Path, name: str, lines: list[str], rows: list[dict]) -> None:
+    """Print a Markdown table and save it as ``name.md``, its rows as ``name.json``, under ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    (out / f"{name}.json").write_text(json.dumps(rows, indent=2))
+    print("\n".join(lines))
+
+
 def set_decode_config(bmod, cfg: dict) -> None:
     bmod.DECODE_TILE = cfg["tile"]
     bmod.DECODE_WARPS = cfg["warps"]
@@ -391,13 +410,7 @@ def main() -> int:
     from pagedserve_plugins.triton_attention import backend as bmod
 
     be = bmod.TritonAttentionBackend()
-    default_cfg = {
-        "tile": bmod.DECODE_TILE,
-        "warps": bmod.DECODE_WARPS,
-        "stages": bmod.DECODE_STAGES,
-        "pps": bmod.DECODE_PROGRAMS_PER_SM,
-        "heads_first": bmod.DECODE_HEADS_FIRST,
-    }
+    default_cfg = decode_config(bmod)
     cases: dict[tuple[int, int], Case] = {}
 
     def get_case(batch, ctx):

@@ -28,20 +28,21 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=30)
     args = ap.parse_args()
     sys.path.insert(0, str(REPO / "plugins" / "triton_attention"))
-    from device_check import Case, ensure_importable, graph_time_ms, set_decode_config
+    from device_check import (
+        Case,
+        decode_config,
+        ensure_importable,
+        graph_time_ms,
+        set_decode_config,
+        write_report,
+    )
 
     ensure_importable()
     import torch
     from pagedserve_plugins.triton_attention import backend as bmod
 
     be = bmod.TritonAttentionBackend()
-    default = {
-        "tile": bmod.DECODE_TILE,
-        "warps": bmod.DECODE_WARPS,
-        "stages": bmod.DECODE_STAGES,
-        "pps": bmod.DECODE_PROGRAMS_PER_SM,
-        "heads_first": bmod.DECODE_HEADS_FIRST,
-    }
+    default = decode_config(bmod)
     configs = [default] + [
         {"tile": t, "warps": w, "stages": s, "pps": p, "heads_first": True}
         for t, w, s, p in itertools.product((64, 128), (4, 8), (2, 3, 4), (2, 4))
@@ -100,11 +101,7 @@ def main() -> int:
     if complete:
         key = min(complete, key=complete.__getitem__)
         lines.append(f"\nbest single fp8 config over all shapes: {key} ({complete[key]:.0f} µs summed)")
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "fp8_decode.md").write_text("\n".join(lines) + "\n")
-    (out_dir / "fp8_decode.json").write_text(json.dumps(rows, indent=2))
-    print("\n".join(lines))
+    write_report(Path(args.out), "fp8_decode", lines, rows)
     return 0
 
 

@@ -36,7 +36,7 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=50)
     args = ap.parse_args()
     sys.path.insert(0, str(REPO / "plugins" / "triton_attention"))
-    from device_check import ensure_importable, graph_time_ms
+    from device_check import ensure_importable, graph_time_ms, write_report
 
     ensure_importable()
     import torch
@@ -113,11 +113,7 @@ def main() -> int:
             f"{r['gemms_half_x2_us']:.0f} | {r['attn_us']:.0f} | {r['sequential_us']:.0f} | "
             f"{r['two_streams_us']:.0f} | {r['gain']:.2f} |"
         )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "overlap.md").write_text("\n".join(lines) + "\n")
-    (out / "overlap.json").write_text(json.dumps(rows, indent=2))
-    print("\n".join(lines))
+    write_report(Path(args.out), "overlap", lines, rows)
     return 0
 
 
