@@ -25,7 +25,12 @@ Steps (``--bench-extra`` is appended to every ``bench`` command):
 * ``ablation``: 256 requests with each of async scheduling, CUDA graphs and the fused kernels off.
 * ``fusions``: eager PyTorch vs the Triton kernels vs ``torch.compile`` for the fused ops.
 * ``serving``: the serving benchmark (``pagedserve.benchmarks.serving``) on llama3 with random
-  weights, 512 requests at 16 and 64 req/s and all at once, then the offline engine on the same prompts.
+  weights, 512 requests at each of ``--serving-rates`` (default 16, 64 req/s and all at once), then
+  the offline engine on the last saturation run's prompts.
+* ``attention_tests``: only the GPU tests of the Triton kernels and the KV cache dtypes.
+* ``decode_bench``: the paged decode (and prefill) kernel beside SDPA (``device_check.py``).
+* ``fp8_decode``: the decode kernel on bf16 vs float8 caches, with a launch-parameter sweep.
+* ``overlap``: one layer's matmuls and decode attention, sequential vs on two streams.
 """
 
 from __future__ import annotations
