@@ -53,6 +53,12 @@ class RecordingModel(Model):
         self.gate.clear()
         self.started.clear()
 
+    def busy_with(self, policy: batching.BatchingPolicy, request: InferenceRequest) -> None:
+        """Start ``request`` and hold the model inside it, so what is submitted next queues."""
+        self.hold()
+        policy.submit(request)
+        assert self.started.wait(WAIT)
+
 
 def make_spec(**config: Any) -> ModelSpec:
     document = {
@@ -144,10 +150,8 @@ def test_direct_runs_one_worker_per_instance(policies: Any) -> None:
 def test_execute_error_answers_every_open_request(policies: Any) -> None:
     model = RecordingModel(raise_error=RuntimeError("boom"), answer_first=True)
     policy = policies(DynamicPolicy, model, make_spec(dynamic_batching={}))
-    model.hold()
     first = make_request("0")
-    policy.submit(first[0])
-    assert model.started.wait(WAIT)
+    model.busy_with(policy, first[0])
     rest = [make_request(str(i)) for i in (1, 2)]
     submit_all(policy, rest)
     model.gate.set()
@@ -218,10 +222,7 @@ def test_close_drains_queued_requests_then_refuses(policies: Any) -> None:
 def test_dynamic_batches_up_to_max_batch_size(policies: Any) -> None:
     model = RecordingModel()
     policy = policies(DynamicPolicy, model, make_spec(max_batch_size=4, dynamic_batching={}))
-    model.hold()
-    first = make_request("first")
-    policy.submit(first[0])
-    assert model.started.wait(WAIT)
+    model.busy_with(policy, make_request("first")[0])
     queued = [make_request(str(i)) for i in range(10)]
     submit_all(policy, queued)
     model.gate.set()
@@ -233,10 +234,7 @@ def test_dynamic_batches_up_to_max_batch_size(policies: Any) -> None:
 def test_dynamic_counts_batch_sizes_not_requests(policies: Any) -> None:
     model = RecordingModel()
     policy = policies(DynamicPolicy, model, make_spec(max_batch_size=4, dynamic_batching={}))
-    model.hold()
-    first = make_request("first")
-    policy.submit(first[0])
-    assert model.started.wait(WAIT)
+    model.busy_with(policy, make_request("first")[0])
     queued = [make_request(str(i), batch_size=size) for i, size in enumerate([3, 2, 2, 1])]
     submit_all(policy, queued)
     model.gate.set()
@@ -250,9 +248,7 @@ def test_dynamic_prefers_preferred_batch_sizes(policies: Any) -> None:
         dynamic_batching={"preferred_batch_size": [2], "max_queue_delay_microseconds": 60_000_000}
     )
     policy = DynamicPolicy(model, spec, ModelStats())
-    model.hold()
-    policy.submit(make_request("first", batch_size=2)[0])  # a preferred size: runs at once
-    assert model.started.wait(WAIT)
+    model.busy_with(policy, make_request("first", batch_size=2)[0])  # a preferred size: runs at once
     queued = [make_request(str(i)) for i in range(5)]
     submit_all(policy, queued)
     model.gate.set()
@@ -292,9 +288,7 @@ def test_dynamic_priority_levels(policies: Any) -> None:
     model = RecordingModel()
     spec = make_spec(max_batch_size=1, dynamic_batching={"priority_levels": 3, "default_priority_level": 2})
     policy = policies(DynamicPolicy, model, spec)
-    model.hold()
-    policy.submit(make_request("first")[0])
-    assert model.started.wait(WAIT)
+    model.busy_with(policy, make_request("first")[0])
     queued = [
         make_request("low", priority=3),
         make_request("default", priority=0),
@@ -317,9 +311,7 @@ def test_dynamic_max_queue_size(policies: Any) -> None:
     model = RecordingModel()
     spec = make_spec(dynamic_batching={"default_queue_policy": {"max_queue_size": 2}})
     policy = policies(DynamicPolicy, model, spec)
-    model.hold()
-    policy.submit(make_request("first")[0])
-    assert model.started.wait(WAIT)
+    model.busy_with(policy, make_request("first")[0])
     submit_all(policy, [make_request("1"), make_request("2")])
     with pytest.raises(InferenceError) as raised:
         policy.submit(make_request("3")[0])
@@ -339,9 +331,7 @@ def test_priority_queue_policy_overrides_the_default(policies: Any) -> None:
         }
     )
     policy = policies(DynamicPolicy, model, spec)
-    model.hold()
-    policy.submit(make_request("first")[0])
-    assert model.started.wait(WAIT)
+    model.busy_with(policy, make_request("first")[0])
     submit_all(policy, [make_request(str(i), priority=1) for i in range(3)])
     policy.submit(make_request("low")[0])
     with pytest.raises(InferenceError, match="Exceeds maximum queue size"):
@@ -355,9 +345,7 @@ def _timeout_case(
     model = RecordingModel()
     spec = make_spec(dynamic_batching={"default_queue_policy": queue_policy})
     policy = policies(DynamicPolicy, model, spec)
-    model.hold()
-    policy.submit(make_request("first")[0])
-    assert model.started.wait(WAIT)
+    model.busy_with(policy, make_request("first")[0])
     request, recorder = make_request("late", timeout_us=timeout_us)
     policy.submit(request)
     time.sleep(0.1)
@@ -531,9 +519,7 @@ def test_sequence_keeps_order_and_instance(policies: Any) -> None:
 def test_sequence_batches_mix_sequences_one_request_each(policies: Any) -> None:
     model = RecordingModel()
     policy = policies(SequencePolicy, model, sequence_spec())
-    model.hold()
-    policy.submit(make_request("x", sequence_id=99, sequence_start=True)[0])
-    assert model.started.wait(WAIT)
+    model.busy_with(policy, make_request("x", sequence_id=99, sequence_start=True)[0])
     requests = [
         make_request("a0", sequence_id=1, sequence_start=True),
         make_request("a1", sequence_id=1),
