@@ -131,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
                 "HEADS_FIRST": True,
                 "IEEE": dt == "fp32",
                 "UPCAST": False,
+                "DOT_F16": cache.startswith("fp8"),
+                "V_CVT_ASM": cache.startswith("fp8"),
             }
             ok &= compile_one(
                 K.decode_partition_kernel,
@@ -182,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             "BLOCK_SIZE": 16,
             "IEEE": dt == "fp32",
             "UPCAST": False,
+            "DOT_F16": cache.startswith("fp8"),
         }
         ok &= compile_one(
             K.prefill_kernel,

@@ -5,8 +5,8 @@ tensor shapes and strides (no device-to-host copies), so they can be captured in
 grid follows from static shapes, e.g. the decode split count from ``batch``, ``num_kv_heads`` and the
 block table's width.
 
-A float8 cache (``cache.dtype=fp8``) takes the same launch parameters as one of ``q``'s dtype: the kernels
-convert on store and on load, and only the bytes read from memory change.
+A float8 cache (``cache.dtype=fp8``): the kernels convert on store and on load (to fp16 for the products,
+see ``kernels``); decode has launch parameters of its own.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import functools
 import importlib
 import math
 import os
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, ClassVar
 
@@ -28,11 +29,19 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 FP8_CACHE_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)  # besides a cache of the model's dtype
 _LOG2E = 1.0 / math.log(2.0)
 
+
 # Launch parameters. ``device_check.py`` times alternatives on the GPU; these are the defaults it chose.
-DECODE_TILE = 64  # KV tokens per loop step
-DECODE_WARPS = 4
-DECODE_STAGES = 2
-DECODE_PROGRAMS_PER_SM = 2  # split sequences until about this many programs per multiprocessor
+@dataclass(frozen=True)
+class DecodeLaunch:
+    tile: int  # KV tokens per loop step (halved for fp32)
+    warps: int
+    stages: int
+    programs_per_sm: int  # split sequences until about this many programs per multiprocessor
+
+
+DECODE_LAUNCH = DecodeLaunch(tile=64, warps=4, stages=2, programs_per_sm=2)
+# a float8 cache: half the bytes per tile, so longer tiles and more programs (fp8_decode_check.py sweep)
+DECODE_FP8_LAUNCH = DecodeLaunch(tile=128, warps=4, stages=3, programs_per_sm=4)
 DECODE_MIN_SPLIT_TOKENS = 256  # ...but give no split fewer tokens than this
 DECODE_HEADS_FIRST = True  # grid order: the KV heads of one sequence run side by side
 PREFILL_ROWS = 128  # rows of a query tile: query tokens x query heads of a KV group
@@ -40,6 +49,9 @@ PREFILL_TILE = 64
 PREFILL_WARPS = 8
 PREFILL_STAGES = 2
 REDUCE_WARPS = 4
+# float8 cache: products in fp16, not q's dtype; V converted by inline PTX (fp8_decode_check.py compares)
+FP8_F16_DOTS = True
+FP8_V_CVT_ASM = True
 
 
 def _interpreting() -> bool:
@@ -160,6 +172,11 @@ def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, int
 def _check_cache_dtype(q: torch.Tensor, k_cache: torch.Tensor) -> None:
     if k_cache.dtype != q.dtype and k_cache.dtype not in FP8_CACHE_DTYPES:
         raise ValueError(f"cache dtype {k_cache.dtype} is neither q's ({q.dtype}) nor a float8 type")
+
+
+def _f16_dots(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """A float8 cache with a 16-bit model: run the attention products in fp16 (see ``kernels``)."""
+    return FP8_F16_DOTS and k_cache.dtype in FP8_CACHE_DTYPES and q.element_size() == 2
 
 
 def _names(values: tuple[int, ...]) -> str:
@@ -290,12 +307,13 @@ class TritonAttentionBackend(AttentionBackend):
         if batch == 0:
             return out
         qpk = num_q_heads // num_kv_heads
-        tile = DECODE_TILE if q.element_size() < 4 else DECODE_TILE // 2
+        launch = DECODE_FP8_LAUNCH if k_cache.dtype in FP8_CACHE_DTYPES else DECODE_LAUNCH
+        tile = launch.tile if q.element_size() < 4 else launch.tile // 2
         max_ctx = block_tables.shape[1] * block_size
         if num_splits is None:
             if q.device.type == "cuda":
                 want = triton.cdiv(
-                    DECODE_PROGRAMS_PER_SM * _sm_count(q.device.index or 0), batch * num_kv_heads
+                    launch.programs_per_sm * _sm_count(q.device.index or 0), batch * num_kv_heads
                 )
             else:
                 want = 4
@@ -348,9 +366,11 @@ class TritonAttentionBackend(AttentionBackend):
             DIRECT=direct,
             IEEE=q.dtype == torch.float32,
             UPCAST=k.INTERPRETED and q.dtype == torch.bfloat16,
+            DOT_F16=_f16_dots(q, k_cache),
+            V_CVT_ASM=_f16_dots(q, k_cache) and FP8_V_CVT_ASM and not k.INTERPRETED,
             HEADS_FIRST=DECODE_HEADS_FIRST,
-            num_warps=DECODE_WARPS,
-            num_stages=DECODE_STAGES,
+            num_warps=launch.warps,
+            num_stages=launch.stages,
         )
         if not direct:
             k.decode_reduce_kernel[(batch, num_q_heads)](
@@ -437,6 +457,7 @@ class TritonAttentionBackend(AttentionBackend):
             BLOCK_SIZE=block_size,
             IEEE=q.dtype == torch.float32,
             UPCAST=k.INTERPRETED and q.dtype == torch.bfloat16,
+            DOT_F16=_f16_dots(q, k_cache),
             num_warps=PREFILL_WARPS,
             num_stages=PREFILL_STAGES,
         )

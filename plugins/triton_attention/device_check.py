@@ -215,13 +215,15 @@ def sdpa_measure(case: Case, reps: int) -> dict:
     return res
 
 
-def decode_config(bmod) -> dict:
-    """The decode launch parameters the backend module uses now (what set_decode_config sets)."""
+def decode_config(bmod, fp8: bool = False) -> dict:
+    """The decode launch parameters the backend module uses now (what set_decode_config sets), for a cache
+    of q's dtype or (``fp8``) a float8 cache."""
+    launch = bmod.DECODE_FP8_LAUNCH if fp8 else bmod.DECODE_LAUNCH
     return {
-        "tile": bmod.DECODE_TILE,
-        "warps": bmod.DECODE_WARPS,
-        "stages": bmod.DECODE_STAGES,
-        "pps": bmod.DECODE_PROGRAMS_PER_SM,
+        "tile": launch.tile,
+        "warps": launch.warps,
+        "stages": launch.stages,
+        "pps": launch.programs_per_sm,
         "heads_first": bmod.DECODE_HEADS_FIRST,
     }
 
@@ -234,11 +236,14 @@ def write_report(out: Path, name: str, lines: list[str], rows: list[dict]) -> No
     print("\n".join(lines))
 
 
-def set_decode_config(bmod, cfg: dict) -> None:
-    bmod.DECODE_TILE = cfg["tile"]
-    bmod.DECODE_WARPS = cfg["warps"]
-    bmod.DECODE_STAGES = cfg["stages"]
-    bmod.DECODE_PROGRAMS_PER_SM = cfg["pps"]
+def set_decode_config(bmod, cfg: dict, fp8: bool = False) -> None:
+    launch = bmod.DecodeLaunch(
+        tile=cfg["tile"], warps=cfg["warps"], stages=cfg["stages"], programs_per_sm=cfg["pps"]
+    )
+    if fp8:
+        bmod.DECODE_FP8_LAUNCH = launch
+    else:
+        bmod.DECODE_LAUNCH = launch
     bmod.DECODE_HEADS_FIRST = cfg["heads_first"]
 
 

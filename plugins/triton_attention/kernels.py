@@ -12,7 +12,11 @@ once per group and never copied or repeated.
 Softmax is computed online in base 2 (``exp2``), with the softmax scale folded into ``log2(e)``.
 
 The caches may be float8 (scale 1.0): the store kernel clamps and casts, the attention kernels convert each
-K/V tile to ``q``'s dtype as it is loaded, so the matrix products run as for a cache of ``q``'s dtype.
+K/V tile to ``q``'s dtype as it is loaded, so the matrix products run as for a cache of ``q``'s dtype. With
+``DOT_F16`` they convert to fp16 instead and round ``q`` (times the softmax scale) to fp16: float8 pairs
+become fp16 pairs in one exact instruction, while bf16 takes several per value, which made a bf16-model's
+float8 decode slower than its bf16 decode (``fp8_decode_check.py``); ``V_CVT_ASM`` (decode) picks how V
+converts (see ``_v_operand``).
 
 Whether these kernels run compiled or in Triton's CPU interpreter is fixed when this module is imported
 (``TRITON_INTERPRET``); :data:`INTERPRETED` records which, and the backend re-imports the module when the
@@ -75,24 +79,50 @@ def store_kv_kernel(
 
 
 @triton.jit
-def _kv_tile_offsets(
+def _kv_tile(
+    t,
+    ctx,
     block_table_row_ptr,
-    tok,
-    tok_ok,
+    k_head_ptr,
+    v_head_ptr,
     stride_kc_blk,
     stride_kc_off,
-    k_head_off,
     stride_vc_blk,
     stride_vc_off,
-    v_head_off,
+    TILE: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
 ):
-    """Element offsets (int64) of tokens ``tok`` of one sequence and one KV head in the K and V caches."""
+    """KV tile ``t`` of one sequence and one KV head: its token positions, which of them exist (``< ctx``),
+    and pointers ``[TILE, HEAD_DIM]`` to their K and V rows (page looked up per token)."""
+    tok = t * TILE + tl.arange(0, TILE)
+    tok_ok = tok < ctx
     page = tl.load(block_table_row_ptr + tok // BLOCK_SIZE, mask=tok_ok, other=0).to(tl.int64)
     row = (tok % BLOCK_SIZE).to(tl.int64)
-    k_off = page * stride_kc_blk + row * stride_kc_off + k_head_off
-    v_off = page * stride_vc_blk + row * stride_vc_off + v_head_off
-    return k_off, v_off
+    dims = tl.arange(0, HEAD_DIM)
+    k_ptrs = k_head_ptr + (page * stride_kc_blk + row * stride_kc_off)[:, None] + dims[None, :]
+    v_ptrs = v_head_ptr + (page * stride_vc_blk + row * stride_vc_off)[:, None] + dims[None, :]
+    return tok, tok_ok, k_ptrs, v_ptrs
+
+
+@triton.jit
+def _v_operand(v, dtype: tl.constexpr, CVT_ASM: tl.constexpr):
+    """A loaded V tile converted to ``dtype`` for ``p @ v``.
+
+    ``CVT_ASM`` (a float8 tile to fp16, compiled kernels only): convert with an opaque PTX instruction.
+    Triton would otherwise keep the float8 tile in shared memory and convert it after reading it back in
+    the MMA operand layout, which for V (transposed for the product) takes one load per byte; converted
+    before the layout change, the tile is read back with ``ldmatrix.trans`` as a 16-bit one is."""
+    if CVT_ASM:
+        if v.dtype.is_fp8e5():
+            cvt: tl.constexpr = "cvt.rn.f16x2.e5m2x2 $0, $1;"
+        else:
+            cvt: tl.constexpr = "cvt.rn.f16x2.e4m3x2 $0, $1;"
+        bits = v.to(tl.int8, bitcast=True)
+        out = tl.inline_asm_elementwise(cvt, "=r,h", [bits], dtype=tl.float16, is_pure=False, pack=2)
+    else:
+        out = v.to(dtype)
+    return out
 
 
 @triton.jit
@@ -156,6 +186,8 @@ def decode_partition_kernel(
     DIRECT: tl.constexpr,
     IEEE: tl.constexpr,
     UPCAST: tl.constexpr,
+    DOT_F16: tl.constexpr,
+    V_CVT_ASM: tl.constexpr,
     HEADS_FIRST: tl.constexpr,
 ):
     """Grid ``(num_kv_heads, batch, num_splits)`` (``(batch, num_kv_heads, ...)`` unless ``HEADS_FIRST``):
@@ -191,32 +223,26 @@ def decode_partition_kernel(
         mask=row_ok[:, None],
         other=0.0,
     )
+    if DOT_F16:
+        # the softmax scale goes into q before q is rounded to fp16, so q's range cannot overflow
+        q = (q.to(tl.float32) * qk_scale).to(tl.float16)
+        qk_scale = 1.0
     bt_row = block_tables_ptr + b.to(tl.int64) * stride_bt
-    k_head = g.to(tl.int64) * stride_kc_head
-    v_head = g.to(tl.int64) * stride_vc_head
+    k_head = k_cache_ptr + g.to(tl.int64) * stride_kc_head
+    v_head = v_cache_ptr + g.to(tl.int64) * stride_vc_head
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     for t in range(t_begin, t_end):
-        tok = t * TILE + tl.arange(0, TILE)
-        tok_ok = tok < ctx
-        k_off, v_off = _kv_tile_offsets(
-            bt_row,
-            tok,
-            tok_ok,
-            stride_kc_blk,
-            stride_kc_off,
-            k_head,
-            stride_vc_blk,
-            stride_vc_off,
-            v_head,
-            BLOCK_SIZE,
-        )
-        k = tl.load(k_cache_ptr + k_off[:, None] + dims[None, :], mask=tok_ok[:, None], other=0.0).to(q.dtype)
+        tok, tok_ok, k_ptrs, v_ptrs = _kv_tile(
+            t, ctx, bt_row, k_head, v_head, stride_kc_blk, stride_kc_off, stride_vc_blk, stride_vc_off,
+            TILE, BLOCK_SIZE, HEAD_DIM,
+        )  # fmt: skip
+        k = tl.load(k_ptrs, mask=tok_ok[:, None], other=0.0).to(q.dtype)
         qk = _mm(q, tl.trans(k), IEEE, UPCAST)
         qk = tl.where(tok_ok[None, :], qk * qk_scale, float("-inf"))
-        v = tl.load(v_cache_ptr + v_off[:, None] + dims[None, :], mask=tok_ok[:, None], other=0.0).to(q.dtype)
+        v = _v_operand(tl.load(v_ptrs, mask=tok_ok[:, None], other=0.0), q.dtype, V_CVT_ASM)
         m_i, l_i, acc = _softmax_accumulate(qk, v, m_i, l_i, acc, IEEE, UPCAST)
 
     has_work = t_begin < t_end
@@ -315,6 +341,7 @@ def prefill_kernel(
     BLOCK_SIZE: tl.constexpr,
     IEEE: tl.constexpr,
     UPCAST: tl.constexpr,
+    DOT_F16: tl.constexpr,
 ):
     """Grid ``(T // BLOCK_Q + num_seqs, num_kv_heads)``: causal attention for ``BLOCK_Q`` query tokens of one
     sequence times the ``QPK`` query heads of one KV group (``BLOCK_Q * QPK_PAD`` rows).
@@ -356,6 +383,10 @@ def prefill_kernel(
         mask=row_ok[:, None],
         other=0.0,
     )
+    if DOT_F16:
+        # the softmax scale goes into q before q is rounded to fp16, so q's range cannot overflow
+        q = (q.to(tl.float32) * qk_scale).to(tl.float16)
+        qk_scale = 1.0
 
     tile_lo = q_tile * BLOCK_Q
     tile_hi = tl.minimum(tile_lo + BLOCK_Q, q_len)
@@ -365,52 +396,32 @@ def prefill_kernel(
     n_all = tl.where(has_rows, tl.cdiv(prefix + tile_hi, TILE), 0)
 
     bt_row = block_tables_ptr + b.to(tl.int64) * stride_bt
-    k_head = g.to(tl.int64) * stride_kc_head
-    v_head = g.to(tl.int64) * stride_vc_head
+    k_head = k_cache_ptr + g.to(tl.int64) * stride_kc_head
+    v_head = v_cache_ptr + g.to(tl.int64) * stride_vc_head
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
     for t in range(0, n_free):
-        tok = t * TILE + tl.arange(0, TILE)
-        tok_ok = tok < ctx
-        k_off, v_off = _kv_tile_offsets(
-            bt_row,
-            tok,
-            tok_ok,
-            stride_kc_blk,
-            stride_kc_off,
-            k_head,
-            stride_vc_blk,
-            stride_vc_off,
-            v_head,
-            BLOCK_SIZE,
-        )
-        k = tl.load(k_cache_ptr + k_off[:, None] + dims[None, :]).to(q.dtype)
+        tok, tok_ok, k_ptrs, v_ptrs = _kv_tile(
+            t, ctx, bt_row, k_head, v_head, stride_kc_blk, stride_kc_off, stride_vc_blk, stride_vc_off,
+            TILE, BLOCK_SIZE, HEAD_DIM,
+        )  # fmt: skip
+        k = tl.load(k_ptrs).to(q.dtype)
         qk = _mm(q, tl.trans(k), IEEE, UPCAST)
-        v = tl.load(v_cache_ptr + v_off[:, None] + dims[None, :]).to(q.dtype)
+        v = tl.load(v_ptrs).to(q.dtype)
         m_i, l_i, acc = _softmax_accumulate(qk * qk_scale, v, m_i, l_i, acc, IEEE, UPCAST)
 
     for t in range(n_free, n_all):
-        tok = t * TILE + tl.arange(0, TILE)
-        tok_ok = tok < ctx
-        k_off, v_off = _kv_tile_offsets(
-            bt_row,
-            tok,
-            tok_ok,
-            stride_kc_blk,
-            stride_kc_off,
-            k_head,
-            stride_vc_blk,
-            stride_vc_off,
-            v_head,
-            BLOCK_SIZE,
-        )
-        k = tl.load(k_cache_ptr + k_off[:, None] + dims[None, :], mask=tok_ok[:, None], other=0.0).to(q.dtype)
+        tok, tok_ok, k_ptrs, v_ptrs = _kv_tile(
+            t, ctx, bt_row, k_head, v_head, stride_kc_blk, stride_kc_off, stride_vc_blk, stride_vc_off,
+            TILE, BLOCK_SIZE, HEAD_DIM,
+        )  # fmt: skip
+        k = tl.load(k_ptrs, mask=tok_ok[:, None], other=0.0).to(q.dtype)
         qk = _mm(q, tl.trans(k), IEEE, UPCAST)
         visible = (tok[None, :] <= q_pos[:, None]) & tok_ok[None, :]
         qk = tl.where(visible, qk * qk_scale, float("-inf"))
-        v = tl.load(v_cache_ptr + v_off[:, None] + dims[None, :], mask=tok_ok[:, None], other=0.0).to(q.dtype)
+        v = tl.load(v_ptrs, mask=tok_ok[:, None], other=0.0).to(q.dtype)
         m_i, l_i, acc = _softmax_accumulate(qk, v, m_i, l_i, acc, IEEE, UPCAST)
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
