@@ -31,6 +31,7 @@ Steps (``--bench-extra`` is appended to every ``bench`` command):
 * ``decode_bench``: the paged decode (and prefill) kernel beside SDPA (``device_check.py``).
 * ``fp8_decode``: the decode kernel on bf16 vs float8 caches, with a launch-parameter sweep.
 * ``overlap``: one layer's matmuls and decode attention, sequential vs on two streams.
+* ``decode_gemm``: one layer's linears at decode batch sizes (cuBLAS, cuBLASLt) beside their roofline.
 """
 
 from __future__ import annotations
@@ -90,6 +91,10 @@ def steps(
         ),
         "overlap": (
             f"{here} plugins/triton_attention/overlap_check.py --out {shlex.quote(str(out / 'overlap'))}",
+            180,
+        ),
+        "decode_gemm": (
+            f"{here} plugins/triton_attention/decode_gemm_check.py --out {shlex.quote(str(out / 'gemm'))}",
             180,
         ),
         "bench": (f"{bench} bench.num_requests=512 bench.peers=[] {extra}", 240),

@@ -1,0 +1,70 @@
+"""How close do decode steps' matmuls come to their bound? One Llama-3-8B layer's four linears (qkv,
+o, gate_up, down) at decode batch sizes, through cuBLAS (torch's default) and through cuBLASLt,
+beside the roofline: the larger of reading the weights at 4.2 TB/s and the FLOPs at 801 TFLOP/s (the
+rates measured on this card, see the issue).
+
+    python3 plugins/triton_attention/decode_gemm_check.py --out "$OUT"
+
+Each time is the median of ``--reps`` CUDA-graph replays of the linear alone; "of bound" and the
+per-linear columns are bound / time (1.0 = at the roofline).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+BATCHES = (64, 128, 192, 256, 320, 384, 448, 512)
+NAMES = ("qkv", "o", "gate_up", "down")
+HBM_BYTES_PER_S, BF16_FLOPS = 4.2e12, 801e12
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "device_out"))
+    ap.add_argument("--reps", type=int, default=50)
+    args = ap.parse_args()
+    sys.path.insert(0, str(REPO / "plugins" / "triton_attention"))
+    from device_check import ensure_importable, graph_time_ms, write_report
+    from overlap_check import LINEARS
+
+    ensure_importable()
+    import torch
+    import torch.nn.functional as F
+
+    weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.01 for k, n in LINEARS]
+    rows = []
+    for batch in BATCHES:
+        for name, (k, n), w in zip(NAMES, LINEARS, weights, strict=True):
+            x = torch.randn(batch, k, device="cuda", dtype=torch.bfloat16)
+            bound = max(2 * k * n / HBM_BYTES_PER_S, 2 * batch * k * n / BF16_FLOPS)
+            row = {"batch": batch, "linear": name, "k": k, "n": n, "bound_us": bound * 1e6}
+            for library in ("cublas", "cublaslt"):
+                torch.backends.cuda.preferred_blas_library(library)
+                row[f"{library}_us"] = graph_time_ms(lambda x=x, w=w: F.linear(x, w), args.reps) * 1e3
+            torch.backends.cuda.preferred_blas_library("cublas")
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    lines = [
+        "| batch | bound µs (4 linears) | cuBLAS µs | of bound | cuBLASLt µs | of bound | "
+        + " | ".join(f"{name} (cuBLAS)" for name in NAMES)
+        + " |",
+        "|---:|---:|---:|---:|---:|---:|" + "---:|" * len(NAMES),
+    ]
+    for batch in BATCHES:
+        mine = [r for r in rows if r["batch"] == batch]
+        bound = sum(r["bound_us"] for r in mine)
+        blas, lt = sum(r["cublas_us"] for r in mine), sum(r["cublaslt_us"] for r in mine)
+        per = " | ".join(f"{r['bound_us'] / r['cublas_us']:.2f}" for r in mine)
+        cells = f"{bound:.0f} | {blas:.0f} | {bound / blas:.2f} | {lt:.0f} | {bound / lt:.2f}"
+        lines.append(f"| {batch} | {cells} | {per} |")
+    write_report(Path(args.out), "decode_gemm", lines, rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
