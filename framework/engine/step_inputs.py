@@ -131,8 +131,8 @@ class StepBuffers:
 
         A decode whose input token is still pending (sampled by the previous step, not yet on the
         host) takes it from ``pending_ids[pending_rows[seq]]`` on the device. ``pad_decodes_to``
-        pads a decode-only batch to a captured graph's size: padded rows store nothing and read one
-        cached token.
+        pads a decode-only batch to a captured graph's size: padded rows store nothing and read no
+        cache (context length 0).
         """
         num_seqs = len(batch.seqs)
         if num_seqs > self.max_num_seqs or batch.num_tokens > self.max_num_tokens:
