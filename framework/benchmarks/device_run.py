@@ -16,8 +16,6 @@ Steps (``--bench-extra`` is appended to every ``bench`` command):
 * ``bench``: the standard workload (512 requests) on our engine alone; ``bench256``, ``bench512`` and
   ``bench16k`` the same with ``scheduler.max_num_seqs=256`` / ``512`` or
   ``scheduler.max_num_batched_tokens=16384``; ``benchfp8`` with the FP8 KV cache (``cache.dtype=fp8``).
-* ``routing_ab``: ``bench`` four times, alternating the default with a process whose decode batches
-  always run on the smallest CUDA graph that fits (no rerouting to faster larger graphs).
 * ``peers``: the first ``--peer-requests`` requests of the same workload on our engine and both HF
   peers, in one ``bench`` run (the peers need minutes for all 512).
 * ``sweep``: ``bench -m cache.block_size=16,32,64 scheduler=fcfs,priority`` without peers.
@@ -52,10 +50,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 LIMIT = "bench.limit_output_tokens_per_s=18500"
 BENCH = f"bench model=llama3 engine.load_format=dummy kernel=triton {LIMIT}"
-NO_GRAPH_ROUTING = (
-    "import sys; import pagedserve.engine.cuda_graphs as g; g.FASTER_BY = float('inf'); "
-    "from pagedserve.cli import bench; sys.argv[0] = 'bench'; sys.exit(bench())"
-)
 # entry-point name -> module, as pyproject declares them (no install on the device machine)
 PLUGINS: dict[str, str] = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["entry-points"][
     "pagedserve.plugins"
@@ -74,8 +68,6 @@ def steps(
     here = shlex.quote(sys.executable)
     serve_args = "engine.load_format=dummy kernel=triton " + extra
     me = f"{here} {shlex.quote(__file__)}"
-    # bench in a process whose decode batches always run on the smallest graph that fits them
-    no_routing = f"{here} -c {shlex.quote(NO_GRAPH_ROUTING)} " + bench.removeprefix("bench ")
     return {
         "tests": (
             f"{here} -m pytest -m gpu -q -rfE -p no:cacheprovider --continue-on-collection-errors "
@@ -106,16 +98,6 @@ def steps(
             180,
         ),
         "bench": (f"{bench} bench.num_requests=512 bench.peers=[] {extra}", 240),
-        "routing_ab": (
-            " ; ".join(
-                [
-                    f"{bench} bench.num_requests=512 bench.peers=[] {extra}",
-                    f"{no_routing} bench.num_requests=512 bench.peers=[] {extra}",
-                ]
-                * 2
-            ),  # fmt: skip
-            300,
-        ),
         "benchfp8": (f"{bench} bench.num_requests=512 bench.peers=[] cache.dtype=fp8 {extra}", 240),
         "bench512": (
             f"{bench} bench.num_requests=512 bench.peers=[] scheduler.max_num_seqs=512 {extra}",

@@ -98,8 +98,6 @@ class ModelRunner:
             self.graphs.sizes[-1],
             time.perf_counter() - start,
         )
-        if rerouted := self.graphs.rerouted():
-            log.info("decode batches of these graph sizes run on larger, faster graphs: %s", rerouted)
 
     # ---- one step --------------------------------------------------------------------------------
 
