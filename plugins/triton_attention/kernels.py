@@ -106,6 +106,16 @@ def _kv_tile(
 
 
 @triton.jit
+def _query_operand(q, qk_scale, DOT_F16: tl.constexpr):
+    """``q`` and the scale still to apply to ``q @ k^T``: with ``DOT_F16``, q times the scale rounded to
+    fp16 (scaled first, so q's range cannot overflow fp16) and 1.0; otherwise both unchanged."""
+    if DOT_F16:
+        q = (q.to(tl.float32) * qk_scale).to(tl.float16)
+        qk_scale = 1.0
+    return q, qk_scale
+
+
+@triton.jit
 def _v_operand(v, dtype: tl.constexpr, CVT_ASM: tl.constexpr):
     """A loaded V tile converted to ``dtype`` for ``p @ v``.
 
@@ -223,10 +233,7 @@ def decode_partition_kernel(
         mask=row_ok[:, None],
         other=0.0,
     )
-    if DOT_F16:
-        # the softmax scale goes into q before q is rounded to fp16, so q's range cannot overflow
-        q = (q.to(tl.float32) * qk_scale).to(tl.float16)
-        qk_scale = 1.0
+    q, qk_scale = _query_operand(q, qk_scale, DOT_F16)
     bt_row = block_tables_ptr + b.to(tl.int64) * stride_bt
     k_head = k_cache_ptr + g.to(tl.int64) * stride_kc_head
     v_head = v_cache_ptr + g.to(tl.int64) * stride_vc_head
@@ -383,10 +390,7 @@ def prefill_kernel(
         mask=row_ok[:, None],
         other=0.0,
     )
-    if DOT_F16:
-        # the softmax scale goes into q before q is rounded to fp16, so q's range cannot overflow
-        q = (q.to(tl.float32) * qk_scale).to(tl.float16)
-        qk_scale = 1.0
+    q, qk_scale = _query_operand(q, qk_scale, DOT_F16)
 
     tile_lo = q_tile * BLOCK_Q
     tile_hi = tl.minimum(tile_lo + BLOCK_Q, q_len)
