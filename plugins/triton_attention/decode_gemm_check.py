@@ -11,9 +11,7 @@ per-linear columns are bound / time (1.0 = at the roofline).
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -24,15 +22,11 @@ HBM_BYTES_PER_S, BF16_FLOPS = 4.2e12, 801e12
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=os.environ.get("OUT", "device_out"))
-    ap.add_argument("--reps", type=int, default=50)
-    args = ap.parse_args()
     sys.path.insert(0, str(REPO / "plugins" / "triton_attention"))
-    from device_check import ensure_importable, graph_time_ms, write_report
+    from device_check import graph_time_ms, script_args, write_report
     from overlap_check import LINEARS
 
-    ensure_importable()
+    args = script_args(reps=50)
     import torch
     import torch.nn.functional as F
 

@@ -55,6 +55,16 @@ def ensure_importable() -> None:
         os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(shim), os.environ.get("PYTHONPATH")]))
 
 
+def script_args(reps: int) -> argparse.Namespace:
+    """Parse a small device script's ``--out`` and ``--reps``, then make the project importable."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "device_out"))
+    ap.add_argument("--reps", type=int, default=reps, help="CUDA-graph replays per timing")
+    args = ap.parse_args()
+    ensure_importable()
+    return args
+
+
 def compact(row: dict) -> str:
     return json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
 

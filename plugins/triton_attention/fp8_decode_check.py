@@ -14,10 +14,8 @@ median of ``--reps`` CUDA-graph replays; outputs are checked against the bf16 ca
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -169,14 +167,10 @@ def report(decode: list[dict], prefill: list[dict]) -> list[str]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=os.environ.get("OUT", "device_out"))
-    ap.add_argument("--reps", type=int, default=30)
-    args = ap.parse_args()
     sys.path.insert(0, str(REPO / "plugins" / "triton_attention"))
-    from device_check import ensure_importable, write_report
+    from device_check import script_args, write_report
 
-    ensure_importable()
+    args = script_args(reps=30)
     from pagedserve_plugins.triton_attention import backend as bmod
 
     be = bmod.TritonAttentionBackend()

@@ -19,9 +19,7 @@ CUDA events. ``gain`` = sequential / two streams; above 1 the overlap pays despi
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -31,14 +29,10 @@ LINEARS = [(HIDDEN, (HQ + 2 * HKV) * D), (HQ * D, HIDDEN), (HIDDEN, 2 * INTER), 
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=os.environ.get("OUT", "device_out"))
-    ap.add_argument("--reps", type=int, default=50)
-    args = ap.parse_args()
     sys.path.insert(0, str(REPO / "plugins" / "triton_attention"))
-    from device_check import ensure_importable, graph_time_ms, write_report
+    from device_check import graph_time_ms, script_args, write_report
 
-    ensure_importable()
+    args = script_args(reps=50)
     import torch
     import torch.nn.functional as F
     from pagedserve_plugins.triton_attention.backend import TritonAttentionBackend
