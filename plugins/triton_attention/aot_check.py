@@ -34,6 +34,20 @@ def _sig(fn, types: dict[str, str], constexprs: dict[str, object]) -> dict[str, 
     return sig
 
 
+def attention_types(dt: str, cache: str, **extra: str) -> dict[str, str]:
+    """Argument types of an attention kernel: q and out of ``dt``, K/V caches of ``cache``."""
+    return dict(
+        qk_scale="fp32",
+        q_ptr=f"*{dt}",
+        out_ptr=f"*{dt}",
+        k_cache_ptr=f"*{cache}",
+        v_cache_ptr=f"*{cache}",
+        block_tables_ptr="*i32",
+        context_lens_ptr="*i32",
+        **extra,
+    )
+
+
 def compile_one(fn, types, constexprs, num_warps, num_stages, arch, label, sass=False):
     sig = _sig(fn, types, constexprs)
     # as the JIT specialises them at run time: pointers and (multiple-of-16) strides divisible by 16
@@ -89,7 +103,6 @@ def main(argv: list[str] | None = None) -> int:
         print("the kernels were built for the interpreter: run without TRITON_INTERPRET")
         return 2
     ok = True
-    f32 = {"qk_scale": "fp32"}
     # (input dtype, cache dtype, the float8 cache's largest value: SATURATE)
     store_variants = [("bf16", "bf16", None), ("bf16", "fp8e4nv", 448.0), ("fp32", "fp32", None)]
     store_variants += [("fp16", "fp8e5", 57344.0)]
@@ -109,18 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for dt, cache, tile, warps, stages in decode_variants[:2] if args.quick else decode_variants:
         for direct in (True, False):
-            ptr = f"*{dt}"
-            types = dict(
-                f32,
-                q_ptr=ptr,
-                k_cache_ptr=f"*{cache}",
-                v_cache_ptr=f"*{cache}",
-                out_ptr=ptr,
-                part_out_ptr="*fp32",
-                part_lse_ptr="*fp32",
-                block_tables_ptr="*i32",
-                context_lens_ptr="*i32",
-            )
+            types = attention_types(dt, cache, part_out_ptr="*fp32", part_lse_ptr="*fp32")
             ce = {
                 "QPK": 4,
                 "BLOCK_M": 16,
@@ -163,18 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         ("fp16", "fp8e5", 128, 128, 64, 4),
     ]
     for dt, cache, d, rows, tile, qpk in prefill_variants[:2] if args.quick else prefill_variants:
-        ptr = f"*{dt}"
         qpk_pad = 1 << (qpk - 1).bit_length()
-        types = dict(
-            f32,
-            q_ptr=ptr,
-            k_cache_ptr=f"*{cache}",
-            v_cache_ptr=f"*{cache}",
-            out_ptr=ptr,
-            block_tables_ptr="*i32",
-            cu_seqlens_q_ptr="*i32",
-            context_lens_ptr="*i32",
-        )
+        types = attention_types(dt, cache, cu_seqlens_q_ptr="*i32")
         ce = {
             "QPK": qpk,
             "QPK_PAD": qpk_pad,
