@@ -105,25 +105,22 @@ def graph_time_ms(fn, reps: int) -> float:
         fn()
     for _ in range(5):
         g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a = torch.cuda.Event(enable_timing=True)
-        b = torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
+    times = event_times_ms(g.replay, reps)
     del g
     return statistics.median(times)
 
 
 def eager_time_ms(fn, reps: int) -> float:
-    import torch
-
+    """Median time of one call of ``fn`` launched eagerly (after three warm-up calls)."""
     for _ in range(3):
         fn()
+    return statistics.median(event_times_ms(fn, reps))
+
+
+def event_times_ms(fn, reps: int) -> list[float]:
+    """GPU time of each of ``reps`` calls of ``fn``, between CUDA events around it, one call at a time."""
+    import torch
+
     torch.cuda.synchronize()
     times = []
     for _ in range(reps):
@@ -134,7 +131,7 @@ def eager_time_ms(fn, reps: int) -> float:
         b.record()
         b.synchronize()
         times.append(a.elapsed_time(b))
-    return statistics.median(times)
+    return times
 
 
 def kernel_names(fn) -> list[str]:
