@@ -30,15 +30,18 @@ FP8_CACHE_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)  # besides a cache o
 _LOG2E = 1.0 / math.log(2.0)
 
 
-# Launch parameters. ``device_check.py`` times alternatives on the GPU; these are the defaults it chose.
 @dataclass(frozen=True)
 class DecodeLaunch:
+    """How the decode kernel is launched (per cache dtype)."""
+
     tile: int  # KV tokens per loop step (halved for fp32)
     warps: int
     stages: int
     programs_per_sm: int  # split sequences until about this many programs per multiprocessor
 
 
+# Launch parameters. ``device_check.py`` (and ``fp8_decode_check.py`` for float8 caches) time alternatives
+# on the GPU; these are the defaults they chose.
 DECODE_LAUNCH = DecodeLaunch(tile=64, warps=4, stages=2, programs_per_sm=2)
 # a float8 cache: half the bytes per tile, so longer tiles and more programs (fp8_decode_check.py sweep)
 DECODE_FP8_LAUNCH = DecodeLaunch(tile=128, warps=4, stages=3, programs_per_sm=4)
@@ -308,6 +311,7 @@ class TritonAttentionBackend(AttentionBackend):
             return out
         qpk = num_q_heads // num_kv_heads
         launch = DECODE_FP8_LAUNCH if k_cache.dtype in FP8_CACHE_DTYPES else DECODE_LAUNCH
+        f16_dots = _f16_dots(q, k_cache)
         tile = launch.tile if q.element_size() < 4 else launch.tile // 2
         max_ctx = block_tables.shape[1] * block_size
         if num_splits is None:
@@ -366,8 +370,8 @@ class TritonAttentionBackend(AttentionBackend):
             DIRECT=direct,
             IEEE=q.dtype == torch.float32,
             UPCAST=k.INTERPRETED and q.dtype == torch.bfloat16,
-            DOT_F16=_f16_dots(q, k_cache),
-            V_CVT_ASM=_f16_dots(q, k_cache) and FP8_V_CVT_ASM and not k.INTERPRETED,
+            DOT_F16=f16_dots,
+            V_CVT_ASM=f16_dots and FP8_V_CVT_ASM and not k.INTERPRETED,
             HEADS_FIRST=DECODE_HEADS_FIRST,
             num_warps=launch.warps,
             num_stages=launch.stages,
