@@ -151,3 +151,17 @@ def url(server: ServerProcess) -> str:
 def client(server: ServerProcess):  # noqa: ANN201
     with server.client() as c:
         yield c
+
+
+def statistics_after_execution(client, model: str, executions: int, timeout: float = 10.0):  # noqa: ANN001, ANN201
+    """``model``'s statistics once its execution count reaches ``executions``.
+
+    A response can reach the client before the server's worker records the execution that produced
+    it (the count is taken when the model's ``execute`` returns), so a test that reads the statistics
+    right after a response polls for the count; after ``timeout`` it returns what it last read."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = client.get_inference_statistics(model).model_stats[0]
+        if stats.execution_count >= executions or time.monotonic() > deadline:
+            return stats
+        time.sleep(0.01)

@@ -18,7 +18,7 @@ from pagedserve.statistics import ModelStats
 from pagedserve_plugins.python_backend import PythonBackend
 from pagedserve_plugins.sequence_batching import SequencePolicy
 
-from tests.conftest import REPO, STOCK_MODELS
+from tests.conftest import REPO, STOCK_MODELS, statistics_after_execution
 from tests.recorder import Recorder
 
 MODELS = REPO / "conf" / "models"
@@ -425,7 +425,7 @@ def test_client_statistics_after_inference(client: Any) -> None:
     inputs, _, _ = _simple_inputs(grpcclient)
     before = client.get_inference_statistics("simple").model_stats[0]
     client.infer("simple", inputs)
-    after = client.get_inference_statistics("simple").model_stats[0]
+    after = statistics_after_execution(client, "simple", before.execution_count + 1)
     assert after.inference_count == before.inference_count + 1
     assert after.execution_count == before.execution_count + 1
     assert after.inference_stats.success.count == before.inference_stats.success.count + 1
