@@ -30,6 +30,15 @@ import triton.language as tl
 
 INTERPRETED: bool = bool(triton.knobs.runtime.interpret)
 
+# Four float8 values (the bytes of one 32-bit register, lowest first) to four fp16 values in two
+# registers; whole registers in and out, so the compiler need not split and re-pack bytes around it.
+_E4M3_TO_F16X4: tl.constexpr = tl.constexpr(
+    "{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; cvt.rn.f16x2.e4m3x2 $0, lo; cvt.rn.f16x2.e4m3x2 $1, hi; }"
+)
+_E5M2_TO_F16X4: tl.constexpr = tl.constexpr(
+    "{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; cvt.rn.f16x2.e5m2x2 $0, lo; cvt.rn.f16x2.e5m2x2 $1, hi; }"
+)
+
 
 @triton.jit
 def store_kv_kernel(
@@ -124,12 +133,9 @@ def _v_operand(v, dtype: tl.constexpr, CVT_ASM: tl.constexpr):
     the MMA operand layout, which for V (transposed for the product) takes one load per byte; converted
     before the layout change, the tile is read back with ``ldmatrix.trans`` as a 16-bit one is."""
     if CVT_ASM:
-        if v.dtype.is_fp8e5():
-            cvt: tl.constexpr = "cvt.rn.f16x2.e5m2x2 $0, $1;"
-        else:
-            cvt: tl.constexpr = "cvt.rn.f16x2.e4m3x2 $0, $1;"
+        cvt: tl.constexpr = _E5M2_TO_F16X4 if v.dtype.is_fp8e5() else _E4M3_TO_F16X4
         bits = v.to(tl.int8, bitcast=True)
-        out = tl.inline_asm_elementwise(cvt, "=r,h", [bits], dtype=tl.float16, is_pure=False, pack=2)
+        out = tl.inline_asm_elementwise(cvt, "=r,=r,r", [bits], dtype=tl.float16, is_pure=False, pack=4)
     else:
         out = v.to(dtype)
     return out
