@@ -52,8 +52,10 @@ def test_model_without_tokenizer_borrows_tiny_llamas() -> None:
             shutil.rmtree(target.borrowed_dir, ignore_errors=True)
 
 
-def test_serving_report_is_sane(tmp_path: Path) -> None:
+@pytest.mark.parametrize("stream_mode", ["per-request", "shared"])
+def test_serving_report_is_sane(tmp_path: Path, stream_mode: str) -> None:
     cfg = serving.ServingBenchConfig(
+        stream_mode=stream_mode,
         num_requests=6,
         prompt_len=(16, 96),
         output_len=(4, 24),

@@ -311,6 +311,32 @@ def _on_response(record: Record, response: Any, now: float) -> bool:
     return response.parameters["triton_final_response"].bool_param
 
 
+@dataclass
+class _Load:
+    """One rate's requests: what each one sends, when (offset from ``start``), and its record."""
+
+    model: str
+    payloads: list
+    requested: list
+    records: list[Record]
+    offsets: list[float]
+    start: float
+    timeout: float
+
+    def request(self, i: int) -> dict[str, Any]:
+        return {
+            "model_name": self.model,
+            "inputs": self.payloads[i],
+            "outputs": self.requested,
+            "request_id": str(i),
+        }
+
+    async def wait_for_arrival(self, i: int) -> None:
+        delay = self.start + self.offsets[i] - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+
 async def run_load(
     url: str,
     model: str,
@@ -332,10 +358,11 @@ async def run_load(
     async with aioclient.InferenceServerClient(url) as client:
         cpu0 = time.process_time()
         start = time.perf_counter()
+        load = _Load(model, payloads, requested, records, offsets, start, timeout)
         if mode == "per-request":
-            await _per_request_streams(client, model, payloads, requested, records, offsets, start, timeout)
+            await _per_request_streams(client, load)
         elif mode == "shared":
-            await _shared_stream(client, model, payloads, requested, records, offsets, start, timeout)
+            await _shared_stream(client, load)
         else:
             raise ValueError(f"stream mode {mode!r}: per-request or shared")
         end = max((r.done for r in records), default=start)
@@ -344,25 +371,16 @@ async def run_load(
     return records, end - first, cpu
 
 
-async def _per_request_streams(
-    client: Any,
-    model: str,
-    payloads: list,
-    requested: list,
-    records: list[Record],
-    offsets: list[float],
-    start: float,
-    timeout: float,
-) -> None:
+async def _per_request_streams(client: Any, load: _Load) -> None:
     async def one(i: int) -> None:
-        record = records[i]
+        record = load.records[i]
 
         async def request() -> Any:
-            yield {"model_name": model, "inputs": payloads[i], "outputs": requested, "request_id": str(i)}
+            yield load.request(i)
 
         record.sent = time.perf_counter()
         try:
-            async for result, error in client.stream_infer(request(), stream_timeout=timeout):
+            async for result, error in client.stream_infer(request(), stream_timeout=load.timeout):
                 now = time.perf_counter()
                 if error is not None:
                     record.error = str(error)
@@ -374,37 +392,25 @@ async def _per_request_streams(
         record.done = time.perf_counter()
 
     tasks = []
-    for i, offset in enumerate(offsets):
-        delay = start + offset - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
+    for i in range(len(load.records)):
+        await load.wait_for_arrival(i)
         tasks.append(asyncio.create_task(one(i)))
     await asyncio.gather(*tasks)
 
 
-async def _shared_stream(
-    client: Any,
-    model: str,
-    payloads: list,
-    requested: list,
-    records: list[Record],
-    offsets: list[float],
-    start: float,
-    timeout: float,
-) -> None:
+async def _shared_stream(client: Any, load: _Load) -> None:
+    records = load.records
     finished = asyncio.Event()
     pending = len(records)
 
     async def requests() -> Any:
-        for i, offset in enumerate(offsets):
-            delay = start + offset - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
+        for i in range(len(records)):
+            await load.wait_for_arrival(i)
             records[i].sent = time.perf_counter()
-            yield {"model_name": model, "inputs": payloads[i], "outputs": requested, "request_id": str(i)}
+            yield load.request(i)
         await finished.wait()  # closing our side early is fine, but keep the call open until done
 
-    stream = client.stream_infer(requests(), stream_timeout=timeout)
+    stream = client.stream_infer(requests(), stream_timeout=load.timeout)
     async for result, error in stream:
         now = time.perf_counter()
         if error is not None:  # in-band errors carry no id we can trust; count it on the first open
