@@ -16,7 +16,14 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 from pagedserve import __version__
-from pagedserve.engine.config import CacheConfig, SchedulerConfig
+from pagedserve.engine.config import (
+    DTYPES,
+    LOAD_FORMATS,
+    QUANTIZATIONS,
+    CacheConfig,
+    SchedulerConfig,
+    check_choice,
+)
 
 # Triton's extension names (ServerMetadata.extensions), the ones our server implements.
 EXTENSIONS = [
@@ -179,10 +186,17 @@ class EngineSettings:
     (``llama3``); a model YAML that names its weights keeps them."""
     seed: int = 0
     max_model_len: int | None = None
+    quantization: str | None = None
+    """``fp8``: float8 weights for the linear layers (see pagedserve.engine.config.EngineConfig)."""
     separate_process: bool = True
     """Run each LLM engine in its own process, as vLLM's engine core does: its step loop then never
     waits for the GIL behind request handling and response streaming. ``false`` runs it on a thread
     of the server process."""
+
+    def __post_init__(self) -> None:
+        check_choice("engine.dtype", self.dtype, DTYPES)
+        check_choice("engine.load_format", self.load_format, LOAD_FORMATS)
+        check_choice("engine.quantization", self.quantization, QUANTIZATIONS)
 
 
 @dataclass

@@ -147,6 +147,7 @@ class LLMBackend(ModelBackend):
             kernel=settings.kernel,
             cuda_graphs=settings.cuda_graphs,
             max_model_len=engine.max_model_len,
+            quantization=engine.quantization,
             seed=engine.seed,
             cache=settings.cache,
             scheduler=settings.scheduler,

@@ -39,6 +39,8 @@ def test_every_kv_cache_dtype_composes(dtype: str) -> None:
 def test_bench_settings_name_a_narrow_kv_cache() -> None:
     assert settings_label(compose_config()) == "block=16 sched=fcfs kernel=auto"
     assert settings_label(compose_config("cache.dtype=fp8")) == "block=16 sched=fcfs kernel=auto kv=fp8"
+    both = compose_config("cache.dtype=fp8", "engine.quantization=fp8")
+    assert settings_label(both) == "block=16 sched=fcfs kernel=auto w=fp8 kv=fp8"
 
 
 def test_defaults() -> None:
@@ -68,6 +70,8 @@ def test_model_list_and_modes() -> None:
         ("model_control_mode=sometimes", "model_control_mode"),
         ("cache.block_size=abc", "block_size"),
         ("cache.dtype=bad", "cache.dtype must be one of ['auto', 'fp8', 'fp8_e4m3', 'fp8_e5m2'], got 'bad'"),
+        ("engine.quantization=int4", "engine.quantization must be one of [None, 'fp8'], got 'int4'"),
+        ("engine.dtype=float64", "engine.dtype must be one of ['auto', 'float32', 'float16', 'bfloat16']"),
     ],
 )
 def test_bad_values_name_the_key(override: str, message: str) -> None:

@@ -1,4 +1,5 @@
-"""Fused Triton kernels (RMSNorm + residual, SiLU·mul, rotary) against the layers' PyTorch code.
+"""Fused Triton kernels (RMSNorm + residual, SiLU·mul, rotary, float8 row quantization) against the
+layers' PyTorch code.
 
 On CUDA they run compiled (``gpu`` marker, bf16 and float32, Llama-3-8B widths). Without CUDA, a test
 re-runs this module in a child pytest with ``TRITON_INTERPRET=1`` (which must be set before triton is
@@ -38,7 +39,7 @@ def test_cpu_interpreter_suite():
         timeout=240,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert "11 passed" in proc.stdout.splitlines()[-1], proc.stdout[-2000:]  # every small kernel test ran
+    assert "14 passed" in proc.stdout.splitlines()[-1], proc.stdout[-2000:]  # every small kernel test ran
 
 
 def _reference_norm(x, weight, eps, residual=None):
@@ -95,6 +96,39 @@ def _check_rotary(tokens, num_q, num_k, head_dim, dtype):
     _assert_mostly_equal(q, want_q, dtype)
     _assert_mostly_equal(k, want_k, dtype)
     assert torch.equal(qkv[:, (num_q + num_k) * head_dim :], v_before)  # v untouched
+
+
+def _check_quantize_rows(rows, cols, dtype):
+    from pagedserve.models.layers.quantization import FP8, FP8_MAX, MIN_SCALE
+
+    g = torch.Generator().manual_seed(rows + cols)
+    x = (torch.randn(rows, cols, generator=g) * torch.logspace(-2, 2, rows)[:, None]).to(dtype)
+    x[rows // 2] = 0.0
+    x = x.to(DEVICE)
+    q, scale = fused.quantize_rows(x, FP8, MIN_SCALE)
+    x32 = x.float()
+    want_scale = (x32.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp(min=MIN_SCALE)
+    want = (x32 / want_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    torch.testing.assert_close(scale, want_scale, rtol=1e-6, atol=0)
+    # the kernel's float32 division may differ from PyTorch's in the last bit, which can move a
+    # value sitting on a rounding boundary by one e4m3 step; nothing moves further
+    got, ref = q.float(), want.float()
+    assert ((got - ref).abs() <= ref.abs() / 8 + 2**-9).all()
+    assert (got == ref).float().mean() > 0.99
+
+
+@needs_kernels
+@pytest.mark.parametrize(("rows", "cols"), [(1, 64), (6, 96), (3, 300)])
+def test_quantize_rows_small(rows, cols):
+    _check_quantize_rows(rows, cols, torch.float32)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(("rows", "cols"), [(1, 4096), (37, 14336), (8192, 4096)])
+def test_gpu_quantize_rows(rows, cols, dtype):
+    _check_quantize_rows(rows, cols, dtype)
 
 
 @needs_kernels

@@ -15,7 +15,8 @@ Steps (``--bench-extra`` is appended to every ``bench`` command):
   graphs, Triton kernels, fused layers), in parallel workers.
 * ``bench``: the standard workload (512 requests) on our engine alone; ``bench256``, ``bench512`` and
   ``bench16k`` the same with ``scheduler.max_num_seqs=256`` / ``512`` or
-  ``scheduler.max_num_batched_tokens=16384``; ``benchfp8`` with the FP8 KV cache (``cache.dtype=fp8``).
+  ``scheduler.max_num_batched_tokens=16384``; ``benchfp8`` with the FP8 KV cache (``cache.dtype=fp8``),
+  ``benchw8`` with float8 linear weights (``engine.quantization=fp8``), ``benchw8kv8`` with both.
 * ``peers``: the first ``--peer-requests`` requests of the same workload on our engine and both HF
   peers, in one ``bench`` run (the peers need minutes for all 512).
 * ``sweep``: ``bench -m cache.block_size=16,32,64 scheduler=fcfs,priority`` without peers.
@@ -31,7 +32,8 @@ Steps (``--bench-extra`` is appended to every ``bench`` command):
 * ``decode_bench``: the paged decode (and prefill) kernel beside SDPA (``device_check.py``).
 * ``fp8_decode``: the decode kernel on bf16 vs float8 caches, with a launch-parameter sweep.
 * ``overlap``: one layer's matmuls and decode attention, sequential vs on two streams.
-* ``decode_gemm``: one layer's linears at decode batch sizes (cuBLAS, cuBLASLt) beside their roofline.
+* ``decode_gemm``: one layer's linears at decode and prefill batch sizes (cuBLAS, cuBLASLt, float8
+  weights) beside their roofline.
 """
 
 from __future__ import annotations
@@ -99,6 +101,14 @@ def steps(
         ),
         "bench": (f"{bench} bench.num_requests=512 bench.peers=[] {extra}", 240),
         "benchfp8": (f"{bench} bench.num_requests=512 bench.peers=[] cache.dtype=fp8 {extra}", 240),
+        "benchw8": (
+            f"{bench} bench.num_requests=512 bench.peers=[] engine.quantization=fp8 {extra}",
+            240,
+        ),
+        "benchw8kv8": (
+            f"{bench} bench.num_requests=512 bench.peers=[] engine.quantization=fp8 cache.dtype=fp8 {extra}",
+            240,
+        ),
         "bench512": (
             f"{bench} bench.num_requests=512 bench.peers=[] scheduler.max_num_seqs=512 {extra}",
             240,

@@ -49,8 +49,10 @@ class Row:
 
 
 def settings_label(config: ServeConfig) -> str:
-    """The table's settings column; the KV cache dtype only when it is not the model's own."""
+    """The table's settings column; weight and KV cache dtypes only when they are not the model's own."""
     label = f"block={config.cache.block_size} sched={config.scheduler.policy} kernel={config.kernel}"
+    if config.engine.quantization:
+        label += f" w={config.engine.quantization}"
     if config.cache.dtype != "auto":
         label += f" kv={config.cache.dtype}"
     return label

@@ -14,9 +14,10 @@ BLOCK_SIZES = [1, 8, 16, 32, 64, 128]
 DTYPES = ["auto", "float32", "float16", "bfloat16"]
 LOAD_FORMATS = ["auto", "safetensors", "dummy"]
 KV_CACHE_DTYPES = ["auto", "fp8", "fp8_e4m3", "fp8_e5m2"]
+QUANTIZATIONS = [None, "fp8"]
 
 
-def _check_choice(key: str, value: object, choices: list) -> None:
+def check_choice(key: str, value: object, choices: list) -> None:
     if value not in choices:
         raise ValueError(f"{key} must be one of {choices}, got {value!r}")
 
@@ -39,8 +40,8 @@ class CacheConfig:
     store one byte per element (values scaled by 1.0, saturated at the format's largest finite value)."""
 
     def __post_init__(self) -> None:
-        _check_choice("cache.block_size", self.block_size, BLOCK_SIZES)
-        _check_choice("cache.dtype", self.dtype, KV_CACHE_DTYPES)
+        check_choice("cache.block_size", self.block_size, BLOCK_SIZES)
+        check_choice("cache.dtype", self.dtype, KV_CACHE_DTYPES)
         _check_positive("cache.num_blocks", self.num_blocks)
         if not 0.0 < self.memory_fraction <= 1.0:
             raise ValueError(f"cache.memory_fraction must be in (0, 1], got {self.memory_fraction!r}")
@@ -75,6 +76,9 @@ class EngineConfig:
     async_scheduling: bool = True
     """On CUDA, schedule and prepare step N+1 while the device runs step N (results one step later)."""
     max_model_len: int | None = None
+    quantization: str | None = None
+    """``fp8``: the linear layers' weights in e4m3 with per-output-feature scales, activations
+    quantized per token (pagedserve.models.layers.quantization); embedding and LM head unchanged."""
     seed: int = 0
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -82,8 +86,9 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if not self.model:
             raise ValueError("model must name a Hugging Face model directory (or 'tiny-llama'), got ''")
-        _check_choice("dtype", self.dtype, DTYPES)
-        _check_choice("load_format", self.load_format, LOAD_FORMATS)
+        check_choice("dtype", self.dtype, DTYPES)
+        check_choice("load_format", self.load_format, LOAD_FORMATS)
+        check_choice("quantization", self.quantization, QUANTIZATIONS)
         if not self.kernel:
             raise ValueError("kernel must be 'auto' or the name of an attention backend, got ''")
         if not (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")):

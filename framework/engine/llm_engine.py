@@ -68,10 +68,11 @@ class LLMEngine:
         self._inflight: tuple[ScheduledBatch, StepHandle] | None = None
         self.outputs = OutputProcessor(self.tokenizer)
         log.info(
-            "engine ready: %s on %s (%s), %d KV blocks of %d tokens in %s, attention=%s",
+            "engine ready: %s on %s (%s%s), %d KV blocks of %d tokens in %s, attention=%s",
             setup.arch.architecture,
             setup.device,
             setup.dtype,
+            f", {config.quantization} linear weights" if config.quantization else "",
             num_blocks,
             config.cache.block_size,
             setup.kv_cache_dtype,

@@ -1,4 +1,5 @@
-"""Fused elementwise kernels in the Triton language: residual add + RMSNorm, SiLU·mul, rotary.
+"""Fused elementwise kernels in the Triton language: residual add + RMSNorm, SiLU·mul, rotary, and
+the per-row float8 quantization of a linear layer's input.
 
 Each replaces a chain of PyTorch ops that would read and write the activations several times (the
 float32 RMSNorm alone is about six passes) with one pass, and rounds where the PyTorch code rounds,
@@ -130,6 +131,20 @@ if triton is not None:
         tl.store(base, (a * cos - b * sin).to(x1.dtype), mask=mask)
         tl.store(base + HALF, (b * cos + a * sin).to(x1.dtype), mask=mask)
 
+    @triton.jit
+    def _quantize_rows_kernel(
+        x_ptr, q_ptr, scale_ptr, stride_x, stride_q, n_cols, qmax, min_scale, BLOCK: tl.constexpr
+    ):
+        """One row: ``scale = max(|x|) / qmax`` (at least ``min_scale``), ``q = x / scale`` saturated."""
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        scale = tl.maximum(tl.max(tl.abs(x), axis=0) / qmax, min_scale)
+        q = tl.clamp(x / scale, -qmax, qmax)
+        tl.store(q_ptr + row * stride_q + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
+        tl.store(scale_ptr + row, scale)
+
 
 def _row_warps(block: int) -> int:
     return max(1, min(16, block // 256))
@@ -206,3 +221,32 @@ def rotary_(
         K_HEADS=_pow2(k.shape[1]),
         num_warps=4,
     )
+
+
+def quantize_rows(x: torch.Tensor, dtype: torch.dtype, min_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[M, K]`` → float8 ``[M, K]`` and float32 scales ``[M, 1]``, one pass over ``x``."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    rows, cols = x.shape
+    # Triton 3.6's interpreter rounds float32 -> float8 without carrying into the exponent (a value
+    # that rounds up to a power of two comes out halved); there the kernel writes float32 and
+    # PyTorch rounds. Compiled kernels round with the hardware's cvt.rn.satfinite.
+    interpreted = not x.is_cuda
+    q = torch.empty((rows, cols), dtype=torch.float32 if interpreted else dtype, device=x.device)
+    scale = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
+    if rows == 0:
+        return q.to(dtype), scale
+    block = _pow2(cols)
+    _quantize_rows_kernel[(rows,)](
+        x,
+        q,
+        scale,
+        x.stride(0),
+        q.stride(0),
+        cols,
+        torch.finfo(dtype).max,
+        min_scale,
+        BLOCK=block,
+        num_warps=_row_warps(block),
+    )
+    return (q.to(dtype) if interpreted else q), scale

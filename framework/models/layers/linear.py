@@ -3,18 +3,20 @@
 Column-parallel layers split the output features (each rank computes a slice); row-parallel layers
 split the input features and sum the partial products with an all-reduce. Each parameter carries a
 ``weight_loader`` that copies this rank's slice of a full checkpoint tensor into it; merged layers
-(QKV, gate/up) take a ``shard_id`` saying which checkpoint tensor is being loaded.
+(QKV, gate/up) take a ``shard_id`` saying which checkpoint tensor is being loaded. After loading,
+:meth:`ParallelLinear.quantize_fp8_` may turn the weight into float8 (see ``quantization``).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from pagedserve.models.layers.quantization import fp8_linear, quantize_rows
 from pagedserve.models.parallel import all_reduce, divide, tp_rank, tp_world_size
 from torch import nn
 
 
-class _ParallelLinear(nn.Module):
+class ParallelLinear(nn.Module):
     def __init__(self, out_features: int, in_features: int, bias: bool) -> None:
         super().__init__()
         self.tp_rank, self.tp_size = tp_rank(), tp_world_size()
@@ -24,12 +26,25 @@ class _ParallelLinear(nn.Module):
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False)
             self.bias.weight_loader = self.weight_loader
+        self.weight_scale: torch.Tensor | None
+        self.register_buffer("weight_scale", None)  # set by quantize_fp8_
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
         param.data.copy_(loaded)
 
+    def quantize_fp8_(self) -> None:
+        """Replace the loaded weight by e4m3 with one scale per output feature (this rank's rows)."""
+        weight, scale = quantize_rows(self.weight.data)
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.weight_scale = scale.view(1, -1)
 
-class ColumnParallelLinear(_ParallelLinear):
+    def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.weight_scale is None:
+            return F.linear(x, self.weight, bias)
+        return fp8_linear(x, self.weight, self.weight_scale, bias)
+
+
+class ColumnParallelLinear(ParallelLinear):
     """``y = x W^T + b`` with W's rows (output features) split across ranks; output stays split."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
@@ -40,7 +55,7 @@ class ColumnParallelLinear(_ParallelLinear):
         param.data.copy_(loaded.narrow(0, self.tp_rank * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self._matmul(x, self.bias)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -76,7 +91,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         param.data.narrow(0, offset, size).copy_(loaded.narrow(0, self.tp_rank * size, size))
 
 
-class RowParallelLinear(_ParallelLinear):
+class RowParallelLinear(ParallelLinear):
     """``y = x W^T + b`` with W's columns (input features) split; partial sums are all-reduced."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
@@ -90,5 +105,5 @@ class RowParallelLinear(_ParallelLinear):
         param.data.copy_(loaded.narrow(1, self.tp_rank * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = all_reduce(F.linear(x, self.weight))
+        y = all_reduce(self._matmul(x, None))
         return y if self.bias is None else y + self.bias

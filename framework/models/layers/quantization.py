@@ -1,0 +1,47 @@
+"""Float8 weights for the linear layers (``engine.quantization=fp8``), quantized when the model loads.
+
+Each weight row (output feature) gets its own scale, ``max|row| / 448``, and is stored in e4m3: half
+the bytes of bf16, so decode steps read half the weights, and Hopper's float8 tensor cores do twice
+the bf16 multiply rate. Activations are quantized the same way per token (per row of the input) just
+before each matmul, so one outlier token does not flatten the others' resolution and a token's result
+does not depend on what else is in the batch. ``torch._scaled_mm`` multiplies the float8 operands and
+applies both scales in its epilogue. The embedding and the LM head keep the model dtype, as vLLM's
+``fp8`` quantization does: the head is one matmul per sampled token and its logits pick the tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+from pagedserve.models.layers import fused
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max
+# Floor for a row's scale: an all-zero row (padding) then quantizes to zeros instead of 0/0.
+MIN_SCALE = 1e-12
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[M, K]`` → e4m3 ``[M, K]`` and float32 scales ``[M, 1]`` with ``x ≈ q * scale`` row by row."""
+    if fused.enabled(x):
+        return fused.quantize_rows(x, FP8, MIN_SCALE)
+    x32 = x.float()
+    scale = (x32.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp(min=MIN_SCALE)
+    return (x32 / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def fp8_linear(
+    x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """``x W^T + b`` with ``W`` in e4m3 (``[N, K]``, scales ``[1, N]``) and ``x`` quantized per token."""
+    rows = x.reshape(-1, x.shape[-1])
+    q, scale = quantize_rows(rows)
+    # On CUDA, row-wise scaled float8 matmuls write bfloat16 only; the CPU kernel writes any dtype.
+    out_dtype = torch.bfloat16 if x.is_cuda else x.dtype
+    if rows.shape[0] == 0:
+        y = torch.empty((0, weight.shape[0]), dtype=x.dtype, device=x.device)
+    else:
+        y = torch._scaled_mm(q, weight.t(), scale_a=scale, scale_b=weight_scale, out_dtype=out_dtype)
+        y = y.to(x.dtype)
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*x.shape[:-1], weight.shape[0])

@@ -1,0 +1,119 @@
+"""``engine.quantization=fp8``: float8 linear weights with per-feature scales, inputs quantized per token.
+
+The arithmetic is checked against float64 on the very operands it multiplies (so only the matmul's
+own rounding is allowed), the quantization against the format's rounding bound, and the engine on a
+tiny random model against the same engine in full precision. "Close" for the engine is measured
+teacher-forced, as for the float8 KV cache (see test_engine_kv_cache_dtype): the token the quantized
+engine picks after the reference's own history, at each of 16 prompts x 32 generated positions. Over
+six prompt sets this agreed at 0.74-0.82 (a bfloat16 engine against the float32 one: 0.97-0.98); a
+random tiny model has many near-ties, and e4m3 rounds to 1/16 where bfloat16 rounds to 1/256. A
+wrong scale or layout gives garbage tokens (about 1/320 agreement).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from pagedserve.engine.llm import LLM
+from pagedserve.engine.sampling_params import SamplingParams
+from pagedserve.models.layers.embedding import VocabParallelEmbedding
+from pagedserve.models.layers.linear import ParallelLinear
+from pagedserve.models.layers.quantization import FP8, FP8_MAX, fp8_linear, quantize_rows
+
+from .engine_helpers import assert_pool_free, build_hf_checkpoint, engine_config, gpu, random_prompts
+
+D32 = dict(hidden_size=128, num_attention_heads=4, head_dim=32)
+MAX_NEW = 32
+MODES = [
+    pytest.param({"device": "cpu"}, id="cpu"),
+    pytest.param({"device": "cuda", "kernel": "triton"}, id="cuda-triton", marks=gpu),
+    pytest.param({"device": "cuda", "kernel": "torch"}, id="cuda-torch", marks=gpu),
+]
+DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=gpu)]
+FORCED_AGREEMENT = 0.65  # measured 0.74-0.82 (docstring)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return build_hf_checkpoint(tmp_path_factory.mktemp("llama-d32"), "llama", seed=3, **D32)
+
+
+def _rows(m: int, k: int, seed: int, device: str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    # rows of very different magnitudes, as activations have: each row must get its own scale
+    x = torch.randn(m, k, generator=g) * torch.logspace(-3, 2, m)[:, None]
+    return x.to(dtype).to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rows_round_trip_within_e4m3_rounding(device):
+    x = _rows(9, 300, seed=1, device=device)
+    x[4] = 0.0  # a padding row
+    q, scale = quantize_rows(x)
+    assert q.dtype == FP8 and q.shape == x.shape and scale.shape == (9, 1)
+    assert torch.isfinite(scale).all() and not q[4].float().any()
+    back = q.double() * scale.double()
+    # e4m3 keeps 3 mantissa bits: half an ulp is 1/16 relative, or 2^-10 of the scale below 2^-6
+    bound = x.double().abs() / 16 + scale.double() * 2**-10
+    assert ((back - x.double()).abs() <= bound * 1.001).all()
+    amax = q.float().abs().amax(dim=1)
+    assert torch.equal(amax[amax > 0], torch.full_like(amax[amax > 0], FP8_MAX))  # each row uses the range
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("m", "k", "n"), [(1, 64, 48), (37, 256, 96), (0, 64, 32)])
+def test_fp8_linear_is_the_product_of_its_quantized_operands(device, dtype, m, k, n):
+    x, w = (
+        _rows(m, k, seed=m + k, device=device, dtype=dtype),
+        _rows(n, k, seed=n, device=device, dtype=dtype),
+    )
+    bias = torch.randn(n).to(dtype).to(device)
+    wq, ws = quantize_rows(w)
+    y = fp8_linear(x, wq, ws.view(1, -1), bias)
+    assert y.dtype == dtype and y.shape == (m, n)
+    xq, xs = quantize_rows(x)
+    want = (xq.double() * xs.double()) @ (wq.double() * ws.double()).T + bias.double()
+    tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
+    torch.testing.assert_close(y.double(), want, rtol=tol, atol=tol * want.abs().max().item() if m else 0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp8_linear_stays_close_to_full_precision(device):
+    x, w = _rows(64, 512, seed=5, device=device), torch.randn(256, 512, device=device) * 0.02
+    wq, ws = quantize_rows(w)
+    want = x @ w.T
+    error = (fp8_linear(x, wq, ws.view(1, -1), None) - want).norm(dim=1) / want.norm(dim=1)
+    assert error.max() < 0.06, error.max()  # two e4m3 roundings; ~0.03 measured
+
+
+def _greedy(max_tokens: int) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+
+
+def _next_tokens(llm: LLM, prompts: list[list[int]], histories: list[list[int]]) -> list[int]:
+    forced = [p + h[:j] for p, h in zip(prompts, histories, strict=True) for j in range(len(h))]
+    return [o.outputs[0].token_ids[0] for o in llm.generate(forced, _greedy(1))]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_fp8_weights_greedy_tokens_track_full_precision(checkpoint, mode):
+    prompts = random_prompts([1 + (13 * i) % 60 for i in range(16)], 320, seed=1)
+    reference = LLM(engine_config(checkpoint, **mode))
+    expected = [o.outputs[0].token_ids for o in reference.generate(prompts, _greedy(MAX_NEW))]
+    llm = LLM(engine_config(checkpoint, quantization="fp8", **mode))
+    model = llm.engine.runner.model
+    linears = [m for m in model.modules() if isinstance(m, ParallelLinear)]
+    assert len(linears) == 4 * 2 and all(m.weight.dtype == FP8 for m in linears)  # 2 layers
+    assert all(m.weight.dtype != FP8 for m in model.modules() if isinstance(m, VocabParallelEmbedding))
+    generated = [o.outputs[0].token_ids for o in llm.generate(prompts, _greedy(MAX_NEW))]
+    assert [len(tokens) for tokens in generated] == [MAX_NEW] * len(prompts)
+
+    wanted = [token for tokens in expected for token in tokens]
+    picked = _next_tokens(llm, prompts, expected)
+    agreement = sum(a == b for a, b in zip(picked, wanted, strict=True)) / len(wanted)
+    assert agreement >= FORCED_AGREEMENT, f"teacher-forced agreement {agreement:.3f}"
+    # per-token activation scales: a token's result does not depend on its batch, so the decode
+    # steps pick what the prefill of the same tokens picks
+    assert _next_tokens(llm, prompts, generated) == [token for tokens in generated for token in tokens]
+    assert_pool_free(llm.engine.block_manager)
