@@ -98,23 +98,40 @@ def _check_rotary(tokens, num_q, num_k, head_dim, dtype):
     assert torch.equal(qkv[:, (num_q + num_k) * head_dim :], v_before)  # v untouched
 
 
-def _check_quantize_rows(rows, cols, dtype):
+def _assert_quantized(q, scale, y):
+    """``(q, scale)`` is ``y`` quantized per row as quantization.quantize_rows specifies."""
     from pagedserve.models.layers.quantization import FP8, FP8_MAX, MIN_SCALE
 
-    g = torch.Generator().manual_seed(rows + cols)
-    x = (torch.randn(rows, cols, generator=g) * torch.logspace(-2, 2, rows)[:, None]).to(dtype)
-    x[rows // 2] = 0.0
-    x = x.to(DEVICE)
-    q, scale = fused.quantize_rows(x, FP8, MIN_SCALE)
-    x32 = x.float()
-    want_scale = (x32.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp(min=MIN_SCALE)
-    want = (x32 / want_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    y = y.float()
+    want_scale = (y.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp(min=MIN_SCALE)
+    want = (y / want_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    assert q.dtype == FP8 and scale.shape == (y.shape[0], 1)
     torch.testing.assert_close(scale, want_scale, rtol=1e-6, atol=0)
     # the kernel's float32 division may differ from PyTorch's in the last bit, which can move a
     # value sitting on a rounding boundary by one e4m3 step; nothing moves further
     got, ref = q.float(), want.float()
     assert ((got - ref).abs() <= ref.abs() / 8 + 2**-9).all()
     assert (got == ref).float().mean() > 0.99
+
+
+def _check_quantize_rows(rows, cols, dtype):
+    from pagedserve.models.layers.quantization import FP8_ROWS
+
+    g = torch.Generator().manual_seed(rows + cols)
+    x = (torch.randn(rows, cols, generator=g) * torch.logspace(-2, 2, rows)[:, None]).to(dtype)
+    x[rows // 2] = 0.0
+    x = x.to(DEVICE)
+    _assert_quantized(*fused.quantize_rows(x, FP8_ROWS), x)
+    # the norm and SiLU·mul quantizing their own result: the same rows as the plain kernel's, quantized
+    weight = (1 + 0.1 * torch.randn(cols, generator=g)).to(dtype).to(DEVICE)
+    residual = torch.randn(rows, cols, generator=g).to(dtype).to(DEVICE)
+    plain_residual, quantized_residual = residual.clone(), residual.clone()
+    plain = fused.rms_norm(x, weight, 1e-5, plain_residual)
+    _assert_quantized(*fused.rms_norm(x, weight, 1e-5, quantized_residual, FP8_ROWS), plain)
+    assert torch.equal(quantized_residual, plain_residual)
+    _assert_quantized(*fused.rms_norm(x, weight, 1e-5, None, FP8_ROWS), fused.rms_norm(x, weight, 1e-5))
+    gate_up = torch.cat([x, residual], dim=1)
+    _assert_quantized(*fused.silu_and_mul(gate_up, FP8_ROWS), fused.silu_and_mul(gate_up))
 
 
 @needs_kernels

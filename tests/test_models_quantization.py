@@ -74,7 +74,8 @@ def test_fp8_linear_is_the_product_of_its_quantized_operands(device, dtype, m, k
     assert y.dtype == dtype and y.shape == (m, n)
     xq, xs = quantize_rows(x)
     want = (xq.double() * xs.double()) @ (wq.double() * ws.double()).T + bias.double()
-    tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
+    # on CUDA the scaled matmul writes bfloat16 whatever the model's dtype (fp8_linear)
+    tol = 1e-2 if dtype is torch.bfloat16 or device == "cuda" else 1e-5
     torch.testing.assert_close(y.double(), want, rtol=tol, atol=tol * want.abs().max().item() if m else 0)
 
 

@@ -23,6 +23,7 @@ Steps (``--bench-extra`` is appended to every ``bench`` command):
 * ``profile``: the standard workload again in-process (``max_num_seqs=512``), timing every step by
   kind (decode-only or with prefill) and the host's share of it, and the device time by kernel
   category in two windows of steps (prefill, decode).
+* ``profilew8``: the same with float8 weights and KV cache, and a third window late in the run.
 * ``ablation``: 256 requests with each of async scheduling, CUDA graphs and the fused kernels off.
 * ``fusions``: eager PyTorch vs the Triton kernels vs ``torch.compile`` for the fused ops.
 * ``serving``: the serving benchmark (``pagedserve.benchmarks.serving``) on llama3 with random
@@ -128,6 +129,10 @@ def steps(
             500,
         ),
         "profile": (f"{me} --profile-child --max-num-seqs 512 --windows 2:8,100:120", 240),
+        "profilew8": (
+            f"{me} --profile-child --variant w8kv8 --max-num-seqs 512 --windows 2:8,100:120,400:420",
+            240,
+        ),
         "ablation": (
             " ; ".join(
                 f"{me} --profile-child --variant {v} --requests 256 --max-num-seqs 512 --windows ''"
@@ -305,11 +310,12 @@ def main(argv: list[str] | None = None) -> int:
 
 # ---------------------------------------------------------------------------------------------- profile
 
-VARIANTS = {  # name -> EngineConfig overrides (``fused=False`` sets PAGEDSERVE_FUSED=0 in the child)
+VARIANTS = {  # name -> EngineConfig overrides (``fused=False``: PAGEDSERVE_FUSED=0; ``cache``: KV dtype)
     "default": {},
     "no-overlap": {"async_scheduling": False},
     "no-graphs": {"cuda_graphs": False},
     "no-fusion": {"fused": False},
+    "w8kv8": {"quantization": "fp8", "cache": "fp8"},  # float8 weights and KV cache
 }
 CATEGORIES = (  # kernel-name fragments -> category, first match wins
     ("decode_", "attention decode"),
@@ -318,6 +324,7 @@ CATEGORIES = (  # kernel-name fragments -> category, first match wins
     ("_rms_norm", "rmsnorm+residual"),
     ("_silu", "silu*mul"),
     ("_rotary", "rotary"),
+    ("_quantize_rows", "fp8 quantize"),
     ("nvjet", "matmul"),
     ("gemm", "matmul"),
     ("cutlass", "matmul"),
@@ -353,7 +360,7 @@ def profile_child(argv: list[str]) -> int:
 
     import torch
     from pagedserve.benchmarks.workload import standard_workload
-    from pagedserve.engine.config import EngineConfig, SchedulerConfig
+    from pagedserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
     from pagedserve.engine.llm_engine import LLMEngine
     from pagedserve.engine.sampling_params import SamplingParams
 
@@ -361,8 +368,9 @@ def profile_child(argv: list[str]) -> int:
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens
     )
     started = time.time()
+    cache = CacheConfig(dtype=overrides.pop("cache", "auto"))
     config = EngineConfig(
-        model="llama3-8b", load_format="dummy", kernel="triton", scheduler=scheduler, **overrides
+        model="llama3-8b", load_format="dummy", kernel="triton", scheduler=scheduler, cache=cache, **overrides
     )
     engine = LLMEngine(config)
     label = f"{args.variant}, {args.requests} requests, max_num_seqs={args.max_num_seqs}"

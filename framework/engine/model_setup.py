@@ -14,7 +14,6 @@ import psutil
 import torch
 from pagedserve.engine.config import CacheConfig, EngineConfig
 from pagedserve.models.hf_config import ModelArchConfig
-from pagedserve.models.layers.linear import ParallelLinear
 from pagedserve.models.loader import init_dummy_weights, load_weights
 from pagedserve.models.presets import resolve_model_source
 from pagedserve.models.registry import ModelArchitecture, resolve_architecture
@@ -87,9 +86,7 @@ def build_model(config: EngineConfig, architectures: Mapping[str, type[ModelArch
     else:
         load_weights(model, source.directory)
     if config.quantization == "fp8":
-        for layer in model.modules():
-            if isinstance(layer, ParallelLinear):
-                layer.quantize_fp8_()
+        model.quantize_fp8_()
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the bf16 weights' blocks, so the KV cache can take them
     return ModelSetup(model.eval(), arch, source.directory, device, dtype, kv_cache_dtype, max_model_len)

@@ -15,6 +15,7 @@ from pagedserve.models.layers.attention import Attention
 from pagedserve.models.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from pagedserve.models.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from pagedserve.models.layers.norm import RMSNorm
+from pagedserve.models.layers.quantization import Fp8Rows
 from pagedserve.models.layers.rotary import RotaryEmbedding
 from pagedserve.models.registry import ModelArchitecture
 from torch import nn
@@ -40,10 +41,11 @@ class DecoderAttention(nn.Module):
             self.q_norm = RMSNorm(hd, config.rms_norm_eps)
             self.k_norm = RMSNorm(hd, config.rms_norm_eps)
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        num_tokens = hidden.shape[0]
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor | Fp8Rows) -> torch.Tensor:
+        qkv = self.qkv_proj(hidden)
+        num_tokens = qkv.shape[0]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = self.qkv_proj(hidden).split([q_size, kv_size, kv_size], dim=-1)
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q = q.reshape(num_tokens, self.num_heads, self.head_dim)
         k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
@@ -66,7 +68,7 @@ class GatedMLP(nn.Module):
         self.act = SiluAndMul()
         self.down_proj = RowParallelLinear(inter, config.hidden_size, bias=config.mlp_bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | Fp8Rows) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
@@ -89,6 +91,14 @@ class DecoderLayer(nn.Module):
         x = self.self_attn(positions, x)
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
+
+    def quantize_fp8_(self) -> None:
+        """Float8 linears; the two norms and SiLU·mul, which feed only them, write float8 rows."""
+        attn, mlp = self.self_attn, self.mlp
+        for linear in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
+            linear.quantize_fp8_()
+        for producer in (self.input_layernorm, self.post_attention_layernorm, self.mlp.act):
+            producer.quantize_output = True
 
 
 class DecoderModel(nn.Module):
@@ -131,6 +141,10 @@ class LlamaForCausalLM(ModelArchitecture):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
+
+    def quantize_fp8_(self) -> None:
+        for layer in self.model.layers:
+            layer.quantize_fp8_()  # the embedding and the LM head keep the model dtype
 
 
 class Qwen2ForCausalLM(LlamaForCausalLM):

@@ -12,6 +12,7 @@ from typing import ClassVar
 import torch
 from pagedserve.models.hf_config import ModelArchConfig
 from pagedserve.models.layers.attention import Attention
+from pagedserve.models.layers.linear import ParallelLinear
 from torch import nn
 
 
@@ -38,6 +39,13 @@ class ModelArchitecture(nn.Module):
 
     def attention_layers(self) -> list[Attention]:
         return [m for m in self.modules() if isinstance(m, Attention)]
+
+    def quantize_fp8_(self) -> None:
+        """``quantization=fp8``: float8 weights in every linear layer, after the weights load.
+        Architectures may also let the layers feeding those linears write float8 rows directly."""
+        for module in self.modules():
+            if isinstance(module, ParallelLinear):
+                module.quantize_fp8_()
 
 
 def resolve_architecture(

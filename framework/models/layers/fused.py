@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -53,16 +54,21 @@ if triton is not None:
         residual_ptr,
         weight_ptr,
         out_ptr,
+        scale_ptr,
         stride_x,
         stride_r,
         stride_o,
         n_cols,
         eps,
+        qmax,
+        min_scale,
         HAS_RESIDUAL: tl.constexpr,
+        QUANTIZE: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
         """One row: ``s = x (+ residual)`` rounded to the input dtype (stored back to ``residual``),
-        then ``weight * (s / rms(s))`` with the normalised value rounded before the weight multiply."""
+        then ``weight * (s / rms(s))`` with the normalised value rounded before the weight multiply.
+        ``QUANTIZE``: the result, rounded to the input dtype, is stored quantized (``_store_row``)."""
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
@@ -75,7 +81,11 @@ if triton is not None:
         rstd = 1.0 / tl.sqrt(tl.sum(x32 * x32, axis=0) / n_cols + eps)
         normed = (x32 * rstd).to(x.dtype).to(tl.float32)
         w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + row * stride_o + cols, (normed * w).to(out_ptr.dtype.element_ty), mask=mask)
+        if QUANTIZE:
+            y = (normed * w).to(x.dtype).to(tl.float32)
+            _store_quantized_row(y, out_ptr + row * stride_o + cols, scale_ptr + row, mask, qmax, min_scale)
+        else:
+            tl.store(out_ptr + row * stride_o + cols, (normed * w).to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n_cols, BLOCK: tl.constexpr):
@@ -132,59 +142,117 @@ if triton is not None:
         tl.store(base + HALF, (b * cos + a * sin).to(x1.dtype), mask=mask)
 
     @triton.jit
+    def _store_quantized_row(y, q_ptrs, scale_ptr, mask, qmax, min_scale):
+        """``scale = max|y| / qmax`` (at least ``min_scale``) and ``q = y / scale`` saturated; ``y``
+        is one whole row in float32, zero where masked."""
+        scale = tl.maximum(tl.max(tl.abs(y), axis=0) / qmax, min_scale)
+        q = tl.clamp(y / scale, -qmax, qmax)
+        tl.store(q_ptrs, q.to(q_ptrs.dtype.element_ty), mask=mask)
+        tl.store(scale_ptr, scale)
+
+    @triton.jit
     def _quantize_rows_kernel(
         x_ptr, q_ptr, scale_ptr, stride_x, stride_q, n_cols, qmax, min_scale, BLOCK: tl.constexpr
     ):
-        """One row: ``scale = max(|x|) / qmax`` (at least ``min_scale``), ``q = x / scale`` saturated."""
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
         x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-        scale = tl.maximum(tl.max(tl.abs(x), axis=0) / qmax, min_scale)
-        q = tl.clamp(x / scale, -qmax, qmax)
-        tl.store(q_ptr + row * stride_q + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
-        tl.store(scale_ptr + row, scale)
+        _store_quantized_row(x, q_ptr + row * stride_q + cols, scale_ptr + row, mask, qmax, min_scale)
+
+    @triton.jit
+    def _silu_and_mul_quantized_kernel(
+        x_ptr, q_ptr, scale_ptr, stride_x, stride_q, n_cols, qmax, min_scale, BLOCK: tl.constexpr
+    ):
+        """``silu(gate) * up`` of one whole row, rounded like the plain kernel, then quantized."""
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+        up = tl.load(x_ptr + row * stride_x + n_cols + cols, mask=mask, other=0.0)
+        g = gate.to(tl.float32)
+        act = (g / (1.0 + tl.exp(-g))).to(gate.dtype).to(tl.float32)
+        y = (act * up.to(tl.float32)).to(gate.dtype).to(tl.float32)
+        _store_quantized_row(y, q_ptr + row * stride_q + cols, scale_ptr + row, mask, qmax, min_scale)
 
 
 def _row_warps(block: int) -> int:
     return max(1, min(16, block // 256))
 
 
+class Quantize(NamedTuple):
+    """Ask a kernel to write its rows quantized: ``q = row / scale`` in ``dtype``, one float32 scale
+    per row (``max|row| / dtype's largest value``, at least ``min_scale``)."""
+
+    dtype: torch.dtype
+    min_scale: float
+
+
+def _quantized_outputs(
+    rows: int, cols: int, quantize: Quantize, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    # Triton 3.6's interpreter rounds float32 -> float8 without carrying into the exponent (a value
+    # that rounds up to a power of two comes out halved); there the kernels write float32 and
+    # PyTorch rounds. Compiled kernels round with the hardware's cvt.rn.satfinite.
+    interpreted = device.type != "cuda"
+    q = torch.empty((rows, cols), dtype=torch.float32 if interpreted else quantize.dtype, device=device)
+    return q, torch.empty((rows, 1), dtype=torch.float32, device=device), interpreted
+
+
 def rms_norm(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
-) -> torch.Tensor:
-    """``weight * rmsnorm(x + residual)``; with ``residual`` the sum is also written into it."""
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+    quantize: Quantize | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """``weight * rmsnorm(x + residual)``; with ``residual`` the sum is also written into it. With
+    ``quantize``, the rows ``(q, scale)`` of the result instead (``x`` is 2-D then)."""
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    out = torch.empty(x2.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
     rows, cols = x2.shape
-    if rows == 0:
-        return out.view(x.shape)
+    if quantize is None:
+        out = torch.empty(x2.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+        scale, qmax, min_scale = out, 0.0, 0.0
+    else:
+        out, scale, interpreted = _quantized_outputs(rows, cols, quantize, x.device)
+        qmax, min_scale = torch.finfo(quantize.dtype).max, quantize.min_scale
     r2 = x2 if residual is None else residual.view(-1, cols)
     block = _pow2(cols)
-    _rms_norm_kernel[(rows,)](
-        x2,
-        r2,
-        weight,
-        out,
-        x2.stride(0),
-        r2.stride(0),
-        out.stride(0),
-        cols,
-        eps,
-        HAS_RESIDUAL=residual is not None,
-        BLOCK=block,
-        num_warps=_row_warps(block),
-    )
-    return out.view(x.shape)
+    if rows:
+        _rms_norm_kernel[(rows,)](
+            x2,
+            r2,
+            weight,
+            out,
+            scale,
+            x2.stride(0),
+            r2.stride(0),
+            out.stride(0),
+            cols,
+            eps,
+            qmax,
+            min_scale,
+            HAS_RESIDUAL=residual is not None,
+            QUANTIZE=quantize is not None,
+            BLOCK=block,
+            num_warps=_row_warps(block),
+        )
+    if quantize is None:
+        return out.view(x.shape)
+    return (out.to(quantize.dtype) if interpreted else out), scale
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """``[T, 2I]`` → ``[T, I]``: ``silu(x[:, :I]) * x[:, I:]``."""
+def silu_and_mul(
+    x: torch.Tensor, quantize: Quantize | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """``[T, 2I]`` → ``[T, I]``: ``silu(x[:, :I]) * x[:, I:]``; with ``quantize``, its rows ``(q, scale)``."""
     if x.stride(-1) != 1:
         x = x.contiguous()
     rows, cols = x.shape[0], x.shape[1] // 2
+    if quantize is not None:
+        return _run_quantizing(_silu_and_mul_quantized_kernel, x, rows, cols, quantize)
     out = torch.empty((rows, cols), dtype=x.dtype, device=x.device)
     if rows == 0:
         return out
@@ -223,30 +291,30 @@ def rotary_(
     )
 
 
-def quantize_rows(x: torch.Tensor, dtype: torch.dtype, min_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[M, K]`` → float8 ``[M, K]`` and float32 scales ``[M, 1]``, one pass over ``x``."""
+def quantize_rows(x: torch.Tensor, quantize: Quantize) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[M, K]`` → ``(q [M, K], scale [M, 1])``, one pass over ``x``."""
     if x.stride(-1) != 1:
         x = x.contiguous()
-    rows, cols = x.shape
-    # Triton 3.6's interpreter rounds float32 -> float8 without carrying into the exponent (a value
-    # that rounds up to a power of two comes out halved); there the kernel writes float32 and
-    # PyTorch rounds. Compiled kernels round with the hardware's cvt.rn.satfinite.
-    interpreted = not x.is_cuda
-    q = torch.empty((rows, cols), dtype=torch.float32 if interpreted else dtype, device=x.device)
-    scale = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
-    if rows == 0:
-        return q.to(dtype), scale
+    return _run_quantizing(_quantize_rows_kernel, x, x.shape[0], x.shape[1], quantize)
+
+
+def _run_quantizing(
+    kernel: object, x: torch.Tensor, rows: int, cols: int, quantize: Quantize
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One program per row of ``x`` writing ``cols`` quantized values and the row's scale."""
+    q, scale, interpreted = _quantized_outputs(rows, cols, quantize, x.device)
     block = _pow2(cols)
-    _quantize_rows_kernel[(rows,)](
-        x,
-        q,
-        scale,
-        x.stride(0),
-        q.stride(0),
-        cols,
-        torch.finfo(dtype).max,
-        min_scale,
-        BLOCK=block,
-        num_warps=_row_warps(block),
-    )
-    return (q.to(dtype) if interpreted else q), scale
+    if rows:
+        kernel[(rows,)](  # type: ignore[index]
+            x,
+            q,
+            scale,
+            x.stride(0),
+            q.stride(0),
+            cols,
+            torch.finfo(quantize.dtype).max,
+            quantize.min_scale,
+            BLOCK=block,
+            num_warps=_row_warps(block),
+        )
+    return (q.to(quantize.dtype) if interpreted else q), scale

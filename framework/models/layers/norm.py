@@ -2,12 +2,14 @@
 
 ``norm(x, residual)`` first adds ``x`` to the residual stream (rounded to the activation dtype, as
 the reference does) and returns ``(normed, new_residual)``; on CUDA both happen in one fused kernel.
+With ``quantize_output`` (set when the next layer is a float8 linear), ``normed`` is :class:`Fp8Rows`.
 """
 
 from __future__ import annotations
 
 import torch
 from pagedserve.models.layers import fused
+from pagedserve.models.layers.quantization import FP8_ROWS, Fp8Rows, quantize
 from torch import nn
 
 
@@ -16,17 +18,24 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(size), requires_grad=False)
+        self.quantize_output = False
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    ) -> torch.Tensor | Fp8Rows | tuple[torch.Tensor | Fp8Rows, torch.Tensor]:
         if fused.enabled(x):
-            out = fused.rms_norm(x, self.weight, self.eps, residual)  # updates residual in place
+            if self.quantize_output:
+                q, scale = fused.rms_norm(x, self.weight, self.eps, residual, FP8_ROWS)
+                out: torch.Tensor | Fp8Rows = Fp8Rows(q, scale, x.dtype)
+            else:
+                out = fused.rms_norm(x, self.weight, self.eps, residual)  # updates residual in place
             return out if residual is None else (out, residual)
-        if residual is None:
-            return self._norm(x)
-        residual = x + residual
-        return self._norm(residual), residual
+        if residual is not None:
+            x = residual = x + residual
+        out = self._norm(x)
+        if self.quantize_output:
+            out = quantize(out)
+        return out if residual is None else (out, residual)
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
