@@ -273,3 +273,22 @@ def test_vllm_sample_client_flow(llm_server: ServerProcess) -> None:
 
     texts = asyncio.run(run())
     assert all(texts.values())
+
+
+def test_float8_weights_and_cache_serve_through_the_server() -> None:
+    """``engine.quantization=fp8 cache.dtype=fp8`` reach the engine's own process, which answers a
+    greedy request to its full length."""
+    server = start_server(
+        f"model={MODEL}", "engine.quantization=fp8", "cache.dtype=fp8", "cache.num_blocks=64"
+    )
+    try:
+        with server.client() as client:
+            sampling = {"temperature": 0, "max_tokens": 12, "ignore_eos": True}
+            result = client.infer(
+                MODEL, llm_inputs(sampling=sampling, exclude=True, return_num_output_tokens=True)
+            )
+            assert result.as_numpy("num_output_tokens").tolist() == [12]
+            assert text(result)
+        assert "fp8 linear weights" in server.output and "float8_e4m3fn" in server.output
+    finally:
+        server.stop()

@@ -33,6 +33,7 @@ Steps (``--bench-extra`` is appended to every ``bench`` command):
 * ``decode_bench``: the paged decode (and prefill) kernel beside SDPA (``device_check.py``).
 * ``fp8_decode``: the decode kernel on bf16 vs float8 caches, with a launch-parameter sweep.
 * ``overlap``: one layer's matmuls and decode attention, sequential vs on two streams.
+* ``prefill_sweep``: prefill launch parameters swept on the workload's prompt mix, bf16 and float8 caches.
 * ``decode_gemm``: one layer's linears at decode and prefill batch sizes (cuBLAS, cuBLASLt, float8
   weights) beside their roofline.
 """
@@ -95,6 +96,11 @@ def steps(
         "overlap": (
             f"{here} plugins/triton_attention/overlap_check.py --out {shlex.quote(str(out / 'overlap'))}",
             180,
+        ),
+        "prefill_sweep": (
+            f"{here} plugins/triton_attention/prefill_sweep_check.py "
+            f"--out {shlex.quote(str(out / 'prefill_sweep'))}",
+            300,
         ),
         "decode_gemm": (
             f"{here} plugins/triton_attention/decode_gemm_check.py --out {shlex.quote(str(out / 'gemm'))}",
