@@ -118,3 +118,15 @@ def test_fp8_weights_greedy_tokens_track_full_precision(checkpoint, mode):
     # steps pick what the prefill of the same tokens picks
     assert _next_tokens(llm, prompts, generated) == [token for tokens in generated for token in tokens]
     assert_pool_free(llm.engine.block_manager)
+
+
+def test_fp8_needs_a_gpu_with_float8_matmuls(monkeypatch):
+    from pagedserve.engine import model_setup
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
+    with pytest.raises(ValueError, match=r"compute capability 8.9 or newer\); NVIDIA A100 has 8.0"):
+        model_setup.check_fp8_matmuls(torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    model_setup.check_fp8_matmuls(torch.device("cuda", 0))  # Hopper: fine
+    model_setup.check_fp8_matmuls(torch.device("cpu"))

@@ -86,10 +86,24 @@ def build_model(config: EngineConfig, architectures: Mapping[str, type[ModelArch
     else:
         load_weights(model, source.directory)
     if config.quantization == "fp8":
+        check_fp8_matmuls(device)
         model.quantize_fp8_()
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the bf16 weights' blocks, so the KV cache can take them
     return ModelSetup(model.eval(), arch, source.directory, device, dtype, kv_cache_dtype, max_model_len)
+
+
+def check_fp8_matmuls(device: torch.device) -> None:
+    """``quantization=fp8`` multiplies float8 operands: CPUs do it in software, GPUs need sm_89+."""
+    if device.type != "cuda":
+        return
+    capability = torch.cuda.get_device_capability(device)
+    if capability < (8, 9):
+        name = torch.cuda.get_device_name(device)
+        raise ValueError(
+            f"quantization=fp8 needs float8 matmuls (compute capability 8.9 or newer); {name} has "
+            f"{capability[0]}.{capability[1]}: leave engine.quantization unset on this GPU"
+        )
 
 
 def _instantiate(

@@ -97,7 +97,7 @@ class DecoderLayer(nn.Module):
         attn, mlp = self.self_attn, self.mlp
         for linear in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
             linear.quantize_fp8_()
-        for producer in (self.input_layernorm, self.post_attention_layernorm, self.mlp.act):
+        for producer in (self.input_layernorm, self.post_attention_layernorm, mlp.act):
             producer.quantize_output = True
 
 

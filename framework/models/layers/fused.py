@@ -214,7 +214,7 @@ def rms_norm(
     rows, cols = x2.shape
     if quantize is None:
         out = torch.empty(x2.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
-        scale, qmax, min_scale = out, 0.0, 0.0
+        scale, qmax, min_scale = out, 0.0, 0.0  # unused without QUANTIZE
     else:
         out, scale, interpreted = _quantized_outputs(rows, cols, quantize, x.device)
         qmax, min_scale = torch.finfo(quantize.dtype).max, quantize.min_scale
