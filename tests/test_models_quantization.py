@@ -18,7 +18,7 @@ from pagedserve.engine.llm import LLM
 from pagedserve.engine.sampling_params import SamplingParams
 from pagedserve.models.layers.embedding import VocabParallelEmbedding
 from pagedserve.models.layers.linear import ParallelLinear
-from pagedserve.models.layers.quantization import FP8, FP8_MAX, fp8_linear, quantize_rows
+from pagedserve.models.layers.quantization import FP8, FP8_MAX, Fp8Rows, fp8_linear, quantize_rows
 
 from .engine_helpers import assert_pool_free, build_hf_checkpoint, engine_config, gpu, random_prompts
 
@@ -107,6 +107,15 @@ def test_fp8_weights_greedy_tokens_track_full_precision(checkpoint, mode):
     linears = [m for m in model.modules() if isinstance(m, ParallelLinear)]
     assert len(linears) == 4 * 2 and all(m.weight.dtype == FP8 for m in linears)  # 2 layers
     assert all(m.weight.dtype != FP8 for m in model.modules() if isinstance(m, VocabParallelEmbedding))
+    # what feeds only linears writes float8 rows itself (in the fused kernels on CUDA); the final norm,
+    # which feeds the LM head, does not
+    layer, weight = model.model.layers[0], model.model.norm.weight
+    hidden = torch.randn(3, weight.shape[0], dtype=weight.dtype, device=weight.device)
+    gate_up = torch.randn(3, layer.mlp.gate_up_proj.weight.shape[0], dtype=weight.dtype, device=weight.device)
+    assert isinstance(layer.input_layernorm(hidden), Fp8Rows)
+    assert isinstance(layer.post_attention_layernorm(hidden, hidden.clone())[0], Fp8Rows)
+    assert isinstance(layer.mlp.act(gate_up), Fp8Rows)
+    assert isinstance(model.model.norm(hidden, hidden.clone())[0], torch.Tensor)
     generated = [o.outputs[0].token_ids for o in llm.generate(prompts, _greedy(MAX_NEW))]
     assert [len(tokens) for tokens in generated] == [MAX_NEW] * len(prompts)
 

@@ -92,12 +92,10 @@ class DecoderLayer(nn.Module):
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
-    def quantize_fp8_(self) -> None:
-        """Float8 linears; the two norms and SiLU·mul, which feed only them, write float8 rows."""
-        attn, mlp = self.self_attn, self.mlp
-        for linear in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
-            linear.quantize_fp8_()
-        for producer in (self.input_layernorm, self.post_attention_layernorm, mlp.act):
+    def write_fp8_rows_(self) -> None:
+        """Once the linears are float8: the two norms and SiLU·mul, which feed only linears, write
+        float8 rows themselves."""
+        for producer in (self.input_layernorm, self.post_attention_layernorm, self.mlp.act):
             producer.quantize_output = True
 
 
@@ -143,8 +141,9 @@ class LlamaForCausalLM(ModelArchitecture):
         return self.lm_head(hidden)
 
     def quantize_fp8_(self) -> None:
+        super().quantize_fp8_()  # every linear; the embedding and the LM head keep the model dtype
         for layer in self.model.layers:
-            layer.quantize_fp8_()  # the embedding and the LM head keep the model dtype
+            layer.write_fp8_rows_()
 
 
 class Qwen2ForCausalLM(LlamaForCausalLM):
