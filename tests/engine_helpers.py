@@ -10,6 +10,7 @@ import torch
 from pagedserve.engine.block_manager import BlockManager
 from pagedserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from pagedserve.engine.outputs import Sample
+from pagedserve.engine.sampling_params import SamplingParams
 from pagedserve.engine.scheduler import ScheduledBatch, Scheduler
 from pagedserve.engine.sequence import Sequence
 
@@ -18,6 +19,14 @@ from pagedserve.engine.sequence import Sequence
 HAS_CUDA = torch.cuda.is_available()
 gpu = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")]
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=gpu)]
+# Engine placements for tests of a whole engine: decode CUDA graphs run with the Triton kernels.
+ENGINE_MODES = [
+    pytest.param({"device": "cpu"}, id="cpu"),
+    pytest.param({"device": "cuda", "kernel": "triton"}, id="cuda-triton", marks=gpu),
+    pytest.param({"device": "cuda", "kernel": "torch"}, id="cuda-torch", marks=gpu),
+]
+# head_dim 32: on a GPU, kernel=auto takes the Triton kernels for it
+D32_DIMS = dict(hidden_size=128, num_attention_heads=4, head_dim=32)
 TINY_DIMS = dict(
     hidden_size=64,
     intermediate_size=96,
@@ -144,3 +153,24 @@ def run_to_completion(scheduler: Scheduler, runner: FakeRunner, max_steps: int =
 
 def assert_pool_free(pool: BlockManager) -> None:
     assert pool.is_all_free(), f"leaked blocks: {[b for b in pool.blocks if b.ref_count]}"
+
+
+def greedy(max_tokens: int) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+
+
+def next_tokens(llm, prompts: list[list[int]], histories: list[list[int]]) -> list[int]:  # noqa: ANN001
+    """The token ``llm`` (an ``LLM``) picks after each prompt followed by each prefix of its history."""
+    forced = [
+        prompt + history[:j]
+        for prompt, history in zip(prompts, histories, strict=True)
+        for j in range(len(history))
+    ]
+    return [o.outputs[0].token_ids[0] for o in llm.generate(forced, greedy(1))]
+
+
+def teacher_forced_agreement(llm, prompts: list[list[int]], expected: list[list[int]]) -> float:  # noqa: ANN001
+    """Share of positions where ``llm`` picks the reference's next token after the reference's history."""
+    wanted = [token for tokens in expected for token in tokens]
+    picked = next_tokens(llm, prompts, expected)
+    return sum(a == b for a, b in zip(picked, wanted, strict=True)) / len(wanted)

@@ -19,38 +19,26 @@ import psutil
 import pytest
 import torch
 from pagedserve.engine.llm import LLM
-from pagedserve.engine.sampling_params import SamplingParams
 
-from .engine_helpers import assert_pool_free, build_hf_checkpoint, engine_config, gpu, random_prompts
+from .engine_helpers import (
+    D32_DIMS,
+    ENGINE_MODES,
+    assert_pool_free,
+    build_hf_checkpoint,
+    engine_config,
+    greedy,
+    next_tokens,
+    random_prompts,
+    teacher_forced_agreement,
+)
 
-# head_dim 32: on a GPU, kernel=auto takes the Triton kernels for it
-D32 = dict(hidden_size=128, num_attention_heads=4, head_dim=32)
 MAX_NEW = 32
-MODES = [
-    pytest.param({"device": "cpu"}, id="cpu"),
-    pytest.param({"device": "cuda", "kernel": "triton"}, id="cuda-triton", marks=gpu),  # decode CUDA graphs
-    pytest.param({"device": "cuda", "kernel": "torch"}, id="cuda-torch", marks=gpu),
-]
 FORCED_AGREEMENT = {"fp8": 0.8, "fp8_e5m2": 0.7}  # measured 0.88-0.92 and 0.78-0.84 (docstring)
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    return build_hf_checkpoint(tmp_path_factory.mktemp("llama-d32"), "llama", seed=3, **D32)
-
-
-def _greedy(max_tokens: int) -> SamplingParams:
-    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-
-
-def _next_tokens(llm: LLM, prompts: list[list[int]], histories: list[list[int]]) -> list[int]:
-    """The token ``llm`` picks after each prompt followed by each prefix of its history."""
-    forced = [
-        prompt + history[:j]
-        for prompt, history in zip(prompts, histories, strict=True)
-        for j in range(len(history))
-    ]
-    return [o.outputs[0].token_ids[0] for o in llm.generate(forced, _greedy(1))]
+    return build_hf_checkpoint(tmp_path_factory.mktemp("llama-d32"), "llama", seed=3, **D32_DIMS)
 
 
 @pytest.mark.parametrize(
@@ -73,28 +61,26 @@ def test_fp8_pool_holds_twice_the_blocks_of_bfloat16(checkpoint, monkeypatch, ca
     assert f"KV blocks of 16 tokens in {element}" in caplog.text
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", ENGINE_MODES)
 @pytest.mark.parametrize("cache_dtype", ["fp8", "fp8_e5m2"])
 def test_fp8_cache_greedy_tokens_track_the_full_precision_cache(checkpoint, mode, cache_dtype):
     prompts = random_prompts([1 + (13 * i) % 60 for i in range(16)], 320, seed=1)
     reference = LLM(engine_config(checkpoint, **mode))
-    expected = [o.outputs[0].token_ids for o in reference.generate(prompts, _greedy(MAX_NEW))]
+    expected = [o.outputs[0].token_ids for o in reference.generate(prompts, greedy(MAX_NEW))]
     llm = LLM(engine_config(checkpoint, cache_dtype=cache_dtype, **mode))
     assert llm.engine.runner.k_caches.element_size() == 1
-    generated = [o.outputs[0].token_ids for o in llm.generate(prompts, _greedy(MAX_NEW))]
+    generated = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy(MAX_NEW))]
     assert [len(tokens) for tokens in generated] == [MAX_NEW] * len(prompts)
     assert_pool_free(llm.engine.block_manager)
 
-    wanted = [token for tokens in expected for token in tokens]
-    picked = _next_tokens(llm, prompts, expected)
-    agreement = sum(a == b for a, b in zip(picked, wanted, strict=True)) / len(wanted)
+    agreement = teacher_forced_agreement(llm, prompts, expected)
     assert agreement >= FORCED_AGREEMENT[cache_dtype], f"teacher-forced agreement {agreement:.3f}"
     # its own decode steps (float8 read by the decode path) pick what its prefill picks after them
-    assert _next_tokens(llm, prompts, generated) == [token for tokens in generated for token in tokens]
+    assert next_tokens(llm, prompts, generated) == [token for tokens in generated for token in tokens]
     assert_pool_free(llm.engine.block_manager)
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", ENGINE_MODES)
 @pytest.mark.parametrize("cache_dtype", ["auto", "fp8"])
 def test_forked_sequences_copy_their_shared_partial_block_intact(checkpoint, monkeypatch, mode, cache_dtype):
     # n > 1 forks a prompt whose last block is partly filled; the first child to write there copies it
@@ -106,11 +92,11 @@ def test_forked_sequences_copy_their_shared_partial_block_intact(checkpoint, mon
     monkeypatch.setattr(
         llm.engine.runner, "copy_blocks", lambda pairs: copy_blocks(copies.extend(pairs) or pairs)
     )
-    forked = llm.generate(prompts, dataclasses.replace(_greedy(MAX_NEW), n=3))
+    forked = llm.generate(prompts, dataclasses.replace(greedy(MAX_NEW), n=3))
     assert len(copies) >= 4, copies  # two of each prompt's three children copied the shared block
     children = [c.token_ids for out in forked for c in out.outputs]
     assert all(len(tokens) == MAX_NEW for tokens in children)
     # every child's decode steps pick what the same engine's prefill picks after them (no fork there)
     parents = [prompt for prompt in prompts for _ in range(3)]
-    assert _next_tokens(llm, parents, children) == [token for tokens in children for token in tokens]
+    assert next_tokens(llm, parents, children) == [token for tokens in children for token in tokens]
     assert_pool_free(llm.engine.block_manager)

@@ -15,27 +15,30 @@ from __future__ import annotations
 import pytest
 import torch
 from pagedserve.engine.llm import LLM
-from pagedserve.engine.sampling_params import SamplingParams
 from pagedserve.models.layers.embedding import VocabParallelEmbedding
 from pagedserve.models.layers.linear import ParallelLinear
 from pagedserve.models.layers.quantization import FP8, FP8_MAX, Fp8Rows, fp8_linear, quantize_rows
 
-from .engine_helpers import assert_pool_free, build_hf_checkpoint, engine_config, gpu, random_prompts
+from .engine_helpers import (
+    D32_DIMS,
+    DEVICES,
+    ENGINE_MODES,
+    assert_pool_free,
+    build_hf_checkpoint,
+    engine_config,
+    greedy,
+    next_tokens,
+    random_prompts,
+    teacher_forced_agreement,
+)
 
-D32 = dict(hidden_size=128, num_attention_heads=4, head_dim=32)
 MAX_NEW = 32
-MODES = [
-    pytest.param({"device": "cpu"}, id="cpu"),
-    pytest.param({"device": "cuda", "kernel": "triton"}, id="cuda-triton", marks=gpu),
-    pytest.param({"device": "cuda", "kernel": "torch"}, id="cuda-torch", marks=gpu),
-]
-DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=gpu)]
 FORCED_AGREEMENT = 0.65  # measured 0.74-0.82 (docstring)
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    return build_hf_checkpoint(tmp_path_factory.mktemp("llama-d32"), "llama", seed=3, **D32)
+    return build_hf_checkpoint(tmp_path_factory.mktemp("llama-d32"), "llama", seed=3, **D32_DIMS)
 
 
 def _rows(m: int, k: int, seed: int, device: str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -88,20 +91,11 @@ def test_fp8_linear_stays_close_to_full_precision(device):
     assert error.max() < 0.06, error.max()  # two e4m3 roundings; ~0.03 measured
 
 
-def _greedy(max_tokens: int) -> SamplingParams:
-    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-
-
-def _next_tokens(llm: LLM, prompts: list[list[int]], histories: list[list[int]]) -> list[int]:
-    forced = [p + h[:j] for p, h in zip(prompts, histories, strict=True) for j in range(len(h))]
-    return [o.outputs[0].token_ids[0] for o in llm.generate(forced, _greedy(1))]
-
-
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", ENGINE_MODES)
 def test_fp8_weights_greedy_tokens_track_full_precision(checkpoint, mode):
     prompts = random_prompts([1 + (13 * i) % 60 for i in range(16)], 320, seed=1)
     reference = LLM(engine_config(checkpoint, **mode))
-    expected = [o.outputs[0].token_ids for o in reference.generate(prompts, _greedy(MAX_NEW))]
+    expected = [o.outputs[0].token_ids for o in reference.generate(prompts, greedy(MAX_NEW))]
     llm = LLM(engine_config(checkpoint, quantization="fp8", **mode))
     model = llm.engine.runner.model
     linears = [m for m in model.modules() if isinstance(m, ParallelLinear)]
@@ -116,16 +110,14 @@ def test_fp8_weights_greedy_tokens_track_full_precision(checkpoint, mode):
     assert isinstance(layer.post_attention_layernorm(hidden, hidden.clone())[0], Fp8Rows)
     assert isinstance(layer.mlp.act(gate_up), Fp8Rows)
     assert isinstance(model.model.norm(hidden, hidden.clone())[0], torch.Tensor)
-    generated = [o.outputs[0].token_ids for o in llm.generate(prompts, _greedy(MAX_NEW))]
+    generated = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy(MAX_NEW))]
     assert [len(tokens) for tokens in generated] == [MAX_NEW] * len(prompts)
 
-    wanted = [token for tokens in expected for token in tokens]
-    picked = _next_tokens(llm, prompts, expected)
-    agreement = sum(a == b for a, b in zip(picked, wanted, strict=True)) / len(wanted)
+    agreement = teacher_forced_agreement(llm, prompts, expected)
     assert agreement >= FORCED_AGREEMENT, f"teacher-forced agreement {agreement:.3f}"
     # per-token activation scales: a token's result does not depend on its batch, so the decode
     # steps pick what the prefill of the same tokens picks
-    assert _next_tokens(llm, prompts, generated) == [token for tokens in generated for token in tokens]
+    assert next_tokens(llm, prompts, generated) == [token for tokens in generated for token in tokens]
     assert_pool_free(llm.engine.block_manager)
 
 
