@@ -32,6 +32,7 @@ Steps (``--bench-extra`` is appended to every ``bench`` command):
 * ``attention_tests``: only the GPU tests of the Triton kernels and the KV cache dtypes.
 * ``decode_bench``: the paged decode (and prefill) kernel beside SDPA (``device_check.py``).
 * ``fp8_decode``: the decode kernel on bf16 vs float8 caches, with a launch-parameter sweep.
+* ``decode_ncu``: Nsight Compute counters of the decode kernel on a bf16 and a float8 cache.
 * ``overlap``: one layer's matmuls and decode attention, sequential vs on two streams.
 * ``prefill_sweep``: prefill launch parameters swept on the workload's prompt mix, bf16 and float8 caches.
 * ``decode_gemm``: one layer's linears at decode and prefill batch sizes (cuBLAS, cuBLASLt, float8
@@ -92,6 +93,10 @@ def steps(
             f"{here} plugins/triton_attention/fp8_decode_check.py "
             f"--out {shlex.quote(str(out / 'fp8_decode'))}",
             240,
+        ),
+        "decode_ncu": (
+            f"{here} plugins/triton_attention/decode_ncu_check.py --out {shlex.quote(str(out / 'ncu'))}",
+            120,
         ),
         "overlap": (
             f"{here} plugins/triton_attention/overlap_check.py --out {shlex.quote(str(out / 'overlap'))}",
