@@ -36,7 +36,6 @@ STALLS = "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\\.ratio"
 
 
 def child(dtype: str) -> None:
-    sys.path.insert(0, str(Path(__file__).parent))
     from device_check import Case, ensure_importable
 
     ensure_importable()
@@ -73,6 +72,7 @@ def main() -> int:
     ap.add_argument("--out", default="device_out")
     ap.add_argument("--child", choices=("bf16", "fp8"))
     args = ap.parse_args()
+    sys.path.insert(0, str(Path(__file__).parent))  # device_check, the other device scripts' helpers
     if args.child:
         child(args.child)
         return 0
@@ -80,10 +80,9 @@ def main() -> int:
     lines = [f"decode_partition_kernel, batch {BATCH} x context {CONTEXT}, block 16", "",
              "| counter | bf16 cache | float8 cache |", "|---|---:|---:|"]  # fmt: skip
     lines += [f"| {name} | {bf16.get(name, '-')} | {fp8.get(name, '-')} |" for name in bf16]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "decode_ncu.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    from device_check import write_report
+
+    write_report(Path(args.out), "decode_ncu", lines, [{"cache": "bf16", **bf16}, {"cache": "fp8", **fp8}])
     return 0
 
 

@@ -68,7 +68,8 @@ if triton is not None:
     ):
         """One row: ``s = x (+ residual)`` rounded to the input dtype (stored back to ``residual``),
         then ``weight * (s / rms(s))`` with the normalised value rounded before the weight multiply.
-        ``QUANTIZE``: the result, rounded to the input dtype, is stored quantized (``_store_row``)."""
+        ``QUANTIZE``: the result, rounded to the input dtype, is stored quantized
+        (``_store_quantized_row``)."""
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
