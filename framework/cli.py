@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -17,18 +18,27 @@ from omegaconf.errors import OmegaConfBaseException
 from pagedserve.config import BackendSettings, BenchConfig, ModelControlMode, ServeConfig, register_configs
 from pagedserve.console import console, model_table, plugin_table, setup_logging
 from pagedserve.errors import InferenceError
+from pagedserve.help import help_text
 from pagedserve.log_settings import LogController
 from pagedserve.metrics import MetricsServer
 from pagedserve.model_manager import ModelManager
 from pagedserve.plugin_manager import PluginHost, Registries, RegistryError
 from pagedserve.repository import ModelRepository
-from pagedserve.server import GrpcServer
+from pagedserve.server import BindError, GrpcServer
+from pagedserve.tls import tls_context
 from pagedserve.tracing import Tracer, TraceSettings
 
 log = logging.getLogger("pagedserve")
 
+# Exit codes (docs/architecture.md): the command line or configuration is wrong; it is valid but the
+# server could not start or a start-up model failed to load.
+EXIT_CONFIG = 2
+EXIT_FAILED = 1
+
 # Set by serve() before Hydra runs the app; Hydra's decorator leaves no other way to pass it in.
 _host: PluginHost | None = None
+# Set once Hydra has composed a configuration and calls the app: a later exit is not a config error.
+_app_started = False
 
 
 def _prepare() -> PluginHost:
@@ -41,18 +51,36 @@ def _prepare() -> PluginHost:
 
 
 def serve() -> None:
-    """Entry point. ``serve --info`` lists plugins; everything else is a Hydra command line."""
+    """Entry point. ``serve --info`` lists plugins, ``serve --help`` explains the command line;
+    everything else is a Hydra command line."""
     host = _prepare()
-    if "--info" in sys.argv[1:]:
+    args = sys.argv[1:]
+    if "--info" in args:
         console.print(plugin_table(host, host.registries()))
         return
-    _hydra_main()
+    if "--help" in args or "-h" in args:
+        print(help_text(), end="")
+        return
+    _run_hydra(_hydra_main)
+
+
+def _run_hydra(main: Any) -> None:
+    """Hydra exits 1 for a command line it cannot compose (unknown key, unknown group option); those
+    are configuration errors, which exit 2 like the values our schema refuses."""
+    global _app_started
+    _app_started = False
+    try:
+        main()
+    except SystemExit as done:
+        if done.code == 1 and not _app_started:
+            sys.exit(EXIT_CONFIG)
+        raise
 
 
 def bench() -> None:
     """The offline throughput benchmark, a Hydra app over the same config (conf/bench.yaml)."""
     _prepare()
-    _bench_main()
+    _run_hydra(_bench_main)
 
 
 def _typed(cfg: DictConfig, kind: type) -> Any:
@@ -60,13 +88,15 @@ def _typed(cfg: DictConfig, kind: type) -> Any:
         config = OmegaConf.to_object(cfg)
     except (ValueError, OmegaConfBaseException) as error:
         console.print(f"[red]invalid configuration:[/] {error}")
-        sys.exit(2)
+        sys.exit(EXIT_CONFIG)
     assert isinstance(config, kind)
     return config
 
 
 @hydra.main(version_base=None, config_path="pkg://pagedserve.conf", config_name="bench")
 def _bench_main(cfg: DictConfig) -> None:
+    global _app_started
+    _app_started = True
     from hydra.core.hydra_config import HydraConfig
     from pagedserve.benchmarks.throughput import print_rows, run_bench, save_rows
 
@@ -83,6 +113,8 @@ def _bench_main(cfg: DictConfig) -> None:
 
 @hydra.main(version_base=None, config_path="pkg://pagedserve.conf", config_name="config")
 def _hydra_main(cfg: DictConfig) -> None:
+    global _app_started
+    _app_started = True
     config = _typed(cfg, ServeConfig)
     assert _host is not None
     code = run(config, _host)
@@ -102,11 +134,15 @@ def run(config: ServeConfig, host: PluginHost) -> int:
         tracer = _tracer(config, registries)
     except RegistryError as error:
         console.print(f"[red]invalid configuration:[/] tracing.mode: {error}")
-        return 2
+        return EXIT_CONFIG
     repository = ModelRepository(config.repository_path())
     if not repository.path.is_dir():
-        console.print(f"[red]repository[/] '{repository.path}' is not a directory")
-        return 2
+        console.print(f"[red]invalid configuration:[/] repository '{repository.path}' is not a directory")
+        return EXIT_CONFIG
+    problem = _unreadable_tls_file(config)
+    if problem:
+        console.print(f"[red]invalid configuration:[/] {problem}")
+        return EXIT_CONFIG
     manager = ModelManager(
         repository,
         registries.model_backends,
@@ -114,6 +150,15 @@ def run(config: ServeConfig, host: PluginHost) -> int:
         BackendSettings.from_config(config, registries),
     )
     return asyncio.run(_serve(config, manager, tracer, logs))
+
+
+def _unreadable_tls_file(config: ServeConfig) -> str | None:
+    tls = config.server.tls
+    for key in ("cert", "key", "root_ca"):
+        path = getattr(tls, key)
+        if path and not Path(path).is_file():
+            return f"server.tls.{key}: '{path}' is not a readable file"
+    return None
 
 
 def _tracer(config: ServeConfig, registries: Registries) -> Tracer:
@@ -124,17 +169,66 @@ def _tracer(config: ServeConfig, registries: Registries) -> Tracer:
 async def _serve(config: ServeConfig, manager: ModelManager, tracer: Tracer, logs: LogController) -> int:
     loop = asyncio.get_running_loop()
     loop.set_default_executor(ThreadPoolExecutor(config.server.workers, thread_name_prefix="pagedserve"))
-    server = GrpcServer(config, manager, tracer, logs)
-    await server.start()
-    # One machine-readable line on stdout: scripts and tests read the bound port from it.
-    print(f"pagedserve: GRPCInferenceService listening on {config.server.host}:{server.port}", flush=True)
-    metrics = _start_metrics(config, manager)
+    stop = _StopSignals(loop)
     try:
-        return await _serve_until_stopped(config, manager, server)
+        if config.check:
+            return await _check(config, manager)
+        try:
+            server = GrpcServer(config, manager, tracer, logs)
+        except BindError as error:
+            console.print(f"[red]cannot start:[/] {error}")
+            return EXIT_FAILED
+        await server.start()
+        # One machine-readable line on stdout: scripts and tests read the bound port from it.
+        print(f"pagedserve: GRPCInferenceService listening on {config.server.host}:{server.port}", flush=True)
+        metrics = _start_metrics(config, manager)
+        try:
+            return await _serve_until_stopped(config, manager, server, stop)
+        finally:
+            if metrics is not None:
+                metrics.stop()
     finally:
-        if metrics is not None:
-            metrics.stop()
+        stop.remove()
         tracer.close()  # the exporter writes what it still holds
+
+
+class _StopSignals:
+    """SIGINT/SIGTERM: the first starts the drain, a second one exits at once."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.event = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._received, sig)
+
+    def _received(self, sig: signal.Signals) -> None:
+        if self.event.is_set():
+            console.print(f"{sig.name} again: exiting now, abandoning in-flight requests")
+            # The engine processes see their command pipes close and exit too.
+            os._exit(EXIT_FAILED)
+        self.event.set()
+
+    def remove(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.loop.remove_signal_handler(sig)
+
+
+async def _check(config: ServeConfig, manager: ModelManager) -> int:
+    """``check=true``: load the start-up models, print the table, exit; no port is opened."""
+    failed = await _load_startup_models(config, manager)
+    console.print(model_table(manager.index()))
+    ready = len(manager.index(ready_only=True))
+    await asyncio.get_running_loop().run_in_executor(None, manager.shutdown, 0.0)
+    if failed:
+        _report_failures(failed)
+        return EXIT_FAILED
+    print(f"pagedserve: check passed: {ready} model version(s) READY", flush=True)
+    return 0
+
+
+def _report_failures(failed: list[tuple[str, str]]) -> None:
+    for name, error in failed:
+        console.print(f"[red]failed to load '{name}':[/] {error}")
 
 
 def _start_metrics(config: ServeConfig, manager: ModelManager) -> MetricsServer | None:
@@ -142,58 +236,88 @@ def _start_metrics(config: ServeConfig, manager: ModelManager) -> MetricsServer 
     if port < 0:
         return None
     try:
-        metrics = MetricsServer(manager, host, port)
+        metrics = MetricsServer(manager, host, port, tls_context(config.server.tls))
     except OSError as error:
         # Metrics are an add-on: a taken port must not keep the inference service down.
-        log.warning("metrics: cannot listen on %s:%d (%s); serving without /metrics", host, port, error)
+        log.warning(
+            "metrics: cannot listen on %s:%d (%s); serving without /metrics (server.metrics_port)",
+            host,
+            port,
+            error.strerror or error,
+        )
         return None
     metrics.start()
     print(f"pagedserve: metrics listening on {host}:{metrics.port}", flush=True)
     return metrics
 
 
-async def _serve_until_stopped(config: ServeConfig, manager: ModelManager, server: GrpcServer) -> int:
-    loop = asyncio.get_running_loop()
+async def _serve_until_stopped(
+    config: ServeConfig, manager: ModelManager, server: GrpcServer, stop: _StopSignals
+) -> int:
     failed = await _load_startup_models(config, manager)
     console.print(model_table(manager.index()))
     if failed:
-        for name, error in failed:
-            console.print(f"[red]failed to load '{name}':[/] {error}")
-        await server.stop(0)
-        manager.shutdown()
-        return 1
+        _report_failures(failed)
+        if config.server.exit_on_error:
+            console.print(
+                "exiting: a start-up model failed to load (server.exit_on_error=false serves the rest)"
+            )
+            await server.stop(0)
+            manager.shutdown(0.0)
+            return EXIT_FAILED
     server.mark_started()
-    if config.check:
-        await server.stop(0)
-        manager.shutdown()
-        return 0
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     background = [asyncio.create_task(_refresh_health(server))]
     if config.model_control_mode == ModelControlMode.poll:
         background.append(asyncio.create_task(_poll(config, manager)))
-    await stop.wait()
-    log.info("shutting down: waiting up to %.0fs for in-flight requests", config.server.exit_timeout_s)
+    await stop.event.wait()
     for task in background:
         task.cancel()
-    await loop.run_in_executor(None, manager.shutdown, config.server.exit_timeout_s)
-    await server.stop(1.0)
+    await _drain(config, manager, server)
     return 0
 
 
-def _startup_names(config: ServeConfig, manager: ModelManager) -> tuple[list[str], bool]:
-    """The models to load, and whether the user named them (then any failure stops the start)."""
+async def _drain(config: ServeConfig, manager: ModelManager, server: GrpcServer) -> None:
+    """Refuse new work at once, let running requests finish for up to ``server.exit_timeout_s``."""
+    server.begin_drain()
+    timeout = config.server.exit_timeout_s
+    busy = [v for v in manager.ready_versions() if v.inflight]
+    if busy:
+        counts = ", ".join(f"{v.spec.name} ({v.inflight})" for v in busy)
+        log.info(
+            "shutting down: waiting up to %.0fs (server.exit_timeout_s) for in-flight requests of %s; "
+            "signal again to exit now",
+            timeout,
+            counts,
+        )
+    else:
+        log.info("shutting down: no requests in flight")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    for version in busy:
+        remaining = max(0.0, deadline - loop.time())
+        if not await loop.run_in_executor(None, version.wait_idle, remaining):
+            log.warning(
+                "shutting down: '%s' still has %d request(s) after %.0fs; cancelling them",
+                version.spec.name,
+                version.inflight,
+                timeout,
+            )
+    await server.stop(1.0)  # ends idle streams and whatever outlived the timeout
+    await loop.run_in_executor(None, manager.shutdown, 0.0)
+
+
+def _startup_names(config: ServeConfig, manager: ModelManager) -> list[str]:
+    """The models to load at start: those named, else (but in explicit mode) every autoload one."""
     named = config.startup_models()
     if named is not None:
-        return named, True
+        return named
     if config.model_control_mode == ModelControlMode.explicit:
-        return [], False
-    return manager.repository.autoload_names(), False
+        return []
+    return manager.repository.autoload_names()
 
 
 async def _load_startup_models(config: ServeConfig, manager: ModelManager) -> list[tuple[str, str]]:
-    names, explicit = _startup_names(config, manager)
+    names = _startup_names(config, manager)
     loop = asyncio.get_running_loop()
     failed: list[tuple[str, str]] = []
 
@@ -201,12 +325,11 @@ async def _load_startup_models(config: ServeConfig, manager: ModelManager) -> li
         try:
             await loop.run_in_executor(None, manager.load, name)
         except InferenceError as error:
-            if explicit:
-                failed.append((name, error.message.strip()))
+            failed.append((name, error.message.strip()))
 
     with console.status(f"loading {len(names)} model(s): {', '.join(names)}"):
         await asyncio.gather(*(load(name) for name in names))
-    return failed
+    return sorted(failed)
 
 
 async def _refresh_health(server: GrpcServer) -> None:

@@ -49,19 +49,74 @@ class ModelControlMode(Enum):
     poll = "poll"
 
 
+# Triton's restricted-protocol groups (``--grpc-restricted-protocol``), in Triton's order.
+PROTOCOL_GROUPS = [
+    "health",
+    "metadata",
+    "inference",
+    "shared-memory",
+    "model-config",
+    "model-repository",
+    "statistics",
+    "trace",
+    "logging",
+]
+
+
+@dataclass
+class RestrictedProtocol:
+    """Protocol groups a call may use only with header ``triton-grpc-protocol-<key>: <value>``."""
+
+    protocols: list[str] = field(default_factory=list)
+    """Any of :data:`PROTOCOL_GROUPS`."""
+    key: str = ""
+    value: str = ""
+
+
+@dataclass
+class TlsConfig:
+    """TLS on the gRPC and metrics ports (Triton's ``--grpc-use-ssl*`` flags); off while ``cert`` is empty."""
+
+    cert: str = ""
+    """PEM server certificate (chain)."""
+    key: str = ""
+    """PEM private key of ``cert``."""
+    root_ca: str = ""
+    """PEM root certificate(s) that client certificates must chain to (mutual TLS)."""
+    require_client_cert: bool = False
+    """Mutual TLS: refuse clients without a certificate signed by ``root_ca``."""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert)
+
+    def __post_init__(self) -> None:
+        if bool(self.cert) != bool(self.key):
+            raise ValueError("server.tls.cert and server.tls.key must be given together")
+        if self.require_client_cert and not (self.enabled and self.root_ca):
+            raise ValueError("server.tls.require_client_cert needs server.tls.cert, key and root_ca")
+        if self.root_ca and not self.enabled:
+            raise ValueError("server.tls.root_ca needs server.tls.cert and server.tls.key")
+
+
 @dataclass
 class ServerConfig:
     host: str = "0.0.0.0"
+    """Address the gRPC and metrics ports bind; the default is every interface."""
     grpc_port: int = 8001
     """0 picks a free port (printed at start)."""
-    max_message_bytes: int = 2**31 - 1
-    """Largest request/response message; Triton allows INT32_MAX."""
+    max_message_bytes: int = 64 * 2**20
+    """Largest request/response message. Triton allows INT32_MAX; a few requests that large at once
+    exhaust a small host's memory, so the default is Triton's HTTP input limit, 64 MiB."""
     name: str = "triton"
     """ServerMetadata.name; Triton's clients check for "triton"."""
     version: str = __version__
     extensions: list[str] = field(default_factory=lambda: list(EXTENSIONS))
     strict_readiness: bool = True
     """ServerReady is false while any loaded model version is not READY."""
+    exit_on_error: bool = True
+    """A model that fails to load at start fails the start (Triton's ``--exit-on-error``); false serves
+    the models that loaded and reports the others UNAVAILABLE."""
     workers: int = 16
     """Threads for blocking work (model loads, executes of direct-policy models)."""
     metrics_port: int = 8002
@@ -69,7 +124,11 @@ class ServerConfig:
     allow_client_shm: bool = False
     """Allow clients to register system/CUDA shared-memory regions (Triton's ``--allow-client-shm``)."""
     exit_timeout_s: float = 30.0
-    """How long shutdown waits for in-flight requests."""
+    """How long shutdown waits for in-flight requests (Triton's ``--exit-timeout-secs``)."""
+    restricted_protocols: list[RestrictedProtocol] = field(default_factory=list)
+    """Triton's ``--grpc-restricted-protocol``: each entry names protocol groups and the header
+    key/value their calls must carry; a group may appear in one entry only."""
+    tls: TlsConfig = field(default_factory=TlsConfig)
 
     def __post_init__(self) -> None:
         if not 0 <= self.grpc_port <= 65535:
@@ -82,6 +141,32 @@ class ServerConfig:
             raise ValueError(f"server.workers must be >= 1, got {self.workers}")
         if not -1 <= self.metrics_port <= 65535:
             raise ValueError(f"server.metrics_port must be in [-1, 65535], got {self.metrics_port}")
+        if self.exit_timeout_s < 0:
+            raise ValueError(f"server.exit_timeout_s must be >= 0, got {self.exit_timeout_s}")
+        self._check_restricted_protocols()
+
+    def _check_restricted_protocols(self) -> None:
+        seen: set[str] = set()
+        for i, entry in enumerate(self.restricted_protocols):
+            key = f"server.restricted_protocols[{i}]"
+            if not entry.protocols:
+                raise ValueError(f"{key}.protocols must name at least one of {PROTOCOL_GROUPS}")
+            for protocol in entry.protocols:
+                if protocol not in PROTOCOL_GROUPS:
+                    raise ValueError(
+                        f"{key}.protocols: unknown restricted protocol '{protocol}'; one of {PROTOCOL_GROUPS}"
+                    )
+                if protocol in seen:
+                    raise ValueError(
+                        f"{key}.protocols: restricted protocol '{protocol}' can not be specified in "
+                        "multiple config groups"
+                    )
+                seen.add(protocol)
+            # gRPC metadata keys are lowercase ASCII; anything else could never match a header.
+            if not entry.key or not all(c.islower() or c.isdigit() or c in "-_." for c in entry.key):
+                raise ValueError(f"{key}.key must be non-empty lowercase letters, digits, '-', '_' or '.'")
+            if not entry.value:
+                raise ValueError(f"{key}.value must not be empty")
 
 
 TRACE_LEVELS = ["OFF", "TIMESTAMPS", "TENSORS"]

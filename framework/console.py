@@ -10,7 +10,8 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
-console = Console(stderr=True)
+# soft_wrap: a message stays one line (greppable) whatever the width; tables still fit the width.
+console = Console(stderr=True, soft_wrap=True)
 
 _STATE_STYLE = {"READY": "green", "UNAVAILABLE": "red", "LOADING": "yellow", "UNLOADING": "yellow"}
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+import ssl
 import sys
 import threading
 import time
@@ -440,10 +441,17 @@ class _QuietHandler(WSGIRequestHandler):
 class MetricsServer:
     """``GET /metrics`` on its own daemon thread (scrapes never touch the event loop)."""
 
-    def __init__(self, manager: ModelManager, host: str, port: int) -> None:
+    def __init__(
+        self, manager: ModelManager, host: str, port: int, tls: ssl.SSLContext | None = None
+    ) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(ServerCollector(manager))
         self._server = make_server(host, port, self._app, ThreadingWSGIServer, handler_class=_QuietHandler)
+        if tls is not None:
+            # The handshake runs on each connection's own thread, not in accept().
+            self._server.socket = tls.wrap_socket(
+                self._server.socket, server_side=True, do_handshake_on_connect=False
+            )
         self.port: int = self._server.server_port
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="pagedserve-metrics", daemon=True

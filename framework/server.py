@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable
@@ -21,8 +22,9 @@ from google.protobuf import json_format
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from pagedserve import protocol
+from pagedserve.call_guard import RestrictedProtocols, add_guarded_service
 from pagedserve.codec import RequestDecoder, RequestOptions, set_parameter
-from pagedserve.config import ServeConfig
+from pagedserve.config import ServeConfig, TlsConfig
 from pagedserve.datatypes import of_tensor
 from pagedserve.errors import InferenceError
 from pagedserve.inference import InferenceRequest
@@ -34,6 +36,7 @@ from pagedserve.responder import Delivery, LoopMailbox, ServerResponder
 from pagedserve.shared_memory import SharedMemoryManager
 from pagedserve.statistics import Duration
 from pagedserve.stream import StreamSession, sent
+from pagedserve.tls import server_credentials
 from pagedserve.tracing import Trace, Tracer, TraceSettings
 
 log = logging.getLogger(__name__)
@@ -66,16 +69,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             return False
         return self.manager.all_ready() if self.config.server.strict_readiness else True
 
-    async def _check_exiting(self, context: grpc.aio.ServicerContext) -> None:
-        if self.exiting:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "Server exiting")
-
     async def ServerLive(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:
-        await self._check_exiting(context)
-        return pb.ServerLiveResponse(live=self.live)
+        return pb.ServerLiveResponse(live=self.live)  # still live while draining: it is finishing work
 
     async def ServerReady(self, request: pb.ServerReadyRequest, context: Any) -> pb.ServerReadyResponse:
-        await self._check_exiting(context)
         return pb.ServerReadyResponse(ready=self.server_ready())
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
@@ -457,6 +454,10 @@ def _fill_statistics(stats: pb.ModelStatistics, loaded: LoadedVersion) -> None:
         stats.memory_usage.add(type=kind, id=0, byte_size=size)
 
 
+class BindError(OSError):
+    """The gRPC port could not be bound; the message names the address and the key to change."""
+
+
 class GrpcServer:
     """Owns the grpc.aio server and the health service's status."""
 
@@ -471,14 +472,21 @@ class GrpcServer:
         self.servicer = InferenceServicer(config, manager, tracer, logs)
         self.health = health.HealthServicer(experimental_non_blocking=True)
         limit = config.server.max_message_bytes
+        restricted = config.server.restricted_protocols
         self.server = grpc.aio.server(
             options=[
                 ("grpc.max_send_message_length", limit),
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.so_reuseport", 0),
-            ]
+            ],
+            interceptors=[RestrictedProtocols(restricted)] if restricted else None,
         )
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, self.server)
+        add_guarded_service(
+            pb_grpc.add_GRPCInferenceServiceServicer_to_server,
+            self.servicer,
+            self.server,
+            protocol.SERVICE_NAME,
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = (
             protocol.SERVICE_NAME,
@@ -486,9 +494,29 @@ class GrpcServer:
             reflection.SERVICE_NAME,
         )
         reflection.enable_server_reflection(names, self.server, pool=_reflection_pool())
-        self.port = self.server.add_insecure_port(f"{config.server.host}:{config.server.grpc_port}")
-        if self.port == 0:
-            raise RuntimeError(f"could not bind {config.server.host}:{config.server.grpc_port}")
+        self.port = self._bind(config.server.host, config.server.grpc_port, config.server.tls)
+
+    def _bind(self, host: str, port: int, tls: TlsConfig) -> int:
+        address = f"{host}:{port}"
+        # grpcio neither says why a bind failed nor keeps quiet about it: probe with a plain socket.
+        problem = _bind_problem(host, port)
+        if problem is None:
+            try:
+                if tls.enabled:
+                    bound = self.server.add_secure_port(address, server_credentials(tls))
+                else:
+                    bound = self.server.add_insecure_port(address)
+            except RuntimeError:
+                bound = 0
+            if bound:
+                return bound
+            problem = "the address could not be bound"
+        if problem.startswith("cannot resolve"):
+            raise BindError(f"server.host: cannot listen on {address} ({problem})")
+        raise BindError(
+            f"server.grpc_port: cannot listen on {address} ({problem}); "
+            "choose another port with server.grpc_port=<port> (0 picks a free one)"
+        )
 
     async def start(self) -> None:
         await self.server.start()
@@ -498,6 +526,8 @@ class GrpcServer:
         self.update_health()
 
     def update_health(self) -> None:
+        if self.servicer.exiting:
+            return  # begin_drain set NOT_SERVING for good
         status = (
             health_pb2.HealthCheckResponse.SERVING
             if self.servicer.server_ready()
@@ -506,11 +536,34 @@ class GrpcServer:
         self.health.set("", status)
         self.health.set(protocol.SERVICE_NAME, status)
 
-    async def stop(self, grace: float) -> None:
+    def begin_drain(self) -> None:
+        """Shutdown starts: health NOT_SERVING and ServerReady false at once, new inference
+        UNAVAILABLE; requests already running go on."""
         self.servicer.exiting = True
         self.health.enter_graceful_shutdown()
+
+    async def stop(self, grace: float) -> None:
+        self.begin_drain()
         await self.server.stop(grace)
         self.servicer.shm.close()
+
+
+def _bind_problem(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be bound (as grpcio binds it: address reuse on), or None."""
+    if port == 0:
+        return None
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as error:
+        return f"cannot resolve the host: {error.strerror}"
+    for family, kind, proto, _, sockaddr in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(sockaddr)
+            except OSError as error:
+                return error.strerror or str(error)
+    return None
 
 
 def _reflection_pool() -> Any:
@@ -527,4 +580,4 @@ def _reflection_pool() -> Any:
     return pool
 
 
-__all__ = ["GrpcServer", "InferenceServicer", "json_format", "set_parameter"]
+__all__ = ["BindError", "GrpcServer", "InferenceServicer", "json_format", "set_parameter"]

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from pagedserve.backend import ModelSpec
+from pagedserve.call_guard import Malformed
 from pagedserve.codec import RequestOptions
 from pagedserve.errors import InferenceError
 from pagedserve.protocol import grpc_service_pb2 as pb
@@ -51,7 +52,7 @@ class StreamSession:
         self.unsent_traces: dict[int, Trace] = {}
         """Traces of finished requests by ``id()`` of their last stream message, until it is written."""
 
-    async def read(self, request_iterator: AsyncIterator[pb.ModelInferRequest]) -> None:
+    async def read(self, request_iterator: AsyncIterator[pb.ModelInferRequest | Malformed]) -> None:
         try:
             async for message in request_iterator:
                 self.start(message)
@@ -59,7 +60,10 @@ class StreamSession:
             self.reading = False
             self._maybe_end()
 
-    def start(self, message: pb.ModelInferRequest) -> None:
+    def start(self, message: pb.ModelInferRequest | Malformed) -> None:
+        malformed = message if isinstance(message, Malformed) else None
+        if malformed is not None:
+            message = pb.ModelInferRequest()  # answered in-band, in order, and the stream goes on
         spec = self.spec_of(message.model_name)
         slot: list[pb.ModelStreamInferResponse | None] | None = None
         if spec is None or not spec.decoupled:
@@ -72,6 +76,8 @@ class StreamSession:
             self._deliver(message, state, slot, delivery)
 
         try:
+            if malformed is not None:
+                raise InferenceError(malformed.message)
             responder, options = self.start_request(message, deliver)
         except InferenceError as error:
             deliver(Delivery(None, error, True))
