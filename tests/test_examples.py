@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 from pagedserve.backend import LoadContext, Model, ModelSpec
@@ -82,10 +83,12 @@ def test_simple_string_works_on_decimal_strings() -> None:
     assert isinstance(outputs["OUTPUT0"][0, 0], bytes)
 
 
-def test_simple_string_rejects_non_numbers() -> None:
-    a = np.array([[b"x"] * 16], dtype=np.object_)
+@pytest.mark.parametrize("value", [b"x", b"99999999999999999999", b"-99999999999999999999", b"\xff\xfe"])
+def test_simple_string_rejects_non_numbers(value: bytes) -> None:
+    a = np.array([[value] * 16], dtype=np.object_)
     error = run("simple_string", {"INPUT0": a, "INPUT1": a}, ["OUTPUT0"]).final().error
     assert error is not None and "decimal integer" in error.message
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT  # the client's mistake, not INTERNAL
 
 
 def test_simple_identity_keeps_binary_data() -> None:

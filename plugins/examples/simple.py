@@ -39,8 +39,10 @@ class StringAddSubModel:
 def _integers(array: np.ndarray, name: str) -> np.ndarray:
     try:
         return np.vectorize(lambda item: int(item), otypes=[np.int64])(array)
-    except ValueError as error:
-        raise InferenceError(f"input '{name}' must hold decimal integer strings: {error}") from None
+    except (ValueError, OverflowError) as error:  # not a number, or beyond int64
+        raise InferenceError(
+            f"input '{name}' must hold decimal integer strings within int64: {error}"
+        ) from None
 
 
 def _strings(array: np.ndarray) -> np.ndarray:
