@@ -26,6 +26,14 @@ _SHM_DISABLED = (
 )
 
 
+class ShmInput(Protocol):
+    """Where one input's bytes come from instead of the request message."""
+
+    byte_size: int
+
+    def read(self) -> bytes: ...
+
+
 class ShmOutput(Protocol):
     """Where one output's bytes go instead of ``raw_output_contents``."""
 
@@ -34,9 +42,9 @@ class ShmOutput(Protocol):
 
 class ShmAccess(Protocol):
     """One request's view of the registered shared-memory regions (see ``shared_memory.RegionLease``);
-    lookups raise InferenceError with Triton's messages."""
+    lookups check the region and range, raising InferenceError with Triton's messages."""
 
-    def read(self, name: str, offset: int, byte_size: int) -> bytes: ...
+    def input(self, name: str, offset: int, byte_size: int) -> ShmInput: ...
 
     def output(self, output: str, name: str, offset: int, byte_size: int) -> ShmOutput: ...
 
@@ -241,7 +249,9 @@ class RequestDecoder:
                     f"unexpected 'content' provided when using shared memory for input tensor "
                     f"'{tensor.name}' for model '{name}'"
                 )
-            return _shm_access(shm).read(*placement), raw_index
+            source = _shm_access(shm).input(*placement)
+            self._check_shm_size(tensor, source.byte_size)
+            return source.read(), raw_index
         if has_contents:
             if request.raw_input_contents:
                 raise InferenceError(
@@ -256,6 +266,17 @@ class RequestDecoder:
         raise InferenceError(
             f"unable to find data for input tensor '{tensor.name}' for model '{name}' in request."
         )
+
+    def _check_shm_size(self, tensor: pb.ModelInferRequest.InferInputTensor, byte_size: int) -> None:
+        """Refuse a wrong byte size before copying: the range may be far larger than the tensor."""
+        if tensor.datatype == "BYTES":
+            return  # variable-sized elements; _to_array counts them after the copy
+        expected = math.prod(tensor.shape) * datatypes.element_size(tensor.datatype)
+        if byte_size != expected:
+            raise InferenceError(
+                f"input byte size mismatch for input '{tensor.name}' for model '{self.spec.name}'. "
+                f"Expected {expected}, got {byte_size}"
+            )
 
     def _typed_contents(self, tensor: pb.ModelInferRequest.InferInputTensor) -> list[object]:
         field_for = {

@@ -123,6 +123,9 @@ class ServerConfig:
     """Prometheus ``/metrics`` port; 0 picks a free port (printed at start), -1 turns metrics off."""
     allow_client_shm: bool = False
     """Allow clients to register system/CUDA shared-memory regions (Triton's ``--allow-client-shm``)."""
+    max_shm_regions: int = 4096
+    """Most shared-memory regions (system and CUDA together) registered at once; one more is
+    RESOURCE_EXHAUSTED."""
     exit_timeout_s: float = 30.0
     """How long shutdown waits for in-flight requests (Triton's ``--exit-timeout-secs``)."""
     restricted_protocols: list[RestrictedProtocol] = field(default_factory=list)
@@ -141,6 +144,8 @@ class ServerConfig:
             raise ValueError(f"server.workers must be >= 1, got {self.workers}")
         if not -1 <= self.metrics_port <= 65535:
             raise ValueError(f"server.metrics_port must be in [-1, 65535], got {self.metrics_port}")
+        if self.max_shm_regions < 1:
+            raise ValueError(f"server.max_shm_regions must be >= 1, got {self.max_shm_regions}")
         if self.exit_timeout_s < 0:
             raise ValueError(f"server.exit_timeout_s must be >= 0, got {self.exit_timeout_s}")
         self._check_restricted_protocols()

@@ -58,7 +58,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         # One decoder per loaded version, forgotten with it (a reload makes new versions).
         self._decoders: weakref.WeakKeyDictionary[LoadedVersion, RequestDecoder] = weakref.WeakKeyDictionary()
         self._loop_mailbox: LoopMailbox | None = None
-        self.shm = SharedMemoryManager(config.server.allow_client_shm)
+        self.shm = SharedMemoryManager(config.server.allow_client_shm, config.server.max_shm_regions)
         self.tracer = tracer or Tracer(TraceSettings(config.tracing), None)
         self.logs = logs or LogController(config.logging)
 

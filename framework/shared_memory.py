@@ -2,8 +2,15 @@
 outputs to, registered by name through the SharedMemory RPCs.
 
 A request pins every region it touches with a :class:`RegionLease` until its final response, so an
-unregister that arrives meanwhile only marks the region; the last request to let go unmaps it. The
+unregister that arrives meanwhile only marks the region; the last request to let go releases it. The
 messages are Triton's. Nothing here knows about protobuf, models or the event loop.
+
+System regions are never mapped. The client owns the object and may ``ftruncate`` it at any moment;
+a mapped page past the new end raises SIGBUS on access, which kills the whole server, and checking the
+size first leaves a race with the truncate. So every access opens ``/dev/shm/<key>`` afresh and copies
+with ``pread``/``pwrite``, which past the end just come back short: the worst a client can do is fail its
+own request. Keeping no descriptor between accesses also means a registered region costs no fd (CPython's
+``mmap`` keeps a dup of one per mapping), so registrations cannot exhaust the process's fd limit.
 """
 
 from __future__ import annotations
@@ -11,7 +18,6 @@ from __future__ import annotations
 import abc
 import ctypes
 import logging
-import mmap
 import os
 import stat
 import threading
@@ -28,8 +34,16 @@ RESERVED_KEY_PREFIX = "triton_python_backend_shm_region_"
 DISABLED_MESSAGE = (
     "Client shared memory is disabled. Start the server with 'server.allow_client_shm=true' to enable."
 )
+DEFAULT_MAX_REGIONS = 4096
+"""Registered regions (system and CUDA together) a server holds at most; Triton has no limit, but each
+region is server memory that any client could otherwise grow without bound."""
 _SHM_DIR = "/dev/shm"
 _CUDA_IPC_HANDLE_SIZE = 64
+# One pread/pwrite moves at most ~2 GiB on Linux; larger copies loop in chunks of this size.
+_IO_CHUNK = 1 << 30
+# O_NONBLOCK: if something other than the registered object appears under the key (a FIFO), opening it
+# must not wait for a writer; the identity check then refuses it.
+_OPEN_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
 
 def _already_in_manager(name: str) -> InferenceError:
@@ -38,6 +52,14 @@ def _already_in_manager(name: str) -> InferenceError:
 
 def _invalid_args(name: str) -> InferenceError:
     return InferenceError(f"failed to register shared memory region '{name}': invalid args")
+
+
+def _too_many_regions(name: str, limit: int) -> InferenceError:
+    return InferenceError(
+        f"failed to register shared memory region '{name}': the server already holds the maximum of {limit} "
+        "registered shared memory regions; unregister some first",
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    )
 
 
 class Region(abc.ABC):
@@ -61,53 +83,112 @@ class Region(abc.ABC):
 
     @abc.abstractmethod
     def close(self) -> None:
-        """Unmap; called once no request holds the region."""
+        """Release what the region holds (a CUDA IPC mapping); called once no request holds it."""
 
 
 class SystemRegion(Region):
+    """A POSIX shm object, copied from and to with ``pread``/``pwrite`` (see the module docstring)."""
+
     kind = "system"
 
-    def __init__(self, name: str, key: str, offset: int, byte_size: int, mapping: mmap.mmap, start: int):
+    def __init__(
+        self, name: str, key: str, offset: int, byte_size: int, path: str, identity: tuple[int, int]
+    ) -> None:
         super().__init__(name, byte_size)
         self.key = key
         self.offset = offset
-        self._mapping = mapping
-        self._start = start  # where the registered range begins inside the page-aligned mapping
+        self._path = path
+        # (st_dev, st_ino) at registration: a later object under the same key is not this region.
+        self._identity = identity
 
     @classmethod
     def open(cls, name: str, key: str, offset: int, byte_size: int) -> SystemRegion:
-        fd = _open_shm_key(name, key)
+        path, fd = _open_shm_key(name, key)
         try:
-            size = os.fstat(fd).st_size
-            if byte_size == 0 or offset + byte_size > size:
-                raise _invalid_args(name)
-            # mmap offsets must be page aligned; map from the page holding ``offset``.
-            aligned = offset - offset % mmap.ALLOCATIONGRANULARITY
-            try:
-                mapping = mmap.mmap(fd, byte_size + offset - aligned, offset=aligned)
-            except (OSError, ValueError) as error:
-                raise InferenceError(
-                    f"failed to register shared memory region '{name}': unable to process address space "
-                    f"({error})"
-                ) from None
+            info = os.fstat(fd)
         finally:
-            os.close(fd)  # the mapping stays valid without the descriptor
-        return cls(name, key, offset, byte_size, mapping, offset - aligned)
+            os.close(fd)
+        if byte_size == 0 or offset + byte_size > info.st_size:
+            raise _invalid_args(name)
+        return cls(name, key, offset, byte_size, path, (info.st_dev, info.st_ino))
 
     def read(self, offset: int, byte_size: int) -> bytes:
-        start = self._start + offset
-        return self._mapping[start : start + byte_size]
+        position = self.offset + offset
+        chunks: list[bytes] = []
+        fd = self._reopen(os.O_RDONLY)
+        try:
+            remaining = byte_size
+            while remaining:
+                chunk = os.pread(fd, min(remaining, _IO_CHUNK), position)
+                if not chunk:  # the client truncated the object under its registered size
+                    raise self._shrunk()
+                chunks.append(chunk)
+                position += len(chunk)
+                remaining -= len(chunk)
+        except OSError as error:
+            raise self._io_error("read", error) from None
+        finally:
+            os.close(fd)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     def write(self, offset: int, data: bytes) -> None:
-        start = self._start + offset
-        self._mapping[start : start + len(data)] = data
+        position = self.offset + offset
+        fd = self._reopen(os.O_RDWR)
+        try:
+            # pwrite past the end would grow the object rather than fail; refuse a truncated region.
+            # A truncate racing with this check only makes pwrite grow it back within the registered
+            # range, which touches nothing outside the client's own object.
+            if os.fstat(fd).st_size < position + len(data):
+                raise self._shrunk()
+            view = memoryview(data).cast("B")
+            while view:
+                written = os.pwrite(fd, view[:_IO_CHUNK], position)
+                view = view[written:]
+                position += written
+        except OSError as error:
+            raise self._io_error("write", error) from None
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
-        self._mapping.close()
+        pass  # nothing is held between accesses
+
+    def _reopen(self, flags: int) -> int:
+        try:
+            fd = os.open(self._path, flags | _OPEN_FLAGS)
+        except OSError:
+            raise self._gone() from None
+        try:
+            info = os.fstat(fd)
+        except OSError:
+            os.close(fd)
+            raise self._gone() from None
+        if (info.st_dev, info.st_ino) != self._identity:
+            os.close(fd)
+            raise self._gone()
+        return fd
+
+    def _gone(self) -> InferenceError:
+        return InferenceError(
+            f"shared memory region '{self.name}' is no longer available: the object with key '{self.key}' "
+            "was removed or replaced after it was registered"
+        )
+
+    def _shrunk(self) -> InferenceError:
+        return InferenceError(
+            f"shared memory region '{self.name}' was truncated after it was registered: key '{self.key}' "
+            f"is smaller than its registered offset + byte size ({self.offset + self.byte_size} bytes)"
+        )
+
+    def _io_error(self, action: str, error: OSError) -> InferenceError:
+        return InferenceError.internal(
+            f"failed to {action} shared memory region '{self.name}': {error.strerror or error}"
+        )
 
 
-def _open_shm_key(name: str, key: str) -> int:
-    """Open ``/dev/shm/<key>`` read-write the way ``shm_open`` would, refusing anything outside it."""
+def _open_shm_key(name: str, key: str) -> tuple[str, int]:
+    """Open ``/dev/shm/<key>`` read-write the way ``shm_open`` would, refusing anything outside it;
+    returns the path and the descriptor."""
     base = key.lstrip("/")
     if not base:
         raise InferenceError(f"cannot register shared memory region '{name}' - invalid shm key '{key}'")
@@ -120,14 +201,15 @@ def _open_shm_key(name: str, key: str) -> int:
     # shm_open rejects these too; for us they would also escape /dev/shm.
     if "/" in base or "\0" in base or base in (".", ".."):
         raise unable
+    path = os.path.join(_SHM_DIR, base)
     try:
-        fd = os.open(os.path.join(_SHM_DIR, base), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDWR | _OPEN_FLAGS)
     except OSError:
         raise unable from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise unable
-    return fd
+    return path, fd
 
 
 class CudaRegion(Region):
@@ -209,6 +291,18 @@ def _cuda_call(name: str, result: tuple[Any, ...]) -> tuple[Any, ...]:
 
 
 @dataclass
+class InputSlot:
+    """One input's bytes: ``byte_size`` bytes at ``offset`` of a leased region, copied on ``read``."""
+
+    region: Region
+    offset: int
+    byte_size: int
+
+    def read(self) -> bytes:
+        return self.region.read(self.offset, self.byte_size)
+
+
+@dataclass
 class OutputSlot:
     """Where one requested output goes: ``byte_size`` bytes at ``offset`` of a leased region."""
 
@@ -219,7 +313,8 @@ class OutputSlot:
 
     def write(self, data: bytes) -> None:
         if len(data) > self.byte_size:
-            raise InferenceError.internal(
+            # Triton answers INTERNAL, but a region too small is the client's mistake, not the server's.
+            raise InferenceError(
                 f"shared memory size specified with the request for output '{self.output}' "
                 f"({self.byte_size} bytes) should be at least {len(data)} bytes to hold the results"
             )
@@ -229,8 +324,9 @@ class OutputSlot:
 class SharedMemoryManager:
     """Every registered region by name; system and CUDA regions share one namespace."""
 
-    def __init__(self, enabled: bool) -> None:
+    def __init__(self, enabled: bool, max_regions: int = DEFAULT_MAX_REGIONS) -> None:
         self.enabled = enabled
+        self.max_regions = max_regions
         self._regions: dict[str, Region] = {}
         self._lock = threading.Lock()
 
@@ -249,17 +345,25 @@ class SharedMemoryManager:
         self._add(CudaRegion.open(name, raw_handle, device_id, byte_size))
 
     def _check_new(self, name: str) -> None:
+        """Fail early, before opening anything (a CUDA handle is costly to open and close)."""
         with self._lock:
-            if name in self._regions:
-                raise _already_in_manager(name)
+            self._check_room(name)
+
+    def _check_room(self, name: str) -> None:
+        if name in self._regions:
+            raise _already_in_manager(name)
+        if len(self._regions) >= self.max_regions:
+            raise _too_many_regions(name, self.max_regions)
 
     def _add(self, region: Region) -> None:
-        with self._lock:
-            if region.name not in self._regions:
+        try:
+            with self._lock:
+                # Again: another register may have taken the name or the last slot since _check_new.
+                self._check_room(region.name)
                 self._regions[region.name] = region
-                return
-        region.close()  # lost a race with another register of the same name
-        raise _already_in_manager(region.name)
+        except InferenceError:
+            region.close()
+            raise
 
     def status(self, kind: str, name: str = "") -> list[Region]:
         """Regions of ``kind`` (all, or the one named); retiring regions still count until released."""
@@ -344,8 +448,8 @@ class RegionLease:
             raise InferenceError(f"Invalid offset + byte size for shared memory region: '{name}'")
         return region
 
-    def read(self, name: str, offset: int, byte_size: int) -> bytes:
-        return self._pin(name, offset, byte_size).read(offset, byte_size)
+    def input(self, name: str, offset: int, byte_size: int) -> InputSlot:
+        return InputSlot(self._pin(name, offset, byte_size), offset, byte_size)
 
     def output(self, output: str, name: str, offset: int, byte_size: int) -> OutputSlot:
         return OutputSlot(output, self._pin(name, offset, byte_size), offset, byte_size)

@@ -239,8 +239,9 @@ class DynamicPolicy(WorkerPolicy):
         self._default_level = self._check_default_level(config.priority_levels, config.default_priority_level)
         self._policies = [self._queue_policy(level) for level in range(1, self._levels + 1)]
         self._queues: list[deque[_QueuedRequest]] = [deque() for _ in range(self._levels)]
-        # Requests whose timeout passed under timeout_action DELAY: they run after everything else.
-        self._delayed: deque[_QueuedRequest] = deque()
+        # Per level, as Triton's: requests whose timeout passed under timeout_action DELAY. They run
+        # after that level's other requests and still count towards its max_queue_size.
+        self._delayed: list[deque[_QueuedRequest]] = [deque() for _ in range(self._levels)]
         self._with_deadline = 0
         self._start()
 
@@ -276,22 +277,24 @@ class DynamicPolicy(WorkerPolicy):
         index = self.level_of(request) - 1
         policy = self._policies[index]
         queue = self._queues[index]
-        if policy.max_size and len(queue) >= policy.max_size:
-            raise InferenceError.unavailable("Exceeds maximum queue size")
+        if policy.max_size and len(queue) + len(self._delayed[index]) >= policy.max_size:
+            raise InferenceError.unavailable(
+                f"[request id: {request.id or '<id_unknown>'}] Exceeds maximum queue size"
+            )
         entry = _QueuedRequest(request, now_ns, policy.deadline_ns(request, now_ns))
         self._with_deadline += bool(entry.deadline_ns)
         queue.append(entry)
 
     def _entries(self) -> Iterator[_QueuedRequest]:
-        for queue in self._queues:
+        for queue, delayed in zip(self._queues, self._delayed, strict=True):
             yield from queue
-        yield from self._delayed
+            yield from delayed
 
     def _expire(self, now_ns: int) -> list[tuple[InferenceRequest, InferenceError]]:
         if not self._with_deadline:
             return []
         rejected: list[tuple[InferenceRequest, InferenceError]] = []
-        for queue, policy in zip(self._queues, self._policies, strict=True):
+        for queue, delayed, policy in zip(self._queues, self._delayed, self._policies, strict=True):
             keep: deque[_QueuedRequest] = deque()
             for entry in queue:
                 if not entry.deadline_ns or entry.deadline_ns > now_ns:
@@ -300,7 +303,7 @@ class DynamicPolicy(WorkerPolicy):
                 self._with_deadline -= 1
                 entry.deadline_ns = 0
                 if policy.delay_on_timeout:
-                    self._delayed.append(entry)
+                    delayed.append(entry)
                 else:
                     rejected.append((entry.request, InferenceError.unavailable("Request timeout expired")))
             queue.clear()
@@ -318,7 +321,7 @@ class DynamicPolicy(WorkerPolicy):
         if count:
             return Take(batch=self._pop(count), rejected=rejected)
         wake = [t for t in (wait_until, self._next_deadline()) if t is not None]
-        idle = not any(self._queues) and not self._delayed
+        idle = not any(self._queues) and not any(self._delayed)
         return Take(rejected=rejected, wake_at_ns=min(wake) if wake else None, done=self._closing and idle)
 
     def _plan(self, now_ns: int) -> tuple[int, int | None]:
@@ -350,11 +353,12 @@ class DynamicPolicy(WorkerPolicy):
 
     def _pop(self, count: int) -> list[InferenceRequest]:
         batch: list[InferenceRequest] = []
-        for queue in [*self._queues, self._delayed]:
-            while queue and len(batch) < count:
-                entry = queue.popleft()
-                self._with_deadline -= bool(entry.deadline_ns)
-                batch.append(entry.request)
+        for level in zip(self._queues, self._delayed, strict=True):
+            for queue in level:
+                while queue and len(batch) < count:
+                    entry = queue.popleft()
+                    self._with_deadline -= bool(entry.deadline_ns)
+                    batch.append(entry.request)
         return batch
 
 

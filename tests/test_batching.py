@@ -316,8 +316,62 @@ def test_dynamic_max_queue_size(policies: Any) -> None:
     with pytest.raises(InferenceError) as raised:
         policy.submit(make_request("3")[0])
     assert raised.value.code == grpc.StatusCode.UNAVAILABLE
-    assert raised.value.message == "Exceeds maximum queue size"
+    assert raised.value.message == "[request id: 3] Exceeds maximum queue size"  # Triton's text
     model.gate.set()
+
+
+def _delayed_count(policy: DynamicPolicy) -> int:
+    with policy._cond:
+        return sum(len(delayed) for delayed in policy._delayed)
+
+
+def test_delayed_requests_count_towards_max_queue_size(policies: Any) -> None:
+    """A request whose timeout passed under timeout_action DELAY still waits, so it still takes its
+    place in the queue (Triton counts a level's delayed requests in its size)."""
+    model = RecordingModel()
+    spec = make_spec(
+        dynamic_batching={
+            "max_queue_delay_microseconds": 60_000_000,  # keeps the instance waiting for a fuller batch
+            "default_queue_policy": {
+                "max_queue_size": 1,
+                "default_timeout_microseconds": 1,
+                "timeout_action": "DELAY",
+            },
+        }
+    )
+    policy = policies(DynamicPolicy, model, spec)
+    policy.submit(make_request("late")[0])
+    deadline = time.monotonic() + WAIT
+    while not _delayed_count(policy):  # the waiting instance moves it once its timeout passed
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    with pytest.raises(InferenceError, match=r"^\[request id: next\] Exceeds maximum queue size$"):
+        policy.submit(make_request("next")[0])
+
+
+def test_delayed_requests_run_before_lower_priority_levels(policies: Any) -> None:
+    model = RecordingModel()
+    spec = make_spec(
+        dynamic_batching={
+            "priority_levels": 2,
+            "default_priority_level": 2,
+            "priority_queue_policy": {
+                "1": {"default_timeout_microseconds": 1, "timeout_action": "DELAY"},
+            },
+        }
+    )
+    policy = policies(DynamicPolicy, model, spec)
+    model.busy_with(policy, make_request("first")[0])
+    high, high_done = make_request("high-delayed", priority=1)
+    low, low_done = make_request("low")
+    policy.submit(low)
+    policy.submit(high)
+    submitted = time.monotonic_ns()
+    while time.monotonic_ns() <= submitted + 1_000:  # past the 1 us timeout: "high" gets delayed
+        pass
+    model.gate.set()
+    wait_all([high_done, low_done])
+    assert model.batches == [["first"], ["high-delayed", "low"]]  # a delayed request keeps its level
 
 
 def test_priority_queue_policy_overrides_the_default(policies: Any) -> None:

@@ -1,12 +1,16 @@
 """System shared memory through the stock tritonclient: the RPCs, inference with inputs and outputs in
-client regions (unary, streaming, BYTES), Triton's error texts, deferred unregister, and the switch."""
+client regions (unary, streaming, BYTES), Triton's error texts, deferred unregister, and the switch; and
+what a client cannot do to the server through its regions (truncate or replace them, exhaust fds)."""
 
 from __future__ import annotations
 
 import base64
 import os
 import queue
+import re
+import resource
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 
@@ -15,6 +19,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.utils.shared_memory as shm
+from pagedserve.shared_memory import DEFAULT_MAX_REGIONS
 from tritonclient.utils import InferenceServerException, serialize_byte_tensor
 
 from .conftest import ServerProcess, start_server
@@ -22,7 +27,9 @@ from .conftest import ServerProcess, start_server
 
 @pytest.fixture(scope="module")
 def shm_server() -> Iterator[ServerProcess]:
-    process = start_server("model=[simple,simple_identity,repeat_int32]", "server.allow_client_shm=true")
+    process = start_server(
+        "model=[simple,simple_identity,repeat_int32,identity_fp32]", "server.allow_client_shm=true"
+    )
     yield process
     process.stop()
 
@@ -274,7 +281,7 @@ def test_infer_errors(shm_client: grpcclient.InferenceServerClient, regions: Reg
         ),
         (
             {"outputs": _shm_outputs(byte_size=32)},
-            "INTERNAL",
+            "INVALID_ARGUMENT",  # Triton says INTERNAL, but the client chose the size
             "shared memory size specified with the request for output 'OUTPUT0' (32 bytes) should be at "
             "least 64 bytes to hold the results",
         ),
@@ -371,6 +378,131 @@ def test_unregister_while_in_use_is_deferred(
     while shm_client.get_system_shared_memory_status().regions and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not shm_client.get_system_shared_memory_status().regions
+
+
+# -- what a client cannot do to the server through its regions -----------------------------------
+
+FLOATS = np.arange(2048, dtype=np.float32).reshape(1, 2048)  # 8 KB
+
+
+def _resize(key: str, byte_size: int) -> None:
+    """What another process of the client may do at any time: change the object's size under us."""
+    fd = os.open("/dev/shm/" + key.lstrip("/"), os.O_RDWR)
+    try:
+        os.ftruncate(fd, byte_size)
+    finally:
+        os.close(fd)
+
+
+def _identity_input(region: str | None = None) -> grpcclient.InferInput:
+    tensor = grpcclient.InferInput("INPUT0", [1, 2048], "FP32")
+    if region is None:
+        tensor.set_data_from_numpy(FLOATS)
+    else:
+        tensor.set_shared_memory(region, FLOATS.nbytes)
+    return tensor
+
+
+def _assert_still_serving(server: ServerProcess) -> None:
+    assert server.process.poll() is None, server.output
+    with server.client() as fresh:
+        echoed = fresh.infer("identity_fp32", [_identity_input()]).as_numpy("OUTPUT0")
+    np.testing.assert_array_equal(echoed, FLOATS)
+
+
+def test_truncated_input_region_fails_only_its_request(
+    shm_client: grpcclient.InferenceServerClient, shm_server: ServerProcess, regions: Regions
+) -> None:
+    regions.create("victim", FLOATS.nbytes, FLOATS)
+    shm_client.register_system_shared_memory("victim", regions.key("victim"), FLOATS.nbytes)
+    for size in (0, FLOATS.nbytes // 2):  # nothing left, and a short read
+        _resize(regions.key("victim"), size)
+        _expect(
+            lambda: shm_client.infer("identity_fp32", [_identity_input("victim")]),
+            "INVALID_ARGUMENT",
+            f"shared memory region 'victim' was truncated after it was registered: key "
+            f"'{regions.key('victim')}' is smaller than its registered offset + byte size (8192 bytes)",
+        )
+        _assert_still_serving(shm_server)
+    _resize(regions.key("victim"), FLOATS.nbytes)  # restored by the client: usable again
+    shm.set_shared_memory_region(regions.handles["victim"], [FLOATS * 3])
+    echoed = shm_client.infer("identity_fp32", [_identity_input("victim")]).as_numpy("OUTPUT0")
+    np.testing.assert_array_equal(echoed, FLOATS * 3)
+
+
+def test_truncated_output_region_fails_only_its_request(
+    shm_client: grpcclient.InferenceServerClient, shm_server: ServerProcess, regions: Regions
+) -> None:
+    regions.create("out", FLOATS.nbytes)
+    shm_client.register_system_shared_memory("out", regions.key("out"), FLOATS.nbytes)
+    _resize(regions.key("out"), 4096)
+    output = grpcclient.InferRequestedOutput("OUTPUT0")
+    output.set_shared_memory("out", FLOATS.nbytes)
+    _expect(
+        lambda: shm_client.infer("identity_fp32", [_identity_input()], outputs=[output]),
+        "INVALID_ARGUMENT",
+        "shared memory region 'out' was truncated after it was registered",
+    )
+    assert os.stat("/dev/shm/" + regions.key("out").lstrip("/")).st_size == 4096, "must not grow it"
+    _assert_still_serving(shm_server)
+
+
+def test_replaced_object_is_not_read(
+    shm_client: grpcclient.InferenceServerClient, shm_server: ServerProcess, regions: Regions
+) -> None:
+    """A new object under a registered key is not the registered region (Triton would keep reading
+    the old, unlinked one); the client must register again."""
+    regions.create("swap", FLOATS.nbytes, FLOATS)
+    shm_client.register_system_shared_memory("swap", regions.key("swap"), FLOATS.nbytes)
+    shm.destroy_shared_memory_region(regions.handles.pop("swap"))
+    regions.create("swap", FLOATS.nbytes, FLOATS * 2)
+    _expect(
+        lambda: shm_client.infer("identity_fp32", [_identity_input("swap")]),
+        "INVALID_ARGUMENT",
+        f"shared memory region 'swap' is no longer available: the object with key '{regions.key('swap')}' "
+        "was removed or replaced after it was registered",
+    )
+    shm_client.unregister_system_shared_memory("swap")
+    shm_client.register_system_shared_memory("swap", regions.key("swap"), FLOATS.nbytes)
+    echoed = shm_client.infer("identity_fp32", [_identity_input("swap")]).as_numpy("OUTPUT0")
+    np.testing.assert_array_equal(echoed, FLOATS * 2)
+
+
+def test_registrations_hold_no_descriptors_and_are_bounded(regions: Regions) -> None:
+    """Thousands of registrations under a low fd limit: none costs a descriptor, the count is bounded
+    with RESOURCE_EXHAUSTED, and new connections, inference and /metrics keep working."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(128, hard), hard))  # the server inherits it
+    try:
+        server = start_server("model=[simple]", "server.allow_client_shm=true", "server.metrics_port=0")
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    try:
+        regions.create("many", 128, INPUT0, INPUT1)
+        key = regions.key("many")
+        with server.client() as client:
+            for i in range(DEFAULT_MAX_REGIONS):
+                client.register_system_shared_memory(f"r{i}", key, 128)
+            _expect(
+                lambda: client.register_system_shared_memory("one_more", key, 128),
+                "RESOURCE_EXHAUSTED",
+                f"failed to register shared memory region 'one_more': the server already holds the maximum "
+                f"of {DEFAULT_MAX_REGIONS} registered shared memory regions; unregister some first",
+            )
+            client.unregister_system_shared_memory("r0")
+            client.register_system_shared_memory("one_more", key, 128)
+            assert len(client.get_system_shared_memory_status().regions) == DEFAULT_MAX_REGIONS
+        with server.client() as fresh:
+            inputs = _shm_inputs(("one_more", 64, 64))
+            inputs[0].set_shared_memory("r1", 64)
+            result = fresh.infer("simple", inputs)
+            np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), INPUT0 + INPUT1)
+            fresh.unregister_system_shared_memory()
+        port = re.search(r"metrics listening on [^:]+:(\d+)", server.output).group(1)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+            assert response.status == 200
+    finally:
+        server.stop()
 
 
 # -- switched off, and CUDA on a machine without it ----------------------------------------------
