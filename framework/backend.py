@@ -48,6 +48,29 @@ class ModelSpec:
             return self.config.parameters[key].string_value
         return default
 
+    @property
+    def folder(self) -> Path:
+        """Where the model's files live: the folder of its YAML (the working directory for a spec
+        built in code)."""
+        return self.source.parent if self.source is not None else Path.cwd()
+
+    def model_file(self, name: str, what: str) -> Path:
+        """``name`` (relative to :attr:`folder`) as a path that stays inside the folder once symlinks
+        are resolved; a ``ValueError`` naming ``what`` (the config field) otherwise. Every file a
+        backend reads on the config's say goes through here, so no config reaches the rest of the
+        disk."""
+        root = self.folder.resolve()
+        try:
+            path = (root / name).resolve()
+        except (OSError, ValueError) as error:  # embedded NUL, name too long, symlink loop
+            raise ValueError(f"model '{self.name}': {what} '{name}' is not a usable path: {error}") from None
+        if not path.is_relative_to(root):
+            raise ValueError(
+                f"model '{self.name}': {what} '{name}' is outside the model repository {root}; model files "
+                "must be inside it (after following symlinks)"
+            )
+        return path
+
 
 @dataclass(frozen=True)
 class LoadContext:

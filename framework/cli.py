@@ -227,8 +227,8 @@ async def _check(config: ServeConfig, manager: ModelManager) -> int:
 
 
 def _report_failures(failed: list[tuple[str, str]]) -> None:
-    for name, error in failed:
-        console.print(f"[red]failed to load '{name}':[/] {error}")
+    for _, error in failed:
+        console.print(f"[red]{error}[/]")  # the model manager's messages name the model
 
 
 def _start_metrics(config: ServeConfig, manager: ModelManager) -> MetricsServer | None:

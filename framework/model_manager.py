@@ -18,6 +18,7 @@ from pagedserve.backend import LoadContext, ModelBackend, ModelSpec
 from pagedserve.batching import BatchingPolicy, policy_name_for
 from pagedserve.config import BackendSettings
 from pagedserve.errors import InferenceError
+from pagedserve.model_config_check import check_model_config
 from pagedserve.plugin_manager import Registry
 from pagedserve.repository import ModelRepository, check_model_name
 from pagedserve.statistics import ModelStats
@@ -80,6 +81,8 @@ class VersionRecord:
 class ModelEntry:
     spec: ModelSpec | None = None
     override_json: str | None = None
+    """The config override the running versions were loaded with, and the YAML's mtime then."""
+    override_yaml_mtime_ns: int | None = None
     versions: dict[int, VersionRecord] = field(default_factory=dict)
 
 
@@ -119,8 +122,8 @@ class ModelManager:
         check_model_name(name)
         with self._model_lock(name):
             entry = self._entries.setdefault(name, ModelEntry())
-            if override_json is None and entry.override_json is not None:
-                override_json = entry.override_json  # a plain reload keeps the earlier override
+            if override_json is None:
+                override_json = self._kept_override(name, entry)
             try:
                 spec = self._read_spec(name, override_json)
             except InferenceError:
@@ -132,17 +135,33 @@ class ModelManager:
                 return
             new_versions = self._load_versions(spec)
             old = entry.versions
-            entry.spec, entry.override_json, entry.versions = spec, override_json, new_versions
+            entry.spec, entry.versions = spec, new_versions
+            entry.override_json = override_json
+            entry.override_yaml_mtime_ns = self.repository.mtime_ns(name) if override_json else None
             self._retire(name, {v: r for v, r in old.items() if r.loaded is not None})
             failed = [(v, r.reason) for v, r in sorted(new_versions.items()) if r.state != ModelState.READY]
         if failed:
             detail = "".join(f"version {v} is at UNAVAILABLE state: {reason};\n" for v, reason in failed)
             raise InferenceError(f"load failed for model '{name}': {detail}")
 
+    def _kept_override(self, name: str, entry: ModelEntry) -> str | None:
+        """Triton's rule for a load without a config: while versions loaded with an override still
+        run and the YAML has not changed since, the override stays (the load is a no-op); after an
+        unload, or once the YAML changed, the YAML alone counts."""
+        if entry.override_json is None or not any(r.loaded for r in entry.versions.values()):
+            return None
+        if self.repository.mtime_ns(name) != entry.override_yaml_mtime_ns:
+            return None
+        return entry.override_json
+
     def _read_spec(self, name: str, override_json: str | None) -> ModelSpec:
         spec = self.repository.read(name, override_json)
+        # Checked before the backend sees it (auto_complete may turn enums into names) and after,
+        # with what the backend filled in.
+        check_model_config(spec.config)
         backend = self._backend_for(spec)
         backend.auto_complete(spec.config)
+        check_model_config(spec.config)
         return spec
 
     def _backend_for(self, spec: ModelSpec) -> type[ModelBackend]:
@@ -175,7 +194,9 @@ class ModelManager:
         return LoadedVersion(spec, version, policy, stats)
 
     def _mark_failed(self, entry: ModelEntry, reason: str) -> None:
-        if not entry.versions:
+        """A config that cannot be read leaves versions that still run alone; otherwise it is the
+        model's state (Triton's index shows it UNAVAILABLE with the reason)."""
+        if not any(r.loaded for r in entry.versions.values()):
             entry.versions = {0: VersionRecord(ModelState.UNAVAILABLE, reason)}
 
     def unload(self, name: str, timeout: float | None = None) -> None:
@@ -191,6 +212,7 @@ class ModelManager:
             self._retire(name, loaded, wait=True, timeout=timeout)
             for record in entry.versions.values():
                 record.state, record.reason, record.loaded = ModelState.UNAVAILABLE, "unloaded", None
+            entry.override_json = entry.override_yaml_mtime_ns = None  # the next load reads the YAML
 
     def _retire(
         self, name: str, records: dict[int, VersionRecord], wait: bool = False, timeout: float | None = None

@@ -1,8 +1,10 @@
 """The ``python`` backend: a model is a plain Python class, as in Triton's Python backend.
 
 The class is named in the model config's ``parameters``: either ``python_class: "pkg.module:Class"``,
-or ``python_file: "path/to/file.py"`` (relative to the model YAML's folder) with ``python_class:
-"Class"``. One object is created per model instance; its methods are:
+or ``python_file: "path/to/file.py"`` (relative to the model YAML's folder, and inside it) with
+``python_class: "Class"``. Both come from the repository's YAML only: a config override from the
+network may not set them (:mod:`pagedserve.model_config_check`). One object is created per model
+instance; its methods are:
 
 * ``initialize(self, args: PythonModelArgs) -> None`` (optional): called once after construction;
 * ``execute(self, requests: list[InferenceRequest]) -> list[InferenceResponse] | None``: one response
@@ -56,7 +58,7 @@ class PythonModelArgs:
 
 
 def model_folder(spec: ModelSpec) -> Path:
-    return spec.source.parent if spec.source is not None else Path.cwd()
+    return spec.folder
 
 
 def load_class(spec: ModelSpec) -> type:
@@ -69,7 +71,7 @@ def load_class(spec: ModelSpec) -> type:
         )
     file_name = spec.parameter("python_file")
     if file_name:
-        module = _module_from_file(spec, model_folder(spec) / file_name)
+        module = _module_from_file(spec, spec.model_file(file_name, "parameters.python_file"))
         class_name = target.rpartition(":")[2]
     else:
         module_name, _, class_name = target.partition(":")

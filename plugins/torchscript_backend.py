@@ -4,7 +4,8 @@ Inputs are passed to ``forward`` positionally in config order; the module return
 tuple/list of tensors, mapped to the config's outputs in order. With ``max_batch_size > 0`` the
 requests of a batch are concatenated along dim 0, run once, and split back. The file is
 ``default_model_filename`` (default ``model.pt``) under ``<yaml folder>/<version>/`` when that exists,
-else under the YAML's folder. torch is imported on load only, so listing plugins stays cheap.
+else under the YAML's folder; a name leading outside that folder is refused. torch is imported on load
+only, so listing plugins stays cheap.
 """
 
 from __future__ import annotations
@@ -57,9 +58,9 @@ def _check_types(config: model_config_pb2.ModelConfig) -> None:
 
 
 def model_path(spec: ModelSpec, version: int) -> Path:
-    folder = spec.source.parent if spec.source is not None else Path.cwd()
     filename = spec.config.default_model_filename or _DEFAULT_FILENAME
-    candidates = [folder / str(version) / filename, folder / filename]
+    what = "default_model_filename"
+    candidates = [spec.model_file(f"{version}/{filename}", what), spec.model_file(filename, what)]
     for path in candidates:
         if path.is_file():
             return path
