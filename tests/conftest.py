@@ -27,6 +27,7 @@ except ImportError:
         "test_bad_input.py",
         "test_cuda_shared_memory.py",
         "test_llm_api.py",
+        "test_llm_limits.py",
         "test_log_settings.py",
         "test_metrics.py",
         "test_model_control.py",
@@ -36,6 +37,22 @@ except ImportError:
         "test_shared_memory.py",
         "test_tracing.py",
     ]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Tests that run the engine in this process: under ``pytest -n 2`` on two cores, torch's default
+    # of one OpenMP thread per core puts two spinning thread pools (and the servers other tests start)
+    # on two cores, and a loaded machine then runs them 10-60x slower. One thread each, unless the
+    # caller chose a count with OMP_NUM_THREADS.
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    try:
+        import torch
+    except ImportError:
+        return
+    torch.set_num_threads(1)
+
+
 STOCK_MODELS = [
     "simple",
     "simple_int8",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from pathlib import Path
 
@@ -174,3 +175,40 @@ def teacher_forced_agreement(llm, prompts: list[list[int]], expected: list[list[
     wanted = [token for tokens in expected for token in tokens]
     picked = next_tokens(llm, prompts, expected)
     return sum(a == b for a, b in zip(picked, wanted, strict=True)) / len(wanted)
+
+
+def assert_decode_tracks_prefill(
+    llm,  # noqa: ANN001 - an LLM
+    prompts: list[list[int]],
+    histories: list[list[int]],
+    near_tie: float,
+    min_agreement: float,
+) -> None:
+    """``llm``'s decode steps, which wrote ``histories``, picked what its prefill of the same tokens ranks
+    first, or a token the prefill ranks within ``near_tie`` (log-probability) of its first; and they
+    picked exactly the prefill's token at ``min_agreement`` of the positions or more.
+
+    Not exact equality: a decode step multiplies a different number of rows than the prefill of the
+    same tokens, and matmul kernels (the CPU's included) sum in an order that depends on the row count,
+    so the two paths' values differ in their last bits. Where a model rounds to float8 afterwards, a
+    value that lies that close to a rounding boundary moves a whole float8 step, and on a random tiny
+    model, with its many near-ties, that flips a few greedy picks, at different positions on different
+    CPUs. A wrong path (a scale that depends on the batch, a cache read back wrongly) moves far more."""
+    forced = [
+        prompt + history[:j]
+        for prompt, history in zip(prompts, histories, strict=True)
+        for j in range(len(history))
+    ]
+    # the decode's pick must be among the prefill's top few to be a near-tie at all
+    outputs = llm.generate(forced, dataclasses.replace(greedy(1), logprobs=8))
+    picked = [token for history in histories for token in history]
+    misses = []
+    for position, (output, token) in enumerate(zip(outputs, picked, strict=True)):
+        completion = output.outputs[0]
+        first, ranked = completion.token_ids[0], completion.logprobs[0]
+        if token != first:
+            misses.append((position, token, first, ranked[first] - ranked.get(token, float("-inf"))))
+    far = [miss for miss in misses if miss[3] > near_tie]
+    assert not far, f"decode picks far below the prefill's (position, decode, prefill, gap): {far}"
+    agreement = 1 - len(misses) / len(picked)
+    assert agreement >= min_agreement, f"decode agrees with prefill at {agreement:.3f}: {misses}"

@@ -6,7 +6,12 @@ engine picks after the reference engine's own history, at every generated positi
 tokens). Over eight prompt sets this agreed at 0.88-0.92 (e4m3) and 0.78-0.84 (e5m2); a bfloat16 model
 against the float32 one agreed at 0.97-0.98. Free-running greedy drifts further on such a model (a random
 tiny model has many near-ties, and one flip changes the rest of a sequence), so its first tokens are not
-compared one by one; the float8 engine's own decode steps must instead match its own prefill.
+compared one by one; the float8 engine's own decode steps must instead match its own prefill, up to
+near-ties (engine_helpers.assert_decode_tracks_prefill): a decode step computes K/V in a matmul over a
+different number of rows than the prefill does, so they differ in the last bits, and one that lies at a
+float8 rounding boundary is stored a whole float8 step apart. Measured over six prompt sets, that moved
+the top-two log-probability margin by at most 0.0001 (e4m3) and 0.005 (e5m2); decode reading the e4m3
+bytes as e5m2, or missing the newest token, moves it by far more.
 """
 
 from __future__ import annotations
@@ -23,17 +28,19 @@ from pagedserve.engine.llm import LLM
 from .engine_helpers import (
     D32_DIMS,
     ENGINE_MODES,
+    assert_decode_tracks_prefill,
     assert_pool_free,
     build_hf_checkpoint,
     engine_config,
     greedy,
-    next_tokens,
     random_prompts,
     teacher_forced_agreement,
 )
 
 MAX_NEW = 32
 FORCED_AGREEMENT = {"fp8": 0.8, "fp8_e5m2": 0.7}  # measured 0.88-0.92 and 0.78-0.84 (docstring)
+# decode against prefill: a disagreement must be closer than 10x the largest measured margin shift (0.005)
+NEAR_TIE, DECODE_AGREEMENT = 0.05, 0.97
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +83,7 @@ def test_fp8_cache_greedy_tokens_track_the_full_precision_cache(checkpoint, mode
     agreement = teacher_forced_agreement(llm, prompts, expected)
     assert agreement >= FORCED_AGREEMENT[cache_dtype], f"teacher-forced agreement {agreement:.3f}"
     # its own decode steps (float8 read by the decode path) pick what its prefill picks after them
-    assert next_tokens(llm, prompts, generated) == [token for tokens in generated for token in tokens]
+    assert_decode_tracks_prefill(llm, prompts, generated, NEAR_TIE, DECODE_AGREEMENT)
     assert_pool_free(llm.engine.block_manager)
 
 
@@ -98,5 +105,5 @@ def test_forked_sequences_copy_their_shared_partial_block_intact(checkpoint, mon
     assert all(len(tokens) == MAX_NEW for tokens in children)
     # every child's decode steps pick what the same engine's prefill picks after them (no fork there)
     parents = [prompt for prompt in prompts for _ in range(3)]
-    assert next_tokens(llm, parents, children) == [token for tokens in children for token in tokens]
+    assert_decode_tracks_prefill(llm, parents, children, NEAR_TIE, DECODE_AGREEMENT)
     assert_pool_free(llm.engine.block_manager)

@@ -28,6 +28,7 @@ needs_kernels = pytest.mark.skipif(not (ON_GPU or INTERPRETED), reason="runs in 
 needs_cuda = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")
 
 
+@pytest.mark.slow  # the Triton interpreter: 36-90 s on two cores
 @pytest.mark.skipif(ON_GPU or INTERPRETED, reason="kernel tests run in this process")
 def test_cpu_interpreter_suite():
     env = dict(os.environ, TRITON_INTERPRET="1")

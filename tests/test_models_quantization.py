@@ -8,6 +8,18 @@ engine picks after the reference's own history, at each of 16 prompts x 32 gener
 six prompt sets this agreed at 0.74-0.82 (a bfloat16 engine against the float32 one: 0.97-0.98); a
 random tiny model has many near-ties, and e4m3 rounds to 1/16 where bfloat16 rounds to 1/256. A
 wrong scale or layout gives garbage tokens (about 1/320 agreement).
+
+The engine's own decode steps must pick what its prefill of the same tokens picks, up to near-ties
+(engine_helpers.assert_decode_tracks_prefill). Not exactly: the CPU's matmuls, float8 and float32
+alike, sum in an order that depends on how many rows they multiply, so a decode step's values differ
+from the prefill's in the last bits, and where one lies at an e4m3 rounding boundary the next layer's
+per-token quantization moves it a whole e4m3 step. Measured over eight prompt sets (4096 positions):
+most positions agree to 1e-6, a few percent move the top-two log-probability margin by up to 0.075,
+and decode differed from prefill at 0-1 positions of 512 (gaps 0.015 and 0.018; which positions
+depends on the CPU). With a float8 matmul whose sum is order-independent (exact in float64) there was
+no difference at all, and the float8 engine's own error against float32 is a median 0.23 per token's
+top log-probabilities. One scale per batch instead of per token (a token's result then depends on
+its batch) agreed at 0.81-0.84 with gaps up to 0.73.
 """
 
 from __future__ import annotations
@@ -23,17 +35,20 @@ from .engine_helpers import (
     D32_DIMS,
     DEVICES,
     ENGINE_MODES,
+    assert_decode_tracks_prefill,
     assert_pool_free,
     build_hf_checkpoint,
     engine_config,
     greedy,
-    next_tokens,
     random_prompts,
     teacher_forced_agreement,
 )
 
 MAX_NEW = 32
 FORCED_AGREEMENT = 0.65  # measured 0.74-0.82 (docstring)
+# decode against prefill: a disagreement must be closer than twice the largest measured margin shift
+# (0.075), well under float8's own error (0.23); 0.998-1.0 agreement measured, 0.81-0.84 when broken
+NEAR_TIE, DECODE_AGREEMENT = 0.15, 0.97
 
 
 @pytest.fixture(scope="module")
@@ -115,9 +130,9 @@ def test_fp8_weights_greedy_tokens_track_full_precision(checkpoint, mode):
 
     agreement = teacher_forced_agreement(llm, prompts, expected)
     assert agreement >= FORCED_AGREEMENT, f"teacher-forced agreement {agreement:.3f}"
-    # per-token activation scales: a token's result does not depend on its batch, so the decode
-    # steps pick what the prefill of the same tokens picks
-    assert next_tokens(llm, prompts, generated) == [token for tokens in generated for token in tokens]
+    # per-token activation scales: a token's result does not depend on its batch beyond the matmuls'
+    # last bits, so the decode steps pick what the prefill of the same tokens picks, up to near-ties
+    assert_decode_tracks_prefill(llm, prompts, generated, NEAR_TIE, DECODE_AGREEMENT)
     assert_pool_free(llm.engine.block_manager)
 
 

@@ -3,6 +3,7 @@ plain (non-editable) install must carry the shipped config and model repository.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import tomllib
@@ -60,3 +61,12 @@ def test_non_editable_install_serves_shipped_repository(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert Path(result.stdout.strip()) == target / "pagedserve" / "conf" / "models"
+
+
+def test_ci_runs_exactly_the_readme_test_command() -> None:
+    readme = (REPO / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)\n```", readme, re.DOTALL)
+    test_commands = [block for block in blocks if "pytest" in block and "pip install" in block]
+    assert len(test_commands) == 1, "the README has one test command"
+    ci_lines = (REPO / ".ci" / "run").read_text().strip().splitlines()
+    assert ci_lines[-1] == test_commands[0]

@@ -53,6 +53,7 @@ def be() -> TritonAttentionBackend:
     return TritonAttentionBackend()
 
 
+@pytest.mark.slow  # the Triton interpreter: 36-90 s on two cores
 @pytest.mark.skipif(ON_GPU or INTERPRETED_HERE, reason="kernel tests run in this process")
 def test_cpu_interpreter_suite():
     """Run this module's CPU tests in a child pytest under ``TRITON_INTERPRET=1`` (small sizes, < 60 s)."""

@@ -4,7 +4,8 @@ Each weight row (output feature) gets its own scale, ``max|row| / 448``, and is 
 the bytes of bf16, so decode steps read half the weights, and Hopper's float8 tensor cores do twice
 the bf16 multiply rate. Activations are quantized the same way per token (per row of the input) just
 before each matmul, so one outlier token does not flatten the others' resolution and a token's result
-does not depend on what else is in the batch. ``torch._scaled_mm`` multiplies the float8 operands and
+does not depend on what else is in the batch (up to the matmul's summation order, which varies with
+the row count in the last bits). ``torch._scaled_mm`` multiplies the float8 operands and
 applies both scales in its epilogue. The embedding and the LM head keep the model dtype, as vLLM's
 ``fp8`` quantization does: the head is one matmul per sampled token and its logits pick the tokens.
 
