@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hmac
 import inspect
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -126,6 +126,11 @@ def _safe_decoder(rpc: str, decode: Callable[[bytes], Any]) -> Callable[[bytes],
     return safe
 
 
+def _serialize(message: Any) -> bytes:
+    # Not the generated ``Message.SerializeToString`` descriptor, which refuses other types.
+    return message.SerializeToString()
+
+
 def _checked_unary(behaviour: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
     async def checked(request: Any, context: grpc.aio.ServicerContext) -> Any:
         if isinstance(request, Malformed):
@@ -150,17 +155,22 @@ class _Capture:
 
 
 def add_guarded_service(
-    add_to_server: Callable[[Any, Any], None], servicer: Any, server: grpc.aio.Server, service: str
+    add_to_server: Callable[[Any, Any], None],
+    servicer: Any,
+    server: grpc.aio.Server,
+    service: str,
+    decoders: Mapping[str, Callable[[bytes], Any]] | None = None,
 ) -> None:
     """Register ``servicer`` like the generated ``add_to_server`` does, with safe decoders: a
     malformed unary request answers INVALID_ARGUMENT; a streaming handler receives :class:`Malformed`
-    and answers it itself."""
+    and answers it itself. ``decoders`` replaces protobuf's for the RPCs it names; a handler may
+    return anything with ``SerializeToString`` (see ``codec.InferResponseMessage``)."""
     capture = _Capture()
     add_to_server(servicer, capture)
     guarded: dict[str, grpc.RpcMethodHandler] = {}
     for rpc, handler in capture.handlers.items():
-        decoder = _safe_decoder(rpc, handler.request_deserializer)
-        serializer = handler.response_serializer
+        decoder = _safe_decoder(rpc, (decoders or {}).get(rpc, handler.request_deserializer))
+        serializer = _serialize
         if handler.request_streaming:
             assert handler.stream_stream is not None, f"{rpc}: only stream-stream streaming is wrapped"
             guarded[rpc] = grpc.stream_stream_rpc_method_handler(handler.stream_stream, decoder, serializer)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 from pagedserve import datatypes
@@ -26,6 +26,152 @@ _SHM_DISABLED = (
 )
 
 
+# -- large messages -------------------------------------------------------------------------------
+#
+# upb copies a bytes field into its arena when it parses a message, into a new ``bytes`` each time
+# the field is read, and into the arena again when one is set; one 60 MiB tensor echoed through
+# ModelInfer was alive five times at once. From LARGE_MESSAGE_BYTES on, tensors bypass protobuf: a
+# request's raw_input_contents are cut out of the received bytes before protobuf parses the rest
+# (the input arrays view those bytes), and a response is serialized with its raw_output_contents
+# copied once, straight from the output arrays.
+
+LARGE_MESSAGE_BYTES = 64 * 2**10
+# Bounds the walk over top-level fields done in Python; a message with more goes to protobuf whole.
+_MAX_SPLIT_FIELDS = 4096
+_RAW_INPUT_FIELD = pb.ModelInferRequest.DESCRIPTOR.fields_by_name["raw_input_contents"].number
+_RAW_OUTPUT_FIELD = pb.ModelInferResponse.DESCRIPTOR.fields_by_name["raw_output_contents"].number
+_LENGTH_DELIMITED = 2
+
+
+class InferRequestMessage:
+    """A ModelInferRequest whose ``raw_input_contents`` are views of the received message, not
+    protobuf copies; every other attribute reads through to the parsed ``message``."""
+
+    __slots__ = ("message", "raw_input_contents")
+
+    def __init__(self, message: pb.ModelInferRequest, raw_input_contents: list[memoryview]) -> None:
+        self.message = message
+        self.raw_input_contents = raw_input_contents
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.message, name)
+
+
+InferRequestLike = pb.ModelInferRequest | InferRequestMessage
+
+
+class InferResponseMessage:
+    """A ModelInferResponse serialized when it is made, its tensors copied straight from the model's
+    arrays. Attributes read through to ``message``, which has everything but the tensors (its
+    ``raw_output_contents`` is empty); changing it afterwards does not change what is sent."""
+
+    __slots__ = ("message", "serialized")
+
+    def __init__(self, message: pb.ModelInferResponse, raw_outputs: Sequence[bytes | memoryview]) -> None:
+        self.message = message
+        parts: list[bytes | memoryview] = [message.SerializeToString()]
+        for data in raw_outputs:
+            parts.append(_key_and_length(_RAW_OUTPUT_FIELD, len(data)))
+            parts.append(data)
+        # Made here, in the sending thread, so a model may reuse its arrays once send() returns.
+        self.serialized = b"".join(parts)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.message, name)
+
+    def SerializeToString(self) -> bytes:  # noqa: N802 - protobuf's name: gRPC's serializer calls it
+        return self.serialized
+
+
+def stream_response(response: pb.ModelInferResponse | InferResponseMessage) -> pb.ModelStreamInferResponse:
+    """``response`` as the ``infer_response`` of a ModelStreamInferResponse (its tensors copied once)."""
+    out = pb.ModelStreamInferResponse()
+    if isinstance(response, InferResponseMessage):
+        out.infer_response.MergeFromString(response.serialized)
+    else:
+        out.infer_response.CopyFrom(response)
+    return out
+
+
+def parse_infer_request(data: bytes) -> InferRequestLike:
+    """The request deserializer of ModelInfer and ModelStreamInfer; raises protobuf's DecodeError
+    on a malformed message, as ``ModelInferRequest.FromString`` does."""
+    if len(data) >= LARGE_MESSAGE_BYTES:
+        split = _split_field(data, _RAW_INPUT_FIELD)
+        if split is not None and split[1]:
+            rest, raw = split
+            return InferRequestMessage(pb.ModelInferRequest.FromString(rest), raw)
+    return pb.ModelInferRequest.FromString(data)
+
+
+class _Unusual(Exception):
+    """Wire content the split leaves to protobuf (malformed, groups, too many fields)."""
+
+
+def _split_field(data: bytes, number: int) -> tuple[bytes, list[memoryview]] | None:
+    """``data`` without its top-level length-delimited fields ``number``, and their payloads (views
+    of ``data``) in order; None when protobuf should parse ``data`` whole instead."""
+    view = memoryview(data)
+    end = len(view)
+    kept: list[memoryview] = []  # runs of other fields, in order: protobuf reads them as before
+    payloads: list[memoryview] = []
+    run_start = pos = 0
+    try:
+        for _ in range(_MAX_SPLIT_FIELDS):
+            if pos == end:
+                kept.append(view[run_start:end])
+                return b"".join(kept), payloads
+            field_start = pos
+            key, pos = _read_varint(view, pos)
+            wire_type = key & 7
+            if wire_type == 0:
+                _, pos = _read_varint(view, pos)
+            elif wire_type == 1:
+                pos += 8
+            elif wire_type == 5:
+                pos += 4
+            elif wire_type == _LENGTH_DELIMITED:
+                length, pos = _read_varint(view, pos)
+                if key >> 3 == number and pos + length <= end:
+                    kept.append(view[run_start:field_start])
+                    payloads.append(view[pos : pos + length])
+                    run_start = pos = pos + length
+                    continue
+                pos += length
+            else:
+                raise _Unusual
+            if pos > end:
+                raise _Unusual
+    except _Unusual:
+        return None
+    return None
+
+
+def _read_varint(view: memoryview, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while pos < len(view) and shift < 64:
+        byte = view[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+    raise _Unusual
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _key_and_length(number: int, length: int) -> bytes:
+    return _varint(number << 3 | _LENGTH_DELIMITED) + _varint(length)
+
+
 class ShmInput(Protocol):
     """Where one input's bytes come from instead of the request message."""
 
@@ -37,7 +183,7 @@ class ShmInput(Protocol):
 class ShmOutput(Protocol):
     """Where one output's bytes go instead of ``raw_output_contents``."""
 
-    def write(self, data: bytes) -> None: ...
+    def write(self, data: bytes | memoryview) -> None: ...
 
 
 class ShmAccess(Protocol):
@@ -73,7 +219,7 @@ def _parameter_value(param: pb.InferParameter) -> ParameterValue | None:
     return None if kind is None else getattr(param, kind)
 
 
-def decode_parameters(request: pb.ModelInferRequest, target: InferenceRequest) -> RequestOptions:
+def decode_parameters(request: InferRequestLike, target: InferenceRequest) -> RequestOptions:
     options = RequestOptions()
     for key, param in request.parameters.items():
         kind = param.WhichOneof("parameter_choice")
@@ -122,6 +268,32 @@ def decode_parameters(request: pb.ModelInferRequest, target: InferenceRequest) -
     return options
 
 
+# The typed ``contents`` field each datatype is sent in, and that field's element type.
+_CONTENTS_FIELD = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+_CONTENTS_DTYPE = {
+    "bool_contents": np.dtype(np.bool_),
+    "int_contents": np.dtype(np.int32),
+    "int64_contents": np.dtype(np.int64),
+    "uint_contents": np.dtype(np.uint32),
+    "uint64_contents": np.dtype(np.uint64),
+    "fp32_contents": np.dtype(np.float32),
+    "fp64_contents": np.dtype(np.float64),
+}
+
+
 class RequestDecoder:
     """Turns one ModelInferRequest into an InferenceRequest for ``spec`` (an already resolved version)."""
 
@@ -134,9 +306,10 @@ class RequestDecoder:
         self.outputs = [o.name for o in cfg.output]
         # Per input: protocol datatype and dims, resolved once rather than per request.
         self._expected = {i.name: (datatypes.of_tensor(i), list(i.dims)) for i in cfg.input}
+        self._output_types = spec.output_datatypes
 
     def decode(
-        self, request: pb.ModelInferRequest, responder: Responder, shm: ShmAccess | None = None
+        self, request: InferRequestLike, responder: Responder, shm: ShmAccess | None = None
     ) -> tuple[InferenceRequest, RequestOptions]:
         """``shm`` is None when client shared memory is disabled."""
         target = InferenceRequest(
@@ -156,12 +329,17 @@ class RequestDecoder:
             if not error.message.startswith("[request id:"):
                 error.message = prefix + error.message
             raise
+        finally:
+            if isinstance(request, InferRequestMessage):
+                # The input arrays hold what they use. gRPC keeps a stream's last request until the
+                # next arrives; without its views, that pins no tensor after the request is done.
+                request.raw_input_contents = []
         return target, options
 
     # -- inputs -----------------------------------------------------------------------------------
 
     def _decode_inputs(
-        self, request: pb.ModelInferRequest, target: InferenceRequest, shm: ShmAccess | None
+        self, request: InferRequestLike, target: InferenceRequest, shm: ShmAccess | None
     ) -> None:
         name = self.spec.name
         raw_index = 0
@@ -235,11 +413,11 @@ class RequestDecoder:
 
     def _tensor_data(
         self,
-        request: pb.ModelInferRequest,
+        request: InferRequestLike,
         tensor: pb.ModelInferRequest.InferInputTensor,
         raw_index: int,
         shm: ShmAccess | None,
-    ) -> tuple[bytes | list[object], int]:
+    ) -> tuple[bytes | memoryview | np.ndarray | list[bytes], int]:
         name = self.spec.name
         placement = shm_parameters(tensor)
         has_contents = tensor.HasField("contents") and tensor.contents.ByteSize() > 0
@@ -278,38 +456,34 @@ class RequestDecoder:
                 f"Expected {expected}, got {byte_size}"
             )
 
-    def _typed_contents(self, tensor: pb.ModelInferRequest.InferInputTensor) -> list[object]:
-        field_for = {
-            "BOOL": "bool_contents",
-            "INT8": "int_contents",
-            "INT16": "int_contents",
-            "INT32": "int_contents",
-            "INT64": "int64_contents",
-            "UINT8": "uint_contents",
-            "UINT16": "uint_contents",
-            "UINT32": "uint_contents",
-            "UINT64": "uint64_contents",
-            "FP32": "fp32_contents",
-            "FP64": "fp64_contents",
-            "BYTES": "bytes_contents",
-        }
-        expected = field_for.get(tensor.datatype)
+    def _typed_contents(self, tensor: pb.ModelInferRequest.InferInputTensor) -> np.ndarray | list[bytes]:
+        expected = _CONTENTS_FIELD.get(tensor.datatype)
         for descriptor, _ in tensor.contents.ListFields():
             if descriptor.name != expected:
                 raise InferenceError(
                     f"unexpected explicit tensor data for input tensor '{tensor.name}' for model "
                     f"'{self.spec.name}' of type '{descriptor.name}', expected datatype '{tensor.datatype}'"
                 )
-        return list(getattr(tensor.contents, expected)) if expected else []
+        if expected is None:
+            return np.empty(0, dtype=datatypes.numpy_dtype(tensor.datatype))
+        values = getattr(tensor.contents, expected)
+        if expected == "bytes_contents":
+            return list(values)
+        # One element at a time: list() first made a Python object of each, 11x the message's size.
+        return np.fromiter(values, dtype=_CONTENTS_DTYPE[expected], count=len(values))
 
     def _to_array(
-        self, input_name: str, datatype: str, shape: list[int], data: bytes | list[object]
+        self,
+        input_name: str,
+        datatype: str,
+        shape: list[int],
+        data: bytes | memoryview | np.ndarray | list[bytes],
     ) -> np.ndarray:
         name = self.spec.name
         count = math.prod(shape)
         if datatype == "BYTES":
             if isinstance(data, list):
-                items = [bytes(x) for x in data]  # type: ignore[arg-type]
+                items = data
             else:
                 try:
                     items = datatypes.deserialize_bytes(data)
@@ -332,13 +506,13 @@ class RequestDecoder:
             array[:] = items
             return array.reshape(shape)
         dtype = datatypes.numpy_dtype(datatype)
-        if isinstance(data, list):
+        if isinstance(data, np.ndarray):
             if len(data) != count:
                 raise InferenceError(
                     f"input byte size mismatch for input '{input_name}' for model '{name}'. Expected "
                     f"{count * dtype.itemsize}, got {len(data) * dtype.itemsize}"
                 )
-            return np.asarray(data).astype(dtype).reshape(shape)
+            return data.astype(dtype, copy=False).reshape(shape)  # narrower types wrap, as C casts do
         expected = count * dtype.itemsize
         if len(data) != expected:
             raise InferenceError(
@@ -367,7 +541,7 @@ class RequestDecoder:
     # -- outputs ----------------------------------------------------------------------------------
 
     def _requested_outputs(
-        self, request: pb.ModelInferRequest, options: RequestOptions, shm: ShmAccess | None
+        self, request: InferRequestLike, options: RequestOptions, shm: ShmAccess | None
     ) -> list[str]:
         if not request.outputs:
             return list(self.outputs)
@@ -386,6 +560,8 @@ class RequestDecoder:
             if placement is not None:
                 options.shm_outputs[output.name] = _shm_access(shm).output(output.name, *placement)
             if top_k:
+                # Refused before the model runs; Triton finds out only when it encodes the output.
+                _check_classifiable(self._output_types[output.name])
                 options.classifications[output.name] = top_k
             names.append(output.name)
         return names
@@ -448,18 +624,39 @@ def _classification(output: pb.ModelInferRequest.InferRequestedOutputTensor) -> 
     return param.int64_param
 
 
-def classify(array: np.ndarray, top_k: int, batched: bool) -> np.ndarray:
-    """Triton's classification output: per batch row, the ``top_k`` largest elements as BYTES
-    ``"<value>:<index>"`` (shape ``[batch, k]``, or ``[k]`` for a model without a batch dimension)."""
-    rows = array.reshape(array.shape[0], -1) if batched and array.ndim else array.reshape(1, -1)
+# Triton's TopkClassifications: integer and FP32/FP64 outputs only, at most this many elements per
+# batch entry (a full sort of more is the client's way to make the server slow).
+_CLASSIFIABLE = frozenset(
+    ("UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP32", "FP64")
+)
+MAX_CLASSIFICATION_ELEMENTS = 1_000_000
+
+
+def _check_classifiable(datatype: str) -> None:
+    if datatype not in _CLASSIFIABLE:
+        raise InferenceError(f"class result not available for output due to unsupported type '{datatype}'")
+
+
+def classify(array: np.ndarray, top_k: int, batched: bool, datatype: str) -> np.ndarray:
+    """Triton's classification output: per batch entry, the ``top_k`` largest elements of the output
+    (of protocol ``datatype``) as BYTES ``"<value>:<index>"`` (shape ``[batch, k]``, or ``[k]`` for a
+    model without a batch dimension)."""
+    _check_classifiable(datatype)
+    array = array.astype(datatypes.numpy_dtype(datatype), copy=False)
+    batched = batched and array.ndim > 0
+    # Explicit sizes: -1 cannot be inferred for an empty batch.
+    rows = array.reshape(array.shape[0], math.prod(array.shape[1:])) if batched else array.reshape(1, -1)
+    if rows.shape[1] > MAX_CLASSIFICATION_ELEMENTS:
+        raise InferenceError("classification output tensor too large")
     k = min(top_k, rows.shape[1])
+    floating = datatype in ("FP32", "FP64")
     out = np.empty((rows.shape[0], k), dtype=np.object_)
     for r, row in enumerate(rows):
         for c, index in enumerate(np.argsort(-row.astype(np.float64), kind="stable")[:k]):
             value = row[index]
-            text = f"{float(value):f}" if np.issubdtype(row.dtype, np.floating) else str(int(value))
+            text = f"{float(value):f}" if floating else str(int(value))
             out[r, c] = f"{text}:{index}".encode()
-    return out if batched and array.ndim else out[0]
+    return out if batched else out[0]
 
 
 def _shm_access(shm: ShmAccess | None) -> ShmAccess:
@@ -473,9 +670,10 @@ def encode_response(
     request: InferenceRequest,
     response: InferenceResponse | None,
     options: RequestOptions | None = None,
-) -> pb.ModelInferResponse:
+) -> pb.ModelInferResponse | InferResponseMessage:
     """One ModelInferResponse; every output gets exactly one raw_output_contents entry, aligned (left
-    empty for outputs written into the client's shared memory)."""
+    empty for outputs written into the client's shared memory). From LARGE_MESSAGE_BYTES of tensors
+    on, it comes serialized already (InferResponseMessage): the tensors never enter protobuf."""
     options = options or RequestOptions()
     message = pb.ModelInferResponse(
         model_name=spec.name, model_version=str(request.model_version), id=request.id
@@ -484,13 +682,15 @@ def encode_response(
         return message
     declared = spec.output_datatypes
     wanted = set(request.requested_outputs)
+    raw_outputs: list[bytes | memoryview] = []
     for name, value in response.outputs.items():
         if name not in wanted:
             continue
         array = np.asarray(value)
         datatype = declared.get(name) or datatypes.from_numpy(array.dtype)
         if name in options.classifications:
-            array = classify(array, options.classifications[name], spec.config.max_batch_size > 0)
+            batched = spec.config.max_batch_size > 0
+            array = classify(array, options.classifications[name], batched, datatype)
             datatype = "BYTES"
         message.outputs.add(name=name, datatype=datatype, shape=list(array.shape))
         raw = datatypes.to_raw(array, datatype)
@@ -498,9 +698,12 @@ def encode_response(
         if target is not None:
             target.write(raw)
             raw = b""
-        message.raw_output_contents.append(raw)
+        raw_outputs.append(raw)
     for key, value in response.parameters.items():
         set_parameter(message.parameters[key], value)
+    if sum(len(raw) for raw in raw_outputs) >= LARGE_MESSAGE_BYTES:
+        return InferResponseMessage(message, raw_outputs)
+    message.raw_output_contents.extend(bytes(raw) for raw in raw_outputs)
     return message
 
 

@@ -91,7 +91,13 @@ def deserialize_bytes(buffer: bytes | memoryview) -> list[bytes]:
     return items
 
 
-def to_raw(array: np.ndarray, datatype: str) -> bytes:
+def to_raw(array: np.ndarray, datatype: str) -> bytes | memoryview:
+    """``array`` in the wire format of ``datatype``: a flat byte view of the array itself when it is
+    already laid out that way (no copy: a large tensor is copied once, where the response is
+    serialized), else ``bytes``. The view is only valid while the model leaves the array alone."""
     if datatype == "BYTES":
         return serialize_bytes(array)
-    return np.ascontiguousarray(array, dtype=numpy_dtype(datatype).newbyteorder("<")).tobytes()
+    wire = numpy_dtype(datatype).newbyteorder("<")
+    if array.dtype == wire and array.flags.c_contiguous:
+        return memoryview(array.reshape(-1).view(np.uint8))
+    return array.astype(wire, copy=False).tobytes(order="C")

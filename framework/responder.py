@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pagedserve.codec import RequestOptions, encode_response
+from pagedserve.codec import InferResponseMessage, RequestOptions, encode_response
 from pagedserve.errors import InferenceError
 from pagedserve.inference import InferenceRequest, InferenceResponse, Responder
 from pagedserve.model_manager import LoadedVersion
@@ -27,7 +28,7 @@ from pagedserve.tracing import Trace
 class Delivery:
     """One message for the client: a response, an error, or a flags-only final (``message`` None)."""
 
-    message: pb.ModelInferResponse | None
+    message: pb.ModelInferResponse | InferResponseMessage | None
     error: InferenceError | None
     final: bool
 
@@ -62,6 +63,40 @@ class LoopMailbox:
             self._scheduled = False
         for deliver, delivery in items:
             deliver(delivery)
+
+
+# gRPC receives a message in many small blocks; once freed, glibc keeps their pages in its arenas
+# (free blocks between live ones are never given back on their own): 30 sequential 60 MiB requests
+# left RSS 240 MiB above its start, and growing. A trim after each large request (about 1 ms, with
+# the GIL released) returns them; the blocks of the next message come from the kernel again.
+_TRIM_AFTER_BYTES = 16 * 2**20
+
+
+def _load_malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc only
+    except (OSError, AttributeError):
+        return None
+
+
+_malloc_trim = _load_malloc_trim()
+
+
+def _return_freed_memory() -> None:
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+
+
+def _message_bytes(request: InferenceRequest, delivery: Delivery) -> int:
+    """About how large the request's and its final response's messages were."""
+    size = sum(array.nbytes for array in request.inputs.values())
+    if isinstance(delivery.message, InferResponseMessage):
+        size += len(delivery.message.serialized)
+    return size
+
+
+def _delivered(delivery: Delivery) -> None:
+    """``deliver`` after the final response: nothing may be sent any more (``send`` refuses)."""
 
 
 class ServerResponder(Responder):
@@ -113,9 +148,21 @@ class ServerResponder(Responder):
             self._finished = final
             self._unwritten += 1
         delivery = self._encode(response, final)
+        deliver = self.deliver
+        large = False
         if final:
+            assert self.request is not None
+            large = _message_bytes(self.request, delivery) >= _TRIM_AFTER_BYTES
             self._finish(delivery.error)
-        self.mailbox.post(self.deliver, delivery)
+            # The request refers back to this responder (request.responder) and ``deliver`` holds
+            # the call's messages: without the cycle, the request's tensors and both messages go as
+            # soon as the call ends. Left to the cyclic GC, which large buffers do not trigger, a
+            # 60 MiB request kept ~200 MiB alive after its answer, and more with every request.
+            self.request = None
+            self.deliver = _delivered
+        self.mailbox.post(deliver, delivery)
+        if large:
+            _return_freed_memory()
 
     def _encode(self, response: InferenceResponse | None, final: bool) -> Delivery:
         assert self.request is not None

@@ -23,7 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from pagedserve import protocol
 from pagedserve.call_guard import RestrictedProtocols, add_guarded_service
-from pagedserve.codec import RequestDecoder, RequestOptions, set_parameter
+from pagedserve.codec import RequestDecoder, RequestOptions, parse_infer_request, set_parameter
 from pagedserve.config import ServeConfig, TlsConfig
 from pagedserve.datatypes import of_tensor
 from pagedserve.errors import InferenceError
@@ -486,6 +486,8 @@ class GrpcServer:
             self.servicer,
             self.server,
             protocol.SERVICE_NAME,
+            # Large requests keep their tensors out of protobuf's copies (see codec).
+            decoders={"ModelInfer": parse_infer_request, "ModelStreamInfer": parse_infer_request},
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = (

@@ -13,7 +13,7 @@ from typing import Any
 
 from pagedserve.backend import ModelSpec
 from pagedserve.call_guard import Malformed
-from pagedserve.codec import RequestOptions
+from pagedserve.codec import RequestOptions, stream_response
 from pagedserve.errors import InferenceError
 from pagedserve.protocol import grpc_service_pb2 as pb
 from pagedserve.responder import Delivery, ServerResponder
@@ -103,7 +103,7 @@ class StreamSession:
                 ),
             )
         elif delivery.message is not None:
-            out = pb.ModelStreamInferResponse(infer_response=delivery.message)
+            out = stream_response(delivery.message)
             out.infer_response.parameters["triton_final_response"].bool_param = delivery.final
         elif delivery.final and (slot is not None or options.enable_empty_final_response):
             out = pb.ModelStreamInferResponse(

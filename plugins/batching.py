@@ -123,6 +123,8 @@ class WorkerPolicy(BatchingPolicy, abc.ABC):
                     self._cond.notify_all()
             elif take.done:
                 return
+            # Else the finished batch, tensors and all, stays alive while this thread waits.
+            del take
 
     def _wait_for_work(self, instance: int) -> Take:
         with self._cond:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import grpc
 import numpy as np
 import pytest
+import tritonclient.grpc as grpcclient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.utils import InferenceServerException
 
 from .test_server_api import simple_inputs
 
@@ -97,3 +99,54 @@ def test_payload_over_the_limit_is_refused() -> None:
             assert reply.raw_output_contents[0] == b"\x02\x00\x00\x00ok"
     finally:
         server.stop()
+
+
+def _bytes_input(name: str, shape: list[int], value: bytes) -> grpcclient.InferInput:
+    tensor = grpcclient.InferInput(name, shape, "BYTES")
+    tensor.set_data_from_numpy(np.full(shape, value, dtype=np.object_))
+    return tensor
+
+
+@pytest.mark.parametrize(
+    ("model", "inputs"),
+    [
+        # Decimal strings: they used to be parsed as numbers and ranked.
+        ("simple_string", [_bytes_input("INPUT0", [1, 16], b"1"), _bytes_input("INPUT1", [1, 16], b"2")]),
+        ("simple_identity", [_bytes_input("INPUT0", [1, 2], b"a")]),  # was INTERNAL
+    ],
+    ids=["simple_string", "simple_identity"],
+)
+def test_classification_of_a_bytes_output_is_invalid(client, model: str, inputs: list) -> None:  # noqa: ANN001
+    with pytest.raises(InferenceServerException) as info:
+        client.infer(model, inputs, outputs=[grpcclient.InferRequestedOutput("OUTPUT0", class_count=2)])
+    assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "class result not available for output due to unsupported type 'BYTES'" in info.value.message()
+
+
+def _fp32_input(data: np.ndarray) -> grpcclient.InferInput:
+    tensor = grpcclient.InferInput("INPUT0", list(data.shape), "FP32")
+    tensor.set_data_from_numpy(data)
+    return tensor
+
+
+def test_classification_of_an_empty_batch_is_empty(client) -> None:  # noqa: ANN001
+    # The rows were reshaped with -1, which numpy cannot infer for zero rows: INTERNAL.
+    result = client.infer(
+        "identity_fp32",
+        [_fp32_input(np.empty((0, 4), np.float32))],
+        outputs=[grpcclient.InferRequestedOutput("OUTPUT0", class_count=2)],
+    )
+    assert result.as_numpy("OUTPUT0").shape == (0, 2)
+
+
+def test_classification_of_more_than_a_million_elements_is_invalid(client) -> None:  # noqa: ANN001
+    # Triton's limit on what it sorts per batch entry; a million are still ranked.
+    top = grpcclient.InferRequestedOutput("OUTPUT0", class_count=2)
+    ranked = client.infer(
+        "identity_fp32", [_fp32_input(np.arange(10**6, dtype=np.float32)[None])], outputs=[top]
+    )
+    assert ranked.as_numpy("OUTPUT0").tolist() == [[b"999999.000000:999999", b"999998.000000:999998"]]
+    with pytest.raises(InferenceServerException) as info:
+        client.infer("identity_fp32", [_fp32_input(np.ones((1, 10**6 + 1), np.float32))], outputs=[top])
+    assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "classification output tensor too large" in info.value.message()
