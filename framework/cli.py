@@ -79,6 +79,9 @@ def _run_hydra(main: Any) -> None:
 
 def bench() -> None:
     """The offline throughput benchmark, a Hydra app over the same config (conf/bench.yaml)."""
+    # The engine runs in this process: OpenMP must not spin-wait beside the other threads (see
+    # pagedserve.engine.process_setup); it reads this once, when the plugins first load torch.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     _prepare()
     _run_hydra(_bench_main)
 

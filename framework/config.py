@@ -282,11 +282,28 @@ class EngineSettings:
     """Run each LLM engine in its own process, as vLLM's engine core does: its step loop then never
     waits for the GIL behind request handling and response streaming. ``false`` runs it on a thread
     of the server process."""
+    max_prompt_bytes: int = 2**20
+    """Largest ``text_input`` an LLM model accepts (INVALID_ARGUMENT above it), checked before it is
+    tokenized: 1 MiB holds a 128k-token context at 8 bytes a token."""
+    cpu_threads: int | None = None
+    """torch's intra-op CPU threads for each engine (and in ``bench``). ``null``: the physical cores
+    this process may run on, less one for the server's own work, at least 1. The engine process's
+    OpenMP threads sleep while they wait instead of spinning, so they never take a core the server or
+    another process needs. With ``separate_process=false`` it sets the whole server process's threads.
+    Several LLM models each get this many: share the cores with an explicit number."""
 
     def __post_init__(self) -> None:
         check_choice("engine.dtype", self.dtype, DTYPES)
         check_choice("engine.load_format", self.load_format, LOAD_FORMATS)
         check_choice("engine.quantization", self.quantization, QUANTIZATIONS)
+        if self.max_prompt_bytes < 1:
+            raise ValueError(
+                f"engine.max_prompt_bytes must be a positive integer, got {self.max_prompt_bytes!r}"
+            )
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ValueError(
+                f"engine.cpu_threads must be a positive integer (or null: automatic), got {self.cpu_threads}"
+            )
 
 
 @dataclass

@@ -4,11 +4,13 @@
 lets through verbose records down to ``logging.DEBUG - (N - 1)`` (so level 1 is DEBUG, and code can log
 finer detail with :func:`verbose`); ``log_format`` picks the plain-line layout (``default``, or
 ``ISO8601`` UTC timestamps). ``log_file`` is fixed at start-up. Rich's terminal handler keeps its own
-layout; only plain lines change format. Nothing here knows about protobuf.
+layout; only plain lines change format. An engine process logs plain lines under the settings in
+effect when it starts (:func:`child_logging`). Nothing here knows about protobuf.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -50,8 +52,55 @@ class _ISO8601Formatter(logging.Formatter):
 
     converter = time.gmtime
 
-    def __init__(self) -> None:
-        super().__init__("%(asctime)s %(levelname).1s %(name)s] %(message)s", "%Y-%m-%dT%H:%M:%SZ")
+    def __init__(self, layout: str = _DEFAULT_LAYOUT) -> None:
+        super().__init__(layout, "%Y-%m-%dT%H:%M:%SZ")
+
+
+def plain_formatter(log_format: str, tag: str = "") -> logging.Formatter:
+    """The plain-line formatter of ``logging.format``; ``tag`` goes before each message (``(engine) ``)."""
+    layout = _DEFAULT_LAYOUT.replace("%(message)s", tag + "%(message)s")
+    return _ISO8601Formatter(layout) if log_format == LogFormat.ISO8601.value else logging.Formatter(layout)
+
+
+@dataclass(frozen=True)
+class ChildLogging:
+    """How a child process (the engine's) logs: as this process's plain lines, to the same place,
+    through the same switches. Taken when the child starts; a later LogSettings update does not
+    reach it."""
+
+    level: int
+    """This process's root level."""
+    settings: LogSettings | None
+    """What this process's LogController applied; None without one (``bench``, tests): plain
+    default lines on stderr at ``level``."""
+
+    def install(self, tag: str) -> None:
+        s = self.settings
+        # A file the server also writes is opened for appending: each line is one write, so the two
+        # processes' lines never overwrite each other.
+        handler = logging.FileHandler(s.file, encoding="utf-8") if s and s.file else logging.StreamHandler()
+        handler.setFormatter(plain_formatter(s.format if s else LogFormat.default.value, tag))
+        root = logging.getLogger()
+        root.handlers[:] = [handler]
+        root.setLevel(self.level)
+        if s is not None:
+            handler.addFilter(_SettingsFilter(s))
+            _set_own_levels(s)
+
+
+# A copy of what the latest LogController applied, for child processes started from now on.
+_applied: LogSettings | None = None
+
+
+def child_logging() -> ChildLogging:
+    """This process's log settings, for a child process about to start."""
+    return ChildLogging(logging.getLogger().getEffectiveLevel(), _applied)
+
+
+def _set_own_levels(settings: LogSettings) -> None:
+    level = verbose(settings.verbose_level) if settings.verbose_level else logging.INFO
+    for name in _OWN_LOGGERS:
+        logging.getLogger(name).setLevel(level)
 
 
 class _SettingsFilter(logging.Filter):
@@ -91,16 +140,12 @@ class LogController:
         self.apply()
 
     def apply(self) -> None:
-        level = verbose(self.settings.verbose_level) if self.settings.verbose_level else logging.INFO
-        for name in _OWN_LOGGERS:
-            logging.getLogger(name).setLevel(level)
+        global _applied
+        _set_own_levels(self.settings)
         for handler in logging.getLogger().handlers:
             if _is_plain(handler):
-                handler.setFormatter(
-                    _ISO8601Formatter()
-                    if self.settings.format == LogFormat.ISO8601.value
-                    else logging.Formatter(_DEFAULT_LAYOUT)
-                )
+                handler.setFormatter(plain_formatter(self.settings.format))
+        _applied = dataclasses.replace(self.settings)
 
     def render(self) -> dict[str, tuple[str, Any]]:
         """Every key with its protobuf oneof field, as LogSettings returns them."""

@@ -5,13 +5,18 @@ backend does; falls back to the request's parameters), ``exclude_input_in_output
 ``return_*`` flags; outputs ``text_output`` and the optional ``finish_reason``,
 ``cumulative_logprob``, ``logprobs``, ``num_input_tokens``, ``num_output_tokens``.
 
-Threads: the gRPC worker thread that calls :meth:`LLMModel.execute` parses and tokenizes; the engine
-runs in its own process (:class:`EngineProcess`, ``engine.separate_process``, the default) or on its
-own thread (:class:`EngineLoop`); the output thread turns engine outputs into responses and encodes
-them, so protocol work overlaps with model steps. When responses are produced faster than they go out,
-the output thread folds a request's queued outputs into one response, and holds a stream's next piece
-while its previous response is still unwritten (:class:`StreamPacer`): a slow stream gets bigger
-pieces instead of a growing backlog.
+Admission: the worker thread that calls :meth:`LLMModel.execute` parses and checks each request
+before it costs anything (``engine.max_prompt_bytes``, the sampling parameters' ranges, ``n``, the
+``scheduler.max_waiting`` budget: UNAVAILABLE beyond it), then tokenizes a short prompt itself and
+hands a long one to the model's tokenizer thread, so a long prompt never holds up the short ones
+behind it (the tokenizer releases the GIL on long texts).
+
+Threads: the engine runs in its own process (:class:`EngineProcess`, ``engine.separate_process``,
+the default) or on its own thread (:class:`EngineLoop`); the output thread turns engine outputs into
+responses and encodes them, so protocol work overlaps with model steps. When responses are produced
+faster than they go out, the output thread folds a request's queued outputs into one response, and
+holds a stream's next piece while its previous response is still unwritten (:class:`StreamPacer`): a
+slow stream gets bigger pieces instead of a growing backlog.
 """
 
 from __future__ import annotations
@@ -23,10 +28,12 @@ import queue
 import threading
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import grpc
 import numpy as np
 from pagedserve.backend import LoadContext, Model, ModelBackend, ModelSpec
 from pagedserve.errors import InferenceError
@@ -74,6 +81,9 @@ _OPTIONAL_OUTPUTS = {
     "return_num_output_tokens": "num_output_tokens",
 }
 _ERROR_PREFIX = "Error generating stream: "
+# Longer prompts are tokenized on the model's tokenizer thread, not on the thread that admits
+# requests: about 50 ms of tokenizing at most holds up the requests behind one.
+_INLINE_PROMPT_CHARS = 64 * 1024
 
 
 class LLMBackend(ModelBackend):
@@ -110,10 +120,13 @@ class LLMBackend(ModelBackend):
         else:
             from pagedserve.engine.engine_loop import EngineLoop
             from pagedserve.engine.llm_engine import LLMEngine
+            from pagedserve.engine.process_setup import use_cpu_threads
 
+            use_cpu_threads(config.cpu_threads)  # process-wide: the server's threads too
             loop = EngineLoop(LLMEngine(config, registries))
         loop.start()
-        return LLMModel(loop)
+        settings = context.settings
+        return LLMModel(loop, settings.engine.max_prompt_bytes, settings.scheduler.max_waiting)
 
     @staticmethod
     def engine_config(spec: ModelSpec, settings: BackendSettings) -> EngineConfig:
@@ -123,10 +136,7 @@ class LLMBackend(ModelBackend):
         from pagedserve.models.presets import PRESETS
 
         engine = settings.engine
-        weights = spec.parameter("weights") or engine.weights or ""
-        if weights and spec.source is not None and not Path(weights).expanduser().is_absolute():
-            local = spec.source.parent / weights
-            weights = str(local) if local.exists() else weights
+        weights = _weights(spec, engine.weights or "")
         model = weights
         if not (weights and (weights == "tiny-llama" or Path(weights).expanduser().is_dir())):
             preset = spec.parameter("preset")
@@ -149,9 +159,26 @@ class LLMBackend(ModelBackend):
             max_model_len=engine.max_model_len,
             quantization=engine.quantization,
             seed=engine.seed,
+            cpu_threads=engine.cpu_threads,
             cache=settings.cache,
             scheduler=settings.scheduler,
         )
+
+
+def _weights(spec: ModelSpec, engine_weights: str) -> str:
+    """The weights directory: the YAML's ``parameters.weights`` or else the operator's
+    ``engine.weights``. A relative YAML path resolves inside the model repository (and may not leave
+    it); an absolute one is the operator's choice, as ``engine.weights`` is. A config override never
+    sets it (:mod:`pagedserve.model_config_check`)."""
+    weights = spec.parameter("weights")
+    if not weights:
+        return engine_weights
+    if Path(weights).expanduser().is_absolute():
+        return weights
+    local = spec.model_file(weights, "parameters.weights")
+    if weights == "tiny-llama" and not local.exists():
+        return weights  # the embedded model, built from fixed seeds
+    return str(local)
 
 
 def coalesce(items: list[Any]) -> list[Any]:
@@ -228,12 +255,19 @@ class _Active:
     params: SamplingParams
     logprobs_sent: dict[int, int] = field(default_factory=dict)
     aborted: bool = False
+    started: bool = False  # has had an engine output: no longer counts against max_waiting
     timer: RequestTimer = field(default_factory=RequestTimer)
 
 
 class LLMModel(Model):
-    def __init__(self, loop: EngineLoop | EngineProcess) -> None:
+    def __init__(
+        self, loop: EngineLoop | EngineProcess, max_prompt_bytes: int = 2**20, max_waiting: int = 1024
+    ) -> None:
         self.loop = loop
+        self.max_prompt_bytes = max_prompt_bytes
+        self.max_waiting = max_waiting
+        self._num_waiting = 0  # accepted requests without an engine output yet
+        self._tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="pagedserve-llm-tokenize")
         self._outputs: queue.Queue[tuple[_Active, RequestOutput] | None] = queue.Queue()
         self._pacer = StreamPacer(_may_wait)
         self._active: dict[str, _Active] = {}
@@ -247,22 +281,56 @@ class LLMModel(Model):
     def execute(self, requests: list[InferenceRequest]) -> None:
         for request in requests:
             try:
-                active = self._parse(request)
-                engine_request = self.loop.make_request(
-                    active.engine_id, active.prompt, active.params, engine_priority(request.priority)
-                )
+                active = self._accept(request)
             except (ValueError, InferenceError) as error:
-                request.responder.send(
-                    InferenceResponse(error=InferenceError(_ERROR_PREFIX + str(error))), True
-                )
+                _refuse(request, error)
                 continue
-            with self._lock:
-                self._active[active.engine_id] = active
-            self.loop.submit(engine_request, functools.partial(self._on_output, active))
+            if len(active.prompt) > _INLINE_PROMPT_CHARS:
+                self._tokenizer_thread.submit(self._admit, active)
+            else:
+                self._admit(active)
+
+    def _accept(self, request: InferenceRequest) -> _Active:
+        """Parse and check what needs no tokenizer; the request then counts as waiting."""
+        active = self._parse(request)
+        with self._lock:
+            if self._num_waiting >= self.max_waiting:
+                raise InferenceError.unavailable(
+                    f"Exceeds maximum queue size: {self._num_waiting} requests for model "
+                    f"'{request.model_name}' are waiting (scheduler.max_waiting)"
+                )
+            self._num_waiting += 1
+        return active
+
+    def _admit(self, active: _Active) -> None:
+        """Tokenize, check against the engine's limits and submit (any thread; never raises)."""
+        request = active.request
+        try:
+            if request.responder.cancelled:
+                raise InferenceError.cancelled("Request was cancelled")
+            engine_request = self.loop.make_request(
+                active.engine_id, active.prompt, active.params, engine_priority(request.priority)
+            )
+        except Exception as error:  # noqa: BLE001 - the client gets every failure as its answer
+            self._started(active)
+            _refuse(request, error)
+            return
+        with self._lock:
+            self._active[active.engine_id] = active
+        self.loop.submit(engine_request, functools.partial(self._on_output, active))
+
+    def _started(self, active: _Active) -> None:
+        if active.started:
+            return
+        with self._lock:
+            if not active.started:
+                active.started = True
+                self._num_waiting -= 1
 
     def _on_output(self, active: _Active, output: RequestOutput) -> None:
         """On the engine's delivering thread: metrics per engine output (before any coalescing, so
         latencies are the engine's), then the response waits for the output thread."""
+        self._started(active)
         new_tokens = sum(c.num_new_tokens for c in output.outputs)
         self.metrics.on_output(active.timer, new_tokens, output.num_prompt_tokens, output.finished)
         self._outputs.put((active, output))
@@ -271,7 +339,12 @@ class LLMModel(Model):
         from pagedserve.engine.sampling_params import SamplingParams
 
         inputs = request.inputs
-        prompt = _scalar(inputs["text_input"]).decode("utf-8", errors="replace")
+        text = _scalar(inputs["text_input"])
+        if len(text) > self.max_prompt_bytes:
+            raise ValueError(
+                f"the prompt has {len(text)} bytes; engine.max_prompt_bytes allows {self.max_prompt_bytes}"
+            )
+        prompt = text.decode("utf-8", errors="replace")
         stream = bool(_scalar(inputs["stream"])) if "stream" in inputs else False
         if "exclude_input_in_output" in inputs:
             exclude = bool(_scalar(inputs["exclude_input_in_output"]))
@@ -311,7 +384,9 @@ class LLMModel(Model):
                 except Exception as error:  # noqa: BLE001 - never leave a client waiting
                     log.exception("failed to build an LLM response")
                     if output.finished or not active.request.responder.cancelled:
-                        response = InferenceResponse(error=InferenceError(_ERROR_PREFIX + str(error)))
+                        response = InferenceResponse(
+                            error=InferenceError.internal(_ERROR_PREFIX + str(error))
+                        )
                         self._finish(active, response)
                         self.loop.abort(active.engine_id)
             self._abort_cancelled()
@@ -337,7 +412,8 @@ class LLMModel(Model):
         if active.engine_id not in self._active:
             return  # already answered (an error ended it)
         if output.error is not None:
-            self._finish(active, InferenceResponse(error=InferenceError(_ERROR_PREFIX + output.error)))
+            error = InferenceError(_ERROR_PREFIX + output.error, grpc.StatusCode[output.error_code])
+            self._finish(active, InferenceResponse(error=error))
         elif active.aborted or any(c.finish_reason == "abort" for c in output.outputs):
             self._finish(active, InferenceResponse(error=InferenceError.cancelled("Request was cancelled")))
         elif active.stream:
@@ -415,6 +491,7 @@ class LLMModel(Model):
         return self.metrics.snapshot(state)
 
     def finalize(self) -> None:
+        self._tokenizer_thread.shutdown()
         self.loop.stop()
         self._outputs.put(None)
         self._thread.join(5)
@@ -438,6 +515,16 @@ def _may_wait(active: _Active, output: RequestOutput) -> bool:
 
 def engine_priority(triton_priority: int) -> int:
     return triton_priority if triton_priority > 0 else _DEFAULT_PRIORITY
+
+
+def _refuse(request: InferenceRequest, error: Exception) -> None:
+    """Answer a request the model will not run: a ValueError is the client's mistake."""
+    if isinstance(error, ValueError):
+        error = InferenceError(_ERROR_PREFIX + str(error))
+    elif not isinstance(error, InferenceError):
+        log.error("could not admit an LLM request", exc_info=error)
+        error = InferenceError.internal(_ERROR_PREFIX + (str(error) or type(error).__name__))
+    request.responder.send(InferenceResponse(error=error), True)
 
 
 def _scalar(array: np.ndarray) -> Any:

@@ -2,7 +2,7 @@
 
 Every behaviour test runs against both drivers, the engine on a thread of this process
 (:class:`EngineLoop`) and in a child process (:class:`EngineProcess`); the process-only tests cover
-what a second process adds: start-up errors and a child that dies.
+what a second process adds: start-up errors and a child that dies (and is restarted).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import pytest
 from pagedserve.engine.engine_loop import EngineLoop
 from pagedserve.engine.engine_process import EngineProcess, EngineStartError
 from pagedserve.engine.llm_engine import LLMEngine
+from pagedserve.engine.request import EngineRequest
 from pagedserve.engine.sampling_params import SamplingParams
 from pagedserve.models.tiny import ensure_tiny_llama
 
@@ -116,15 +117,12 @@ def test_duplicate_id_is_reported_through_the_callback(loop):
     assert len(first.outputs[-1].outputs[0].token_ids) == 50
 
 
-def test_a_request_the_engine_cannot_serve_fails_through_its_callback(loop):
-    collector = Collector()
+def test_a_request_the_engine_cannot_serve_is_refused(loop):
     ids = list(range(3, 3 + 4096))  # longer than tiny-llama's context
-    try:
-        request = loop.make_request("huge", ids, SamplingParams(max_tokens=4))
-    except ValueError as error:  # the thread driver checks at once
-        assert "leaves no room" in str(error) and isinstance(loop, EngineLoop)
-        return
-    loop.submit(request, collector)
+    with pytest.raises(ValueError, match="leaves no room"):  # both drivers check at once
+        loop.make_request("huge", ids, SamplingParams(max_tokens=4))
+    collector = Collector()  # one that skipped make_request fails through its callback
+    loop.submit(EngineRequest("huge", ids, SamplingParams(max_tokens=4)), collector)
     assert collector.done.wait(10)
     assert "leaves no room" in collector.outputs[-1].error
     ok = Collector()  # the engine goes on serving
@@ -172,19 +170,23 @@ def test_engine_start_error_names_the_problem(tiny):
         EngineProcess(engine_config(tiny, kernel="nonexistent"))
 
 
-def test_a_dead_engine_process_fails_requests_instead_of_hanging(tiny):
+def test_a_dead_engine_process_fails_its_requests_and_is_restarted(tiny):
     loop = _start("process", tiny)
     collector = Collector()
     loop.submit(loop.make_request("x", "hi", SamplingParams(max_tokens=1000, ignore_eos=True)), collector)
     while not collector.outputs:
         time.sleep(0.01)
-    os.kill(loop.pid, signal.SIGKILL)
+    first_pid = loop.pid
+    os.kill(first_pid, signal.SIGKILL)
     assert collector.done.wait(10)
     assert "exited unexpectedly" in collector.outputs[-1].error
-    late = Collector()
-    loop.submit(loop.make_request("y", "hi", SamplingParams(max_tokens=2)), late)
-    assert late.done.wait(5) and "exited unexpectedly" in late.outputs[-1].error
-    loop.stop(timeout=5)
+    assert collector.outputs[-1].error_code == "UNAVAILABLE"
+    later = Collector()  # waits for the new child
+    loop.submit(loop.make_request("y", "hi", SamplingParams(max_tokens=2, ignore_eos=True)), later)
+    assert later.done.wait(120) and later.outputs[-1].error is None
+    assert len(later.outputs[-1].outputs[0].token_ids) == 2
+    assert loop.pid != first_pid and loop.restarts == 1
+    loop.stop(timeout=10)
 
 
 def test_deltas_that_pile_up_for_a_slow_parent_join_without_loss():

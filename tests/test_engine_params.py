@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from pagedserve.config import EngineSettings
 from pagedserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from pagedserve.engine.detokenizer import IncrementalDetokenizer
 from pagedserve.engine.sampling_params import SamplingParams
@@ -75,6 +76,46 @@ def test_json_values_are_coerced_like_the_vllm_backend():
 def test_bad_sampling_parameters_are_named(data, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams.from_json_dict(data)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        # Each of these passed validation and then raised inside a step, failing its neighbours.
+        ({"seed": 2**64}, r"seed must be null or in \[-9223372036854775808, 18446744073709551615\]"),
+        ({"seed": -(2**63) - 1}, "seed must be null or in"),
+        ({"seed": 1e300}, "seed must be null or in"),
+        ({"stop_token_ids": [-1000000], "min_tokens": 1}, r"stop_token_ids must be token ids in \[0, "),
+        ({"logprobs": 10**9}, r"logprobs must be null or in \[0, 20\]"),
+        ({"best_of": 4, "n": 2}, "best_of must be null or equal to n"),
+        ({"temperature": "inf"}, "temperature must be finite"),
+        ({"repetition_penalty": float("nan")}, "repetition_penalty must be finite"),
+    ],
+)
+def test_out_of_range_sampling_parameters_name_the_allowed_range(data, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams.from_json_dict(data)
+
+
+def test_nested_or_huge_sampling_json_is_a_short_value_error():
+    deep = '{"stop": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    with pytest.raises(ValueError, match="nest too deeply"):  # was a RecursionError: INTERNAL
+        SamplingParams.from_json(deep)
+    with pytest.raises(ValueError, match="n has a bad value") as error:
+        SamplingParams.from_json_dict({"n": "9" * 100_000})
+    assert len(str(error.value)) < 500  # the message does not echo what the client sent
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: SchedulerConfig(max_waiting=0), "scheduler.max_waiting must be a positive integer"),
+        (lambda: EngineSettings(max_prompt_bytes=0), "engine.max_prompt_bytes must be a positive integer"),
+    ],
+)
+def test_admission_limits_name_their_key(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()
 
 
 @pytest.fixture(scope="module")

@@ -205,3 +205,44 @@ def test_n_greater_than_one_forks_and_copies_on_write():
     assert [s.num_output_tokens for s in family] == [4, 4, 4]
     assert parent.output_token_ids != family[1].output_token_ids
     assert_pool_free(scheduler.block_manager)
+
+
+@pytest.mark.parametrize("budget", [64, 5])  # whole prompts in one step, or chunked over several
+def test_a_burst_of_n_greater_than_one_never_exceeds_max_num_seqs(budget):
+    """A parent that has not forked yet holds all ``n`` seats: admitted as one, it would fork past
+    ``max_num_seqs`` and overflow the runner's buffers."""
+    scheduler = make_scheduler(max_num_seqs=4, max_num_batched_tokens=budget)
+    seqs = [add(scheduler, f"r{i}", 6, max_tokens=3, n=2) for i in range(5)]
+    runner = FakeRunner()
+    while scheduler.has_unfinished():
+        batch = scheduler.schedule()
+        assert len(scheduler.running) <= 4 and len(batch.sample_rows) <= 4
+        scheduler.postprocess(batch, runner.run(batch))
+    assert all(s.num_output_tokens == 3 for s in seqs)
+    assert_pool_free(scheduler.block_manager)
+
+
+def test_after_a_failed_step_running_requests_wait_again_and_one_can_run_alone():
+    def start() -> tuple[Scheduler, list[Sequence]]:
+        scheduler = make_scheduler(max_num_seqs=4)
+        return scheduler, [
+            add(scheduler, rid, 6, max_tokens=4, first_token=t) for rid, t in (("a", 10), ("b", 20))
+        ]
+
+    clean, expected = start()
+    runner = FakeRunner()
+    run_to_completion(clean, runner)
+    scheduler, seqs = start()
+    scheduler.postprocess(batch := scheduler.schedule(), runner.run(batch))
+    scheduler.schedule()  # a step whose samples are lost: it failed
+    assert scheduler.requeue_running() == ["a", "b"]
+    assert not scheduler.running
+    assert all(s.num_pending_tokens == 0 and s.num_computed_tokens == 0 and not s.block_table for s in seqs)
+    scheduler.only = "b"
+    batch = scheduler.schedule()
+    assert batch.seqs == [seqs[1]]
+    scheduler.postprocess(batch, runner.run(batch))
+    scheduler.only = None
+    run_to_completion(scheduler, runner)
+    assert [s.output_token_ids for s in seqs] == [s.output_token_ids for s in expected]
+    assert_pool_free(scheduler.block_manager)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import queue
+import threading
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -207,27 +209,40 @@ def test_cancelled_stream_leaves_server_serving(llm_server: ServerProcess) -> No
 
 def test_request_priority_reaches_the_scheduler() -> None:
     """One sequence at a time under the priority policy: a later priority-1 request overtakes an
-    earlier one with no priority (0 = the default level, after explicit ones)."""
+    earlier one with no priority (0 = the default level, after explicit ones).
+
+    Event-driven, so a slow machine only makes it slower: "first" takes the single seat and holds it
+    (it may run 2000 tokens), "default" then "urgent" queue behind it, and only once the engine
+    reports both waiting is "first" cancelled, so the two compete for the freed seat. The timeouts
+    only guard against a hang."""
+    from .test_metrics import metrics_port, scrape, value  # here: test_metrics imports this module
+
     server = start_server(
-        f"model={MODEL}", "scheduler=priority", "scheduler.max_num_seqs=1", "cache.num_blocks=128"
+        f"model={MODEL}", "scheduler=priority", "scheduler.max_num_seqs=1", "cache.num_blocks=160"
     )
     try:
-        with server.client() as client:
+        with server.client() as holder, server.client() as client:
+            first_started, first_ended = threading.Event(), threading.Event()
+
+            def on_first(result, error) -> None:  # noqa: ANN001
+                if error is not None or _is_final(result):
+                    first_ended.set()
+                first_started.set()
+
+            holder.start_stream(callback=on_first)
+            hold = {"temperature": 0, "max_tokens": 2000, "ignore_eos": True}
+            holder.async_stream_infer(MODEL, llm_inputs(stream=True, sampling=hold), request_id="first")
+            assert first_started.wait(120) and not first_ended.is_set()  # it is running: it holds the seat
+
             finished: queue.Queue = queue.Queue()
 
             def on_result(result, error) -> None:  # noqa: ANN001
-                assert error is None, error
-                if result.get_response().parameters["triton_final_response"].bool_param:
-                    finished.put(result.get_response().id)
+                if error is not None or _is_final(result):
+                    finished.put(error or result)
 
             client.start_stream(callback=on_result)
-            for request_id, priority, max_tokens in (
-                ("first", 0, 600),
-                ("default", 0, 20),
-                ("urgent", 1, 20),
-            ):
-                # "first" runs long enough that both later requests are waiting when it finishes.
-                sampling = {"temperature": 0, "max_tokens": max_tokens, "ignore_eos": True}
+            for request_id, priority in (("default", 0), ("urgent", 1)):
+                sampling = {"temperature": 0, "max_tokens": 4, "ignore_eos": True}
                 client.async_stream_infer(
                     MODEL,
                     llm_inputs(sampling=sampling),
@@ -235,11 +250,26 @@ def test_request_priority_reaches_the_scheduler() -> None:
                     priority=priority,
                     enable_empty_final_response=True,
                 )
-            order = [finished.get(timeout=60) for _ in range(3)]
+            # the engine reports its queues with each step's outputs, and "first" keeps it stepping
+            port, deadline = metrics_port(server), time.monotonic() + 120
+            while value(scrape(port)[1], "vllm:num_requests_waiting", model=MODEL, version="1") < 2:
+                assert time.monotonic() < deadline, "the later requests never both waited behind 'first'"
+                time.sleep(0.05)
+            assert not first_ended.is_set(), "'first' ended before the later requests queued"
+            holder.stop_stream(cancel_requests=True)  # frees the seat with both requests queued
+            order = []
+            for _ in range(2):
+                event = finished.get(timeout=120)
+                assert not isinstance(event, Exception), event
+                order.append(event.get_response().id)
             client.stop_stream()
-        assert order.index("urgent") < order.index("default")
+        assert order == ["urgent", "default"]
     finally:
         server.stop()
+
+
+def _is_final(result: grpcclient.InferResult) -> bool:
+    return result.get_response().parameters["triton_final_response"].bool_param
 
 
 def test_vllm_sample_client_flow(llm_server: ServerProcess) -> None:

@@ -3,6 +3,7 @@ applied live to the server's log file (levels, verbosity, ISO8601 lines)."""
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -150,3 +151,34 @@ def test_shutdown_line_follows_info_switch(tmp_path: Path) -> None:
         assert bool(lines) is expect_line
         if lines:
             assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ I pagedserve\] shutting down", lines[0])
+
+
+_ISO8601 = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ"
+
+
+def test_engine_process_lines_follow_the_log_format() -> None:
+    process = start_server("model=tiny-llama", "logging.format=ISO8601")
+    assert process.stop() == 0
+    engine_lines = [line for line in process.lines if "(engine)" in line]
+    assert engine_lines, process.output  # at least its CPU threads line
+    for line in engine_lines:
+        assert re.match(_ISO8601 + r" [DIWE] [\w.]+\] \(engine\) ", line), line
+
+
+def test_child_logging_follows_the_servers_file_format_and_switches(tmp_path: Path) -> None:
+    from pagedserve.log_settings import ChildLogging, LogSettings
+
+    loggers = [logging.getLogger(name) for name in ("", "pagedserve", "pagedserve_plugins")]
+    saved = [(logger.handlers[:], logger.level) for logger in loggers]
+    path = tmp_path / "server.log"
+    settings = LogSettings(str(path), info=False, warning=True, error=True, verbose_level=0, format="ISO8601")
+    try:
+        ChildLogging(logging.INFO, settings).install(tag="(engine) ")
+        logging.getLogger("pagedserve.test").info("switched off")
+        logging.getLogger("pagedserve.test").warning("hello")
+    finally:
+        for handler in logging.getLogger().handlers:
+            handler.close()
+        for logger, (handlers, level) in zip(loggers, saved, strict=True):
+            logger.handlers[:], logger.level = handlers, level
+    assert re.fullmatch(_ISO8601 + r" W pagedserve\.test\] \(engine\) hello\n", path.read_text())

@@ -212,11 +212,13 @@ def run_offline(target: Target, prompts: list[Prompt], warm: list[Prompt]) -> di
     import torch
     from pagedserve.benchmarks.hf_peers import _sync
     from pagedserve.engine.llm import LLM
+    from pagedserve.engine.process_setup import use_cpu_threads
     from pagedserve.engine.sampling_params import SamplingParams
 
     def params(ps: list[Prompt]) -> list[SamplingParams]:
         return [SamplingParams(temperature=0.0, max_tokens=p.output_len, ignore_eos=True) for p in ps]
 
+    use_cpu_threads(target.engine_config.cpu_threads)  # as the server's engine process had them
     llm = LLM(target.engine_config, target.engine_registries)
     device = str(llm.engine.device)
     if warm:

@@ -20,6 +20,7 @@ from hydra.experimental.callback import Callback
 from pagedserve.benchmarks import hf_peers
 from pagedserve.benchmarks.workload import BenchRequest, standard_workload
 from pagedserve.config import BackendSettings, BenchConfig, ServeConfig
+from pagedserve.engine.process_setup import use_cpu_threads, wait_policy
 from pagedserve.models.presets import resolve_model_source
 from pagedserve.plugin_manager import Registries
 from pagedserve.repository import ModelRepository
@@ -49,12 +50,15 @@ class Row:
 
 
 def settings_label(config: ServeConfig) -> str:
-    """The table's settings column; weight and KV cache dtypes only when they are not the model's own."""
+    """The table's settings column; weight and KV cache dtypes only when they are not the model's own,
+    CPU threads only when set."""
     label = f"block={config.cache.block_size} sched={config.scheduler.policy} kernel={config.kernel}"
     if config.engine.quantization:
         label += f" w={config.engine.quantization}"
     if config.cache.dtype != "auto":
         label += f" kv={config.cache.dtype}"
+    if config.engine.cpu_threads is not None:
+        label += f" threads={config.engine.cpu_threads}"
     return label
 
 
@@ -69,6 +73,9 @@ def run_bench(config: BenchConfig, registries: Registries) -> list[Row]:
     settings = BackendSettings.from_config(config, registries)
     engine_config = backend.engine_config(spec, settings)  # type: ignore[attr-defined]
     source = resolve_model_source(engine_config.model, engine_config.load_format)
+    # The server's engine process runs with these threads; the peers below run with them too.
+    threads = use_cpu_threads(engine_config.cpu_threads)
+    log.info("CPU threads: %d intra-op, 1 inter-op; OpenMP wait: %s", threads, wait_policy())
     llm = LLM(engine_config, backend_module_registries(backend, settings))
     engine = llm.engine
     vocab = int(source.hf_config["vocab_size"])

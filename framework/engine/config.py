@@ -55,12 +55,17 @@ class SchedulerConfig:
     max_num_seqs: int = 512  # decode CUDA graphs cover batches up to this (at most 512)
     max_num_batched_tokens: int = 8192
     chunked_prefill: bool = True
+    max_waiting: int = 1024
+    """Requests a model accepts beyond those producing tokens (waiting for a seat, or for their prompt
+    to be tokenized or prefilled); one more is refused with UNAVAILABLE, as Triton refuses a request
+    over ``max_queue_size``."""
 
     def __post_init__(self) -> None:
         if not self.policy:
             raise ValueError("scheduler.policy must name a scheduling policy, got an empty string")
         _check_positive("scheduler.max_num_seqs", self.max_num_seqs)
         _check_positive("scheduler.max_num_batched_tokens", self.max_num_batched_tokens)
+        _check_positive("scheduler.max_waiting", self.max_waiting)
 
 
 @dataclass
@@ -80,6 +85,10 @@ class EngineConfig:
     """``fp8``: the linear layers' weights in e4m3 with per-output-feature scales, activations
     quantized per token (pagedserve.models.layers.quantization); embedding and LM head unchanged."""
     seed: int = 0
+    cpu_threads: int | None = None
+    """torch's intra-op CPU threads; ``None``: automatic (pagedserve.engine.process_setup). Thread counts
+    are process-wide, so whoever owns the process applies this (the engine process, ``bench``, the server
+    for an engine on its thread), never :class:`LLMEngine` itself."""
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
@@ -94,3 +103,4 @@ class EngineConfig:
         if not (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
         _check_positive("max_model_len", self.max_model_len)
+        _check_positive("cpu_threads", self.cpu_threads)

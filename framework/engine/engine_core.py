@@ -3,8 +3,13 @@
 :class:`EngineCore` wraps an :class:`LLMEngine` for a loop that owns it (a thread, see
 :mod:`pagedserve.engine.engine_loop`, or a child process, see :mod:`pagedserve.engine.engine_process`).
 Every event, a rejected request included, comes back as a :class:`RequestOutput`, so the loop only
-has to route outputs to whoever waits for them. A failed step fails the requests it was serving and
-the engine goes on with the next ones.
+has to route outputs to whoever waits for them.
+
+Requests are validated before they reach a step, but if a step still raises, the engine runs each
+request that was in it alone: one whose step raises again is ended with the error (INTERNAL), the
+others go on, having only recomputed their KV cache. After a device error nothing can run in this
+process any more: every request fails and :attr:`EngineCore.broken` tells the driver (an engine
+process then exits, and its parent starts a new one).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from dataclasses import dataclass
 
 from pagedserve.engine.block_manager import BlockUsage
 from pagedserve.engine.llm_engine import LLMEngine
-from pagedserve.engine.outputs import CompletionOutput, RequestOutput
+from pagedserve.engine.outputs import RequestOutput
 from pagedserve.engine.request import EngineRequest
 
 log = logging.getLogger(__name__)
@@ -35,6 +40,7 @@ class EngineCore:
         self.engine = engine
         self._live: set[str] = set()
         self.stats = self._stats()
+        self.broken = False
 
     def has_work(self) -> bool:
         return self.engine.has_unfinished_requests()
@@ -65,15 +71,42 @@ class EngineCore:
     def step(self) -> list[RequestOutput]:
         try:
             outputs = self.engine.step()
-        except Exception as exc:  # a failed step must not leave callers waiting forever
-            log.exception("engine step failed; failing all running requests")
-            outputs = self.abort_all()
-            for output in outputs:
-                output.error = f"engine step failed: {exc!r}"
+        except Exception as exc:  # noqa: BLE001 - one request's failure must not end the others
+            if self.engine.device_failed():
+                log.exception("engine step failed and the device with it; failing every request")
+                self.broken = True
+                return self._fail_all(f"the engine's device failed: {exc!r}")
+            log.exception("engine step failed; running its requests one at a time to find the cause")
+            try:
+                outputs = self._isolate_failure()
+            except Exception as error:  # noqa: BLE001 - no cause found: callers must not wait forever
+                log.exception("the engine cannot recover from the failed step; failing every request")
+                outputs = self._fail_all(f"engine step failed: {error!r}")
         for output in outputs:
             if output.finished:
                 self._live.discard(output.request_id)
         self.stats = self._stats()
+        return outputs
+
+    def _fail_all(self, message: str) -> list[RequestOutput]:
+        outputs = self.abort_all()
+        for output in outputs:
+            output.error, output.error_code = message, "INTERNAL"
+        self.stats = self._stats()
+        return outputs
+
+    def _isolate_failure(self) -> list[RequestOutput]:
+        outputs = []
+        for request_id in self.engine.requeue_running():
+            try:
+                outputs += self.engine.step_alone(request_id)
+            except Exception as exc:  # noqa: BLE001 - this request is the cause: it alone fails
+                log.exception("request %s makes the engine step fail; ending it", request_id)
+                output = self.abort(request_id)
+                if output is not None:
+                    output.error = f"the engine failed while serving this request: {exc!r}"
+                    output.error_code = "INTERNAL"
+                    outputs.append(output)
         return outputs
 
     def _stats(self) -> EngineStats:
@@ -82,6 +115,7 @@ class EngineCore:
         return EngineStats(len(scheduler.running), len(scheduler.waiting), usage, scheduler.num_preemptions)
 
 
-def failed_output(request: EngineRequest, message: str) -> RequestOutput:
-    outputs = [CompletionOutput(index=i, finish_reason="abort") for i in range(request.params.n)]
-    return RequestOutput(request.request_id, request.prompt_token_ids, outputs, finished=True, error=message)
+def failed_output(request: EngineRequest, message: str, code: str = "INVALID_ARGUMENT") -> RequestOutput:
+    """The final output of a refused request: it produced nothing (not even ``n`` empty completions,
+    whatever ``n`` it asked for)."""
+    return RequestOutput(request.request_id, request.prompt_token_ids, [], True, message, code)

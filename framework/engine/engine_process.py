@@ -8,23 +8,25 @@ benchmark half its throughput. vLLM's engine core runs in its own process for th
 The parent tokenizes (:meth:`make_request`), sends requests down one pipe and receives, once per
 step, the outputs of that step as deltas (new token ids, new text, new logprobs) on another. A
 receiver thread rebuilds full :class:`RequestOutput` values and calls each request's callback on
-it, so callers cannot tell this class from :class:`EngineLoop`, except that a request the engine
-rejects (too long, duplicate id...) fails through its callback rather than in ``make_request``.
+it, so callers cannot tell this class from :class:`EngineLoop`: :meth:`make_request` checks requests
+against the engine's limits (sent by the child when it is ready), so one the engine could never serve
+is refused before anything is built for it; only a duplicate id fails through its callback.
 
 The child exits when told to stop or when its parent goes away (the command pipe closes). If it dies
-on its own, every request in flight fails with an error naming the exit code, and so does every
-later one: the model must be loaded again.
+on its own, every request in flight fails (UNAVAILABLE, naming the exit code) and a new child starts;
+requests submitted meanwhile wait for it.
 """
 
 from __future__ import annotations
 
 import logging
 import multiprocessing
+import pickle
 import queue
-import signal
 import threading
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +34,12 @@ from pagedserve.engine.config import EngineConfig
 from pagedserve.engine.engine_core import EngineCore, EngineStats, failed_output
 from pagedserve.engine.engine_loop import OutputCallback, call
 from pagedserve.engine.outputs import RequestOutput, new_completions
+from pagedserve.engine.process_setup import engine_process_main
 from pagedserve.engine.registries import EngineRegistries
 from pagedserve.engine.request import EngineRequest, build_request
 from pagedserve.engine.sampling_params import SamplingParams
+from pagedserve.engine.scheduler import RequestLimits
+from pagedserve.log_settings import child_logging
 from pagedserve.models.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -42,8 +47,8 @@ log = logging.getLogger(__name__)
 # One completion's news in a step: index, new token ids, text delta, cumulative logprob,
 # new logprobs (None when not asked for), finish reason.
 _CompletionDelta = tuple[int, list[int], str, float, "list[dict[int, float]] | None", "str | None"]
-# request id, finished, error, completions
-_Delta = tuple[str, bool, "str | None", list[_CompletionDelta]]
+# request id, finished, error (message and status name), completions
+_Delta = tuple[str, bool, "tuple[str, str] | None", list[_CompletionDelta]]
 
 
 class EngineStartError(RuntimeError):
@@ -54,6 +59,7 @@ class EngineStartError(RuntimeError):
 class _Ready:
     directory: str | None
     stats: EngineStats
+    limits: RequestLimits
 
 
 # ---------------------------------------------------------------------------------------------- parent
@@ -65,48 +71,59 @@ class _Pending:
     output: RequestOutput  # everything received so far
 
 
+@dataclass
+class _Child:
+    process: BaseProcess
+    commands: Connection  # parent -> child
+    outputs: Connection  # child -> parent
+
+
 class EngineProcess:
     def __init__(self, config: EngineConfig, registries: EngineRegistries | None = None) -> None:
         """Start the child and wait until its engine is built (raises :class:`EngineStartError`)."""
-        context = multiprocessing.get_context("spawn")  # never fork a process that may hold CUDA state
-        child_commands, self._commands = context.Pipe(duplex=False)
-        self._outputs, child_outputs = context.Pipe(duplex=False)
-        self._process = context.Process(
-            target=_child_main,
-            args=(config, registries, child_commands, child_outputs, logging.getLogger().getEffectiveLevel()),
-            name="pagedserve-engine",
-            daemon=True,  # ended with the server, never left holding the GPU
-        )
-        self._process.start()
-        child_commands.close()  # the child's ends: closing ours lets either side see the other go
-        child_outputs.close()
-        ready = self._wait_ready()
+        self._config, self._registries = config, registries
+        self._child, ready = self._spawn()
         self.tokenizer = Tokenizer.from_dir(Path(ready.directory)) if ready.directory else None
         self._stats = ready.stats
+        self._limits = ready.limits
+        self.restarts = 0
         self._pending: dict[str, _Pending] = {}
-        self._lock = threading.Lock()  # guards _pending and _closed
+        self._lock = threading.Lock()  # guards _pending, _closed and _backlog
         # Sends get their own lock: a send that blocks on a full pipe must never keep the receiver
         # from draining the child's outputs (the child reads commands only between steps).
         self._send_lock = threading.Lock()
         self._closed: str | None = None  # why requests can no longer be served
+        self._backlog: list[tuple[str, object]] | None = None  # commands held while a child restarts
         self._receiver = threading.Thread(target=self._receive, name="pagedserve-engine-outputs", daemon=True)
 
-    def _wait_ready(self) -> _Ready:
-        try:
-            kind, payload = self._outputs.recv()
-        except EOFError:
-            self._process.join(5)
-            raise EngineStartError(
-                f"the engine process exited while starting (exit code {self._process.exitcode})"
-            ) from None
-        if kind != "ready":
-            self._process.join(5)
-            raise EngineStartError(payload)
-        return payload
+    def _spawn(self) -> tuple[_Child, _Ready]:
+        context = multiprocessing.get_context("spawn")  # never fork a process that may hold CUDA state
+        child_commands, commands = context.Pipe(duplex=False)
+        outputs, child_outputs = context.Pipe(duplex=False)
+        # The child starts in process_setup, which sets OpenMP's environment before torch loads.
+        process = context.Process(
+            target=engine_process_main,
+            args=(
+                self._config,
+                pickle.dumps(self._registries),
+                child_commands,
+                child_outputs,
+                child_logging(),
+            ),
+            name="pagedserve-engine",
+            daemon=True,  # ended with the server, never left holding the GPU
+        )
+        process.start()
+        child_commands.close()  # the child's ends: closing ours lets either side see the other go
+        child_outputs.close()
+        child = _Child(process, commands, outputs)
+        ready = _wait_ready(child)
+        log.info("LLM engine process %d is ready", process.pid)
+        return child, ready
 
     @property
     def pid(self) -> int | None:
-        return self._process.pid
+        return self._child.process.pid
 
     def stats(self) -> EngineStats:
         """As of the child's last step."""
@@ -124,11 +141,12 @@ class EngineProcess:
             self._send("stop", None)
         if self._receiver.ident is not None:
             self._receiver.join(timeout)
-        self._process.join(timeout)
-        if self._process.is_alive():
-            self._process.terminate()
-            self._process.join(5)
-        self._fail_pending("the engine is stopped")
+        process = self._child.process
+        process.join(timeout)
+        if process.is_alive():
+            process.terminate()
+            process.join(5)
+        self._fail(self._take_pending(), "the engine is stopped")
 
     def make_request(
         self,
@@ -137,13 +155,19 @@ class EngineProcess:
         params: SamplingParams | None = None,
         priority: int = 0,
     ) -> EngineRequest:
-        return build_request(self.tokenizer, request_id, prompt, params, priority)
+        """Tokenize and validate; raises ``ValueError`` for a request the engine could never serve
+        (``n`` is checked first: nothing per choice, not even the prompt's tokens, exists before)."""
+        params = params or SamplingParams()
+        self._limits.check_params(params)
+        request = build_request(self.tokenizer, request_id, prompt, params, priority)
+        self._limits.check(len(request.prompt_token_ids), params)
+        return request
 
     def submit(self, request: EngineRequest, callback: OutputCallback) -> None:
         with self._lock:
-            rejection = self._closed
+            rejection, code = self._closed, "UNAVAILABLE"
             if rejection is None and request.request_id in self._pending:
-                rejection = f"request id {request.request_id!r} is already in use"
+                rejection, code = f"request id {request.request_id!r} is already in use", "INVALID_ARGUMENT"
             if rejection is None:
                 self._pending[request.request_id] = _Pending(callback, _empty_output(request))
         if rejection is None and not self._send("add", request):
@@ -151,7 +175,7 @@ class EngineProcess:
                 self._pending.pop(request.request_id, None)
             rejection = "the engine process is gone"
         if rejection is not None:
-            call(callback, failed_output(request, rejection))
+            call(callback, failed_output(request, rejection, code))
 
     def abort(self, request_id: str) -> None:
         with self._lock:
@@ -160,9 +184,13 @@ class EngineProcess:
             self._send("abort", request_id)
 
     def _send(self, kind: str, payload: object) -> bool:
+        with self._lock:
+            if self._backlog is not None:  # a new child is starting: it gets this when it is ready
+                self._backlog.append((kind, payload))
+                return True
         with self._send_lock:
             try:
-                self._commands.send((kind, payload))
+                self._child.commands.send((kind, payload))
             except OSError:
                 return False  # the child is gone; the receiver fails what was in flight
         return True
@@ -171,24 +199,53 @@ class EngineProcess:
 
     def _receive(self) -> None:
         while True:
+            self._receive_from(self._child)
+            child = self._child
+            child.process.join(5)
+            with self._lock:
+                # At exit multiprocessing ends its daemonic children: that is no reason to restart.
+                if self._closed is not None or not threading.main_thread().is_alive():
+                    break
+                in_flight, self._pending, self._backlog = self._pending, {}, []
+            code = child.process.exitcode
+            log.error("the LLM engine process exited unexpectedly (exit code %s); restarting it", code)
+            self._fail(in_flight, f"the engine process exited unexpectedly (exit code {code}); retry")
+            if not self._restart():
+                break
+        self._fail(self._take_pending(), self._closed or "the engine is stopped")
+
+    def _receive_from(self, child: _Child) -> None:
+        """Deliver the child's outputs until it stops or dies."""
+        while True:
             try:
-                kind, payload = self._outputs.recv()
+                kind, payload = child.outputs.recv()
             except (EOFError, OSError):
-                break
+                return
             if kind == "stopped":
-                break
+                return
             deltas, self._stats = payload
             for delta in deltas:
                 self._deliver(delta)
-        self._process.join(5)
-        code = self._process.exitcode
-        with self._lock:
-            if self._closed is None:
-                log.error("the LLM engine process exited unexpectedly (exit code %s)", code)
-                self._closed = (
-                    f"the engine process exited unexpectedly (exit code {code}); load the model again"
-                )
-        self._fail_pending(self._closed)
+
+    def _restart(self) -> bool:
+        """Start a new child and send it what waited meanwhile; False if it could not start."""
+        try:
+            child, ready = self._spawn()
+        except EngineStartError as exc:
+            log.error("the LLM engine process could not restart: %s", exc)
+            with self._lock:
+                self._closed, self._backlog = f"the engine process died and could not restart: {exc}", None
+            return False
+        with self._send_lock, self._lock:
+            self._child, self._stats, self._limits = child, ready.stats, ready.limits
+            self.restarts += 1
+            backlog, self._backlog = self._backlog or [], None
+            try:
+                for command in backlog:
+                    child.commands.send(command)
+            except OSError:
+                pass  # the new child died too: the next round fails what it was sent
+        return True
 
     def _deliver(self, delta: _Delta) -> None:
         request_id, finished, error, completions = delta
@@ -208,18 +265,43 @@ class EngineProcess:
                 completion.logprobs.extend(logprobs)
             completion.finish_reason = finish_reason
         snapshot = [c.copy() for c in output.outputs]
-        call(pending.callback, RequestOutput(request_id, output.prompt_token_ids, snapshot, finished, error))
+        message, code = error or (None, "INVALID_ARGUMENT")
+        call(
+            pending.callback,
+            RequestOutput(request_id, output.prompt_token_ids, snapshot, finished, message, code),
+        )
 
-    def _fail_pending(self, message: str) -> None:
+    def _take_pending(self) -> dict[str, _Pending]:
         with self._lock:
             pending, self._pending = self._pending, {}
+        return pending
+
+    @staticmethod
+    def _fail(pending: dict[str, _Pending], message: str) -> None:
+        """End ``pending`` requests with ``message`` (UNAVAILABLE: the engine, not the request, failed)."""
         for request_id, item in pending.items():
             output = item.output
             for completion in output.outputs:
                 completion.text_delta, completion.num_new_tokens = "", 0
                 completion.finish_reason = completion.finish_reason or "abort"
-            final = RequestOutput(request_id, output.prompt_token_ids, output.outputs, True, message)
+            final = RequestOutput(
+                request_id, output.prompt_token_ids, output.outputs, True, message, "UNAVAILABLE"
+            )
             call(item.callback, final)
+
+
+def _wait_ready(child: _Child) -> _Ready:
+    try:
+        kind, payload = child.outputs.recv()
+    except EOFError:
+        child.process.join(5)
+        raise EngineStartError(
+            f"the engine process exited while starting (exit code {child.process.exitcode})"
+        ) from None
+    if kind != "ready":
+        child.process.join(5)
+        raise EngineStartError(payload)
+    return payload
 
 
 def _empty_output(request: EngineRequest) -> RequestOutput:
@@ -230,16 +312,11 @@ def _empty_output(request: EngineRequest) -> RequestOutput:
 # ---------------------------------------------------------------------------------------------- child
 
 
-def _child_main(
-    config: EngineConfig,
-    registries: EngineRegistries | None,
-    commands: Connection,
-    outputs: Connection,
-    log_level: int,
+def child_main(
+    config: EngineConfig, registries: EngineRegistries | None, commands: Connection, outputs: Connection
 ) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's to handle; it stops us
-    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname).1s %(name)s] (engine) %(message)s")
-    from pagedserve.engine.llm_engine import LLMEngine  # torch loads here, in the child only
+    """The child's work, once :func:`engine_process_main` has set up its threads and logging."""
+    from pagedserve.engine.llm_engine import LLMEngine
 
     try:
         engine = LLMEngine(config, registries)
@@ -248,7 +325,8 @@ def _child_main(
         outputs.send(("failed", str(exc) or type(exc).__name__))
         return
     core = EngineCore(engine)
-    outputs.send(("ready", _Ready(str(engine.directory) if engine.directory else None, core.stats)))
+    directory = str(engine.directory) if engine.directory else None
+    outputs.send(("ready", _Ready(directory, core.stats, engine.scheduler.limits)))
     sender = _Sender(outputs)
     try:
         _serve(core, commands, sender)
@@ -268,6 +346,8 @@ def _serve(core: EngineCore, commands: Connection, sender: _Sender) -> None:
             results += core.step()
         if results:
             sender.put([_encode(o) for o in results], core.stats)
+        if core.broken:
+            break  # its device failed: the parent starts a new process, with a new CUDA context
     sender.put([_encode(o) for o in core.abort_all()], core.stats)
     sender.put_stopped()
 
@@ -360,4 +440,5 @@ def _encode(output: RequestOutput) -> _Delta:
         completions.append(
             (c.index, token_ids, c.text_delta, c.cumulative_logprob, logprobs, c.finish_reason)
         )
-    return output.request_id, output.finished, output.error, completions
+    error = None if output.error is None else (output.error, output.error_code)
+    return output.request_id, output.finished, error, completions

@@ -154,6 +154,41 @@ class LLMEngine:
             self._inflight = None
         return outputs
 
+    # ---- after a step that raised ------------------------------------------------------------------
+
+    def requeue_running(self) -> list[str]:
+        """Put every running request back to waiting, its computed KV given up (as a preemption
+        does); returns those that may have been in the failed step."""
+        self._inflight = None
+        return self.scheduler.requeue_running()
+
+    def device_failed(self) -> bool:
+        """A CUDA error (a device-side assert...) is sticky: nothing more runs on the device in this
+        process, whichever request it ran for."""
+        if self.device.type != "cuda":
+            return False
+        try:
+            torch.cuda.synchronize(self.device)
+        except Exception:  # noqa: BLE001 - the error itself was logged where the step raised
+            return True
+        return False
+
+    def step_alone(self, request_id: str) -> list[RequestOutput]:
+        """Requeue what runs, then step with only ``request_id`` scheduled, each step completed before
+        the next, until it has a new token or has finished; raises what such a step raises."""
+        self.requeue_running()  # alone: no other request keeps blocks the probe may need
+        overlap, self.overlap = self.overlap, False
+        self.scheduler.only = request_id
+        outputs: list[RequestOutput] = []
+        try:
+            for _ in range(self.max_model_len):  # every step computes at least one of its tokens
+                if not self.outputs.has(request_id) or any(o.request_id == request_id for o in outputs):
+                    return outputs
+                outputs += self.step()
+            raise RuntimeError(f"request {request_id} made no progress when run alone")
+        finally:
+            self.overlap, self.scheduler.only = overlap, None
+
     def _complete(self, batch: ScheduledBatch, handle: StepHandle) -> list[RequestOutput]:
         samples = self.runner.collect(handle)
         updated = self.scheduler.postprocess(batch, samples)

@@ -49,7 +49,10 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool = False
-    error: str | None = None  # set when the engine failed while serving the request
+    error: str | None = None  # set when the engine refused or failed the request
+    error_code: str = "INVALID_ARGUMENT"
+    """With ``error``, the gRPC status name it deserves: INVALID_ARGUMENT for a request the engine
+    refuses, INTERNAL when serving it failed, UNAVAILABLE when the engine went away."""
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -9,9 +9,14 @@ next input is then its pending token, which the runner reads on the device. A se
 pending token already reaches ``max_tokens`` or the context limit is not scheduled again.
 
 Running sequences go first (decodes before unfinished prefills), then waiting ones in policy order
-while the token budget, ``max_num_seqs`` and the block pool allow. When the pool
-runs dry a running sequence is preempted by recompute: its blocks are freed and it waits again with
-all its tokens, to be prefilled anew (mostly from the prefix cache).
+while the token budget, ``max_num_seqs`` and the block pool allow. A request with ``n > 1`` takes
+its ``n`` seats when it is admitted, before it forks. When the pool runs dry a running sequence is
+preempted by recompute: its blocks are freed and it waits again with all its tokens, to be prefilled
+anew (mostly from the prefix cache).
+
+After a step that raised, :meth:`Scheduler.requeue_running` puts every running sequence back to
+waiting the same way, and :attr:`Scheduler.only` lets the engine run one request at a time to find
+the one that made the step fail.
 
 The scheduler does not know about tensors, text or the model.
 """
@@ -69,6 +74,43 @@ class ScheduledBatch:
                 return
 
 
+@dataclass(frozen=True)
+class RequestLimits:
+    """What any request must fit, known once the engine is built (a parent process checks requests
+    against it before sending them to the engine's process)."""
+
+    max_num_seqs: int
+    max_model_len: int
+    num_blocks: int
+    block_size: int
+
+    def check(self, num_prompt_tokens: int, params: SamplingParams) -> None:
+        """Raise ``ValueError`` for a request that could never be served."""
+        self.check_params(params)
+        if num_prompt_tokens == 0:
+            raise ValueError("the prompt is empty")
+        if num_prompt_tokens >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {num_prompt_tokens} tokens, which leaves no room to "
+                f"generate within the model context of {self.max_model_len} tokens"
+            )
+        worst = min(num_prompt_tokens + params.max_tokens, self.max_model_len)
+        if -(-worst // self.block_size) > self.num_blocks:
+            raise ValueError(
+                f"the request needs up to {worst} tokens of KV cache but the whole cache "
+                f"holds {self.num_blocks * self.block_size} ({self.num_blocks} blocks of "
+                f"{self.block_size}); lower max_tokens or raise cache.num_blocks"
+            )
+
+    def check_params(self, params: SamplingParams) -> None:
+        """The checks that need no prompt: run them before tokenizing."""
+        if params.n > self.max_num_seqs:
+            raise ValueError(
+                f"sampling parameter n must be in [1, {self.max_num_seqs}] (scheduler.max_num_seqs: "
+                f"its sequences run together), got {params.n}"
+            )
+
+
 class Scheduler:
     def __init__(
         self,
@@ -87,31 +129,17 @@ class Scheduler:
         self.waiting: list[Sequence] = []  # sorted by policy key
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.only: str | None = None
+        """When set, schedule this request's sequences and no other (the others keep their state)."""
+        self.limits = RequestLimits(
+            config.max_num_seqs, max_model_len, block_manager.num_blocks, block_manager.block_size
+        )
 
     # ---- requests --------------------------------------------------------------------------------
 
     def check_request(self, num_prompt_tokens: int, params: SamplingParams) -> None:
         """Raise ``ValueError`` for a request that could never be served."""
-        if num_prompt_tokens == 0:
-            raise ValueError("the prompt is empty")
-        if num_prompt_tokens >= self.max_model_len:
-            raise ValueError(
-                f"the prompt has {num_prompt_tokens} tokens, which leaves no room to "
-                f"generate within the model context of {self.max_model_len} tokens"
-            )
-        if params.n > self.config.max_num_seqs:
-            raise ValueError(
-                f"n={params.n} sequences cannot run together: scheduler.max_num_seqs is "
-                f"{self.config.max_num_seqs}"
-            )
-        worst = min(num_prompt_tokens + params.max_tokens, self.max_model_len)
-        pool = self.block_manager
-        if pool.blocks_needed(worst) > pool.num_blocks:
-            raise ValueError(
-                f"the request needs up to {worst} tokens of KV cache but the whole cache "
-                f"holds {pool.num_blocks * pool.block_size} ({pool.num_blocks} blocks of "
-                f"{pool.block_size}); lower max_tokens or raise cache.num_blocks"
-            )
+        self.limits.check(num_prompt_tokens, params)
 
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
@@ -135,6 +163,21 @@ class Scheduler:
         for seq in seqs:
             self.finish(seq, "abort")
         return seqs
+
+    def requeue_running(self) -> list[str]:
+        """After a step that raised: every running sequence waits again without blocks, as after a
+        preemption, and nothing is pending any more (the failed step's samples never arrive).
+        Returns the requests that may have been in the failed step, in running order."""
+        suspects = [s.request_id for s in self.running]
+        suspects += [s.request_id for s in self.waiting if s.num_pending_tokens]  # preempted in it
+        for seq in self.running:
+            self.block_manager.free(seq)
+            seq.num_computed_tokens = 0
+            self.add(seq)
+        self.running = []
+        for seq in self.waiting:
+            seq.num_pending_tokens = 0
+        return list(dict.fromkeys(suspects))
 
     # ---- one step --------------------------------------------------------------------------------
 
@@ -184,6 +227,8 @@ class Scheduler:
                 break
             if seq.status is not SequenceStatus.RUNNING or self._stops_on_pending_token(seq):
                 continue  # preempted earlier in this loop, or done once its pending token lands
+            if self.only is not None and seq.request_id != self.only:
+                continue
             num_new = min(seq.num_uncomputed_tokens, budget)
             seq_copies = self._allocate_or_preempt(seq, num_new, batch, copies)
             if seq_copies is None:
@@ -219,10 +264,10 @@ class Scheduler:
 
     def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> None:
         pool = self.block_manager
-        while self.waiting and budget > 0:
-            seq = self.waiting[0]
-            seats = 1 if seq.is_forked else seq.params.n
-            if self.running and len(self.running) + seats > self.config.max_num_seqs:
+        # A parent that has not forked yet holds the seats of the children it will fork.
+        seats = sum(_seats(seq) for seq in self.running)
+        for seq in [s for s in self.waiting if self.only in (None, s.request_id)]:
+            if budget <= 0 or seats + _seats(seq) > self.config.max_num_seqs:
                 break
             cached = pool.find_cached_prefix(seq)
             remaining = len(seq) - len(cached) * pool.block_size
@@ -232,7 +277,8 @@ class Scheduler:
             seq_copies = pool.allocate_slots(seq, num_new, cached, num_reserve_tokens=remaining)
             if seq_copies is None:
                 break
-            self.waiting.pop(0)
+            self.waiting.remove(seq)
+            seats += _seats(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             batch.add(seq, num_new)
@@ -278,3 +324,7 @@ class Scheduler:
         if seq.num_output_tokens >= params.max_tokens or len(seq) >= self.max_model_len:
             return "length"
         return None
+
+
+def _seats(seq: Sequence) -> int:
+    return 1 if seq.is_forked else seq.params.n

@@ -12,6 +12,8 @@ from typing import Any
 from pagedserve.models.hf_config import as_id_list, read_json
 from tokenizers import Tokenizer as HFTokenizer
 
+_GIL_FREE_CHARS = 16 * 1024
+
 
 class Tokenizer:
     def __init__(
@@ -40,6 +42,10 @@ class Tokenizer:
         return self._tokenizer.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if len(text) > _GIL_FREE_CHARS:
+            # encode() holds the GIL throughout, encode_batch() releases it: a long prompt (a second
+            # or more) must not stall every other thread of the server while it is tokenized.
+            return self._tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
