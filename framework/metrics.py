@@ -92,6 +92,8 @@ class EngineState:
     prefix_queried_tokens: int
     prefix_hit_tokens: int
     num_preemptions: int
+    engine_restarts: int = 0
+    """Engine processes that died and were started again (0 for an engine on a server thread)."""
 
 
 @dataclass(frozen=True)
@@ -330,6 +332,11 @@ def _engine_metrics(versions: list[LoadedVersion]) -> Iterator[Metric]:
             "vllm:num_preemptions_total",
             "Requests preempted (and later recomputed) for lack of KV blocks",
             lambda s: s.state.num_preemptions,
+        ),
+        (
+            "pagedserve:engine_restarts_total",
+            "LLM engine processes that died and were restarted (their in-flight requests failed)",
+            lambda s: s.state.engine_restarts,
         ),
         (
             "vllm:prefix_cache_queries_total",

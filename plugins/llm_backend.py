@@ -487,6 +487,7 @@ class LLMModel(Model):
             prefix_queried_tokens=usage.num_queried_tokens,
             prefix_hit_tokens=usage.num_hit_tokens,
             num_preemptions=stats.num_preemptions,
+            engine_restarts=getattr(self.loop, "restarts", 0),  # only an EngineProcess restarts
         )
         return self.metrics.snapshot(state)
 

@@ -10,6 +10,7 @@ import os
 import queue
 import re
 import signal
+import urllib.request
 
 import numpy as np
 import pytest
@@ -180,5 +181,11 @@ def test_a_killed_engine_process_is_restarted() -> None:
             assert client.is_model_ready(MODEL) and client.is_server_ready()
         restarted = _ENGINE_PID.findall(server.output)
         assert len(restarted) == 2 and restarted[1] != pid
+        metrics_port = int(server.output.split("metrics listening on 127.0.0.1:")[1].split()[0])
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30) as page:
+            text = page.read().decode()
+        assert re.search(
+            r'^pagedserve:engine_restarts_total\{[^}]*model="tiny-llama"[^}]*\} 1\.0$', text, re.M
+        ), [line for line in text.splitlines() if "restarts" in line]
     finally:
         server.stop()
