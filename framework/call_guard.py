@@ -160,11 +160,13 @@ def add_guarded_service(
     server: grpc.aio.Server,
     service: str,
     decoders: Mapping[str, Callable[[bytes], Any]] | None = None,
+    self_checking: frozenset[str] = frozenset(),
 ) -> None:
     """Register ``servicer`` like the generated ``add_to_server`` does, with safe decoders: a
-    malformed unary request answers INVALID_ARGUMENT; a streaming handler receives :class:`Malformed`
-    and answers it itself. ``decoders`` replaces protobuf's for the RPCs it names; a handler may
-    return anything with ``SerializeToString`` (see ``codec.InferResponseMessage``)."""
+    malformed unary request answers INVALID_ARGUMENT; streaming handlers, and the unary ones named in
+    ``self_checking`` (a hot path spared a wrapper), receive :class:`Malformed` and answer it
+    themselves. ``decoders`` replaces protobuf's for the RPCs it names; a handler may return anything
+    with ``SerializeToString`` (see ``codec.InferResponseMessage``)."""
     capture = _Capture()
     add_to_server(servicer, capture)
     guarded: dict[str, grpc.RpcMethodHandler] = {}
@@ -177,6 +179,7 @@ def add_guarded_service(
         else:
             unary = handler.unary_unary
             assert unary is not None and inspect.iscoroutinefunction(unary), f"{rpc}: async unary expected"
-            guarded[rpc] = grpc.unary_unary_rpc_method_handler(_checked_unary(unary), decoder, serializer)
+            behaviour = unary if rpc in self_checking else _checked_unary(unary)
+            guarded[rpc] = grpc.unary_unary_rpc_method_handler(behaviour, decoder, serializer)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, guarded),))
     server.add_registered_method_handlers(service, guarded)

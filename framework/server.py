@@ -22,7 +22,7 @@ from google.protobuf import json_format
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from pagedserve import protocol
-from pagedserve.call_guard import RestrictedProtocols, add_guarded_service
+from pagedserve.call_guard import Malformed, RestrictedProtocols, add_guarded_service
 from pagedserve.codec import RequestDecoder, RequestOptions, parse_infer_request, set_parameter
 from pagedserve.config import ServeConfig, TlsConfig
 from pagedserve.datatypes import of_tensor
@@ -261,6 +261,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             responder.fail(InferenceError.internal(str(error)))
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
+        if isinstance(request, Malformed):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
         spec = self.manager.spec(request.model_name)
         if spec is not None and spec.decoupled and not _allows_unary(spec):
             await context.abort(
@@ -488,6 +490,7 @@ class GrpcServer:
             protocol.SERVICE_NAME,
             # Large requests keep their tensors out of protobuf's copies (see codec).
             decoders={"ModelInfer": parse_infer_request, "ModelStreamInfer": parse_infer_request},
+            self_checking=frozenset({"ModelInfer"}),
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = (
