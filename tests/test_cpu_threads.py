@@ -8,26 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_module
-from hydra.core.config_store import ConfigStore
 from hydra.errors import ConfigCompositionException
-from omegaconf import OmegaConf
 from pagedserve.benchmarks.throughput import settings_label
-from pagedserve.config import BackendSettings, EngineSettings, ServeConfig, register_configs
+from pagedserve.config import BackendSettings, EngineSettings
 from pagedserve.engine import process_setup
 from pagedserve.engine.config import EngineConfig
 from pagedserve.engine.engine_process import EngineProcess
 from pagedserve.repository import ModelRepository
 from pagedserve_plugins.llm_backend import LLMBackend
 
-
-def compose_config(*overrides: str) -> ServeConfig:
-    register_configs(ConfigStore.instance())
-    with initialize_config_module(config_module="pagedserve.conf", version_base=None):
-        cfg = compose(config_name="config", overrides=list(overrides))
-    config = OmegaConf.to_object(cfg)
-    assert isinstance(config, ServeConfig)
-    return config
+from .test_config import compose_config
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ restarted: tests/test_engine_loop.py.)"""
 
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
@@ -17,6 +16,7 @@ from pagedserve.engine.sampling_params import SamplingParams
 from pagedserve.models.tiny import ensure_tiny_llama
 
 from .engine_helpers import ENGINE_MODES, HAS_CUDA, engine_config
+from .test_engine_loop import Collector
 
 
 @pytest.fixture(scope="module")
@@ -93,17 +93,6 @@ def test_n_over_max_num_seqs_is_refused_before_anything_is_built(tiny, kind):
             loop.make_request("many", "hi", SamplingParams(n=10**9))
     finally:
         loop.stop(timeout=10)
-
-
-class Collector:
-    def __init__(self) -> None:
-        self.outputs = []
-        self.done = threading.Event()
-
-    def __call__(self, output) -> None:
-        self.outputs.append(output)
-        if output.finished:
-            self.done.set()
 
 
 @pytest.mark.gpu
