@@ -103,12 +103,16 @@ def engine_config(
     policy: str = "fcfs",
     device: str = "cpu",
     dtype: str = "float32",
+    cpu_threads: int | None = 1,
     **kwargs: object,
 ) -> EngineConfig:
+    # One CPU thread, as this test process has (conftest): an engine process then sums in the same
+    # order as an in-process one, whatever the machine's core count.
     return EngineConfig(
         model=str(model),
         dtype=dtype,
         device=device,
+        cpu_threads=cpu_threads,
         cache=CacheConfig(
             block_size=block_size, num_blocks=num_blocks, prefix_caching=prefix_caching, dtype=cache_dtype
         ),
