@@ -175,7 +175,7 @@ async def _serve(config: ServeConfig, manager: ModelManager, tracer: Tracer, log
     stop = _StopSignals(loop)
     try:
         if config.check:
-            return await _check(config, manager)
+            return await _check(config, manager, stop)
         try:
             server = GrpcServer(config, manager, tracer, logs)
         except BindError as error:
@@ -204,7 +204,13 @@ class _StopSignals:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._received, sig)
 
+        self.loading = False
+
     def _received(self, sig: signal.Signals) -> None:
+        if self.loading:
+            # Nothing is served yet, so there is nothing to drain; a model load cannot be cut short.
+            console.print(f"{sig.name} while loading the start-up models: exiting now")
+            os._exit(EXIT_FAILED)
         if self.event.is_set():
             console.print(f"{sig.name} again: exiting now, abandoning in-flight requests")
             # The engine processes see their command pipes close and exit too.
@@ -216,9 +222,9 @@ class _StopSignals:
             self.loop.remove_signal_handler(sig)
 
 
-async def _check(config: ServeConfig, manager: ModelManager) -> int:
+async def _check(config: ServeConfig, manager: ModelManager, stop: _StopSignals) -> int:
     """``check=true``: load the start-up models, print the table, exit; no port is opened."""
-    failed = await _load_startup_models(config, manager)
+    failed = await _load_startup_models(config, manager, stop)
     console.print(model_table(manager.index()))
     ready = len(manager.index(ready_only=True))
     await asyncio.get_running_loop().run_in_executor(None, manager.shutdown, 0.0)
@@ -257,7 +263,7 @@ def _start_metrics(config: ServeConfig, manager: ModelManager) -> MetricsServer 
 async def _serve_until_stopped(
     config: ServeConfig, manager: ModelManager, server: GrpcServer, stop: _StopSignals
 ) -> int:
-    failed = await _load_startup_models(config, manager)
+    failed = await _load_startup_models(config, manager, stop)
     console.print(model_table(manager.index()))
     if failed:
         _report_failures(failed)
@@ -300,7 +306,7 @@ async def _drain(config: ServeConfig, manager: ModelManager, server: GrpcServer)
         remaining = max(0.0, deadline - loop.time())
         if not await loop.run_in_executor(None, version.wait_idle, remaining):
             log.warning(
-                "shutting down: '%s' still has %d request(s) after %.0fs; cancelling them",
+                "shutting down: '%s' still has %d request(s) after %.0fs; the port closing cancels them",
                 version.spec.name,
                 version.inflight,
                 timeout,
@@ -319,7 +325,9 @@ def _startup_names(config: ServeConfig, manager: ModelManager) -> list[str]:
     return manager.repository.autoload_names()
 
 
-async def _load_startup_models(config: ServeConfig, manager: ModelManager) -> list[tuple[str, str]]:
+async def _load_startup_models(
+    config: ServeConfig, manager: ModelManager, stop: _StopSignals
+) -> list[tuple[str, str]]:
     names = _startup_names(config, manager)
     loop = asyncio.get_running_loop()
     failed: list[tuple[str, str]] = []
@@ -330,8 +338,12 @@ async def _load_startup_models(config: ServeConfig, manager: ModelManager) -> li
         except InferenceError as error:
             failed.append((name, error.message.strip()))
 
-    with console.status(f"loading {len(names)} model(s): {', '.join(names)}"):
-        await asyncio.gather(*(load(name) for name in names))
+    stop.loading = True
+    try:
+        with console.status(f"loading {len(names)} model(s): {', '.join(names)}"):
+            await asyncio.gather(*(load(name) for name in names))
+    finally:
+        stop.loading = False
     return sorted(failed)
 
 

@@ -115,6 +115,9 @@ def _code_and_files(config: mc.ModelConfig) -> dict[str, object]:
         f"parameters.{key}": config.parameters[key].string_value if key in config.parameters else None
         for key in CODE_PARAMETERS
     }
+    # The backend decides which plugin's code runs (a python backend, an LLM engine...).
+    facts["backend"] = config.backend
+    facts["platform"] = config.platform
     facts["default_model_filename"] = config.default_model_filename
     facts["cc_model_filenames"] = dict(config.cc_model_filenames)
     facts["runtime"] = config.runtime

@@ -147,12 +147,13 @@ class ServerResponder(Responder):
                 raise RuntimeError("response sent after the final response")
             self._finished = final
             self._unwritten += 1
-        delivery = self._encode(response, final)
+            request = self.request  # a final sent meanwhile from another thread clears it
+        assert request is not None
+        delivery = self._encode(request, response, final)
         deliver = self.deliver
         large = False
         if final:
-            assert self.request is not None
-            large = _message_bytes(self.request, delivery) >= _TRIM_AFTER_BYTES
+            large = _message_bytes(request, delivery) >= _TRIM_AFTER_BYTES
             self._finish(delivery.error)
             # The request refers back to this responder (request.responder) and ``deliver`` holds
             # the call's messages: without the cycle, the request's tensors and both messages go as
@@ -164,8 +165,7 @@ class ServerResponder(Responder):
         if large:
             _return_freed_memory()
 
-    def _encode(self, response: InferenceResponse | None, final: bool) -> Delivery:
-        assert self.request is not None
+    def _encode(self, request: InferenceRequest, response: InferenceResponse | None, final: bool) -> Delivery:
         start = time.monotonic_ns()
         index, self._responses = self._responses, self._responses + 1
         infer_ns, self._last_ns = start - self._last_ns, start
@@ -173,7 +173,7 @@ class ServerResponder(Responder):
             self.loaded.stats.record_response(index, infer_ns=infer_ns, output_ns=0, ok=False, empty=False)
             return Delivery(None, response.error, final)
         try:
-            message = encode_response(self.loaded.spec, self.request, response, self.options)
+            message = encode_response(self.loaded.spec, request, response, self.options)
         except InferenceError as error:  # e.g. a shared-memory output too small for the result
             return Delivery(None, error, final)
         except Exception as error:  # noqa: BLE001 - a model returned something we cannot encode

@@ -285,10 +285,13 @@ class LLMModel(Model):
             except (ValueError, InferenceError) as error:
                 _refuse(request, error)
                 continue
-            if len(active.prompt) > _INLINE_PROMPT_CHARS:
-                self._tokenizer_thread.submit(self._admit, active)
-            else:
-                self._admit(active)
+            try:
+                if len(active.prompt) > _INLINE_PROMPT_CHARS:
+                    self._tokenizer_thread.submit(self._admit, active)
+                    continue
+            except RuntimeError:
+                pass  # finalized: _admit below answers it with the stopped engine's error
+            self._admit(active)
 
     def _accept(self, request: InferenceRequest) -> _Active:
         """Parse and check what needs no tokenizer; the request then counts as waiting."""
@@ -303,7 +306,8 @@ class LLMModel(Model):
         return active
 
     def _admit(self, active: _Active) -> None:
-        """Tokenize, check against the engine's limits and submit (any thread; never raises)."""
+        """Tokenize, check against the engine's limits and submit (any thread). Every failure is the
+        request's answer: on the tokenizer thread an exception would vanish into an unread future."""
         request = active.request
         try:
             if request.responder.cancelled:
@@ -311,13 +315,14 @@ class LLMModel(Model):
             engine_request = self.loop.make_request(
                 active.engine_id, active.prompt, active.params, engine_priority(request.priority)
             )
-        except Exception as error:  # noqa: BLE001 - the client gets every failure as its answer
+            with self._lock:
+                self._active[active.engine_id] = active
+            self.loop.submit(engine_request, functools.partial(self._on_output, active))
+        except Exception as error:  # noqa: BLE001 - e.g. a stopped engine loop
+            with self._lock:
+                self._active.pop(active.engine_id, None)
             self._started(active)
             _refuse(request, error)
-            return
-        with self._lock:
-            self._active[active.engine_id] = active
-        self.loop.submit(engine_request, functools.partial(self._on_output, active))
 
     def _started(self, active: _Active) -> None:
         if active.started:

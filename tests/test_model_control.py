@@ -249,6 +249,8 @@ def _refused(client: grpcclient.InferenceServerClient, name: str, config: str | 
         ({"default_model_filename": "/etc/passwd"}, "default_model_filename"),
         ({"parameters": {"weights": "/"}}, "parameters.weights"),
         ({"parameters": {"preset": "llama3-8b"}}, "parameters.preset"),
+        ({"backend": "torchscript"}, "backend"),  # another plugin's code
+        ({"platform": "pytorch_libtorch"}, "platform"),
         ({"parameters": {"data_file": {"string_value": "/etc/passwd"}}}, "parameters.data_file"),
         ({"parameters": {"data_file": "~root/.ssh"}}, "parameters.data_file"),
     ],

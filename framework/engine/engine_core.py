@@ -81,6 +81,7 @@ class EngineCore:
                 outputs = self._isolate_failure()
             except Exception as error:  # noqa: BLE001 - no cause found: callers must not wait forever
                 log.exception("the engine cannot recover from the failed step; failing every request")
+                self.broken = self.engine.device_failed()
                 outputs = self._fail_all(f"engine step failed: {error!r}")
         for output in outputs:
             if output.finished:
@@ -101,6 +102,8 @@ class EngineCore:
             try:
                 outputs += self.engine.step_alone(request_id)
             except Exception as exc:  # noqa: BLE001 - this request is the cause: it alone fails
+                if self.engine.device_failed():
+                    raise  # sticky: every later probe would fail too, whatever its request
                 log.exception("request %s makes the engine step fail; ending it", request_id)
                 output = self.abort(request_id)
                 if output is not None:

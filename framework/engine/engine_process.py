@@ -231,7 +231,7 @@ class EngineProcess:
         """Start a new child and send it what waited meanwhile; False if it could not start."""
         try:
             child, ready = self._spawn()
-        except EngineStartError as exc:
+        except Exception as exc:  # noqa: BLE001 - EngineStartError, or EMFILE/ENOMEM/pickling: never hang
             log.error("the LLM engine process could not restart: %s", exc)
             with self._lock:
                 self._closed, self._backlog = f"the engine process died and could not restart: {exc}", None
@@ -319,14 +319,17 @@ def child_main(
     from pagedserve.engine.llm_engine import LLMEngine
 
     try:
-        engine = LLMEngine(config, registries)
-    except Exception as exc:  # noqa: BLE001 - the parent reports it as the load error
-        log.exception("the engine could not start")
-        outputs.send(("failed", str(exc) or type(exc).__name__))
-        return
-    core = EngineCore(engine)
-    directory = str(engine.directory) if engine.directory else None
-    outputs.send(("ready", _Ready(directory, core.stats, engine.scheduler.limits)))
+        try:
+            engine = LLMEngine(config, registries)
+        except Exception as exc:  # noqa: BLE001 - the parent reports it as the load error
+            log.exception("the engine could not start")
+            outputs.send(("failed", str(exc) or type(exc).__name__))
+            return
+        core = EngineCore(engine)
+        directory = str(engine.directory) if engine.directory else None
+        outputs.send(("ready", _Ready(directory, core.stats, engine.scheduler.limits)))
+    except BrokenPipeError:
+        return  # the parent went away while we loaded (a Ctrl-C at start-up): nobody to tell
     sender = _Sender(outputs)
     try:
         _serve(core, commands, sender)
