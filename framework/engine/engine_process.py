@@ -172,7 +172,9 @@ class EngineProcess:
                 self._pending[request.request_id] = _Pending(callback, _empty_output(request))
         if rejection is None and not self._send("add", request):
             with self._lock:
-                self._pending.pop(request.request_id, None)
+                mine = self._pending.pop(request.request_id, None) is not None
+            if not mine:
+                return  # the receiver saw the child die first and has failed it already
             rejection = "the engine process is gone"
         if rejection is not None:
             call(callback, failed_output(request, rejection, code))
