@@ -97,6 +97,11 @@ class Model(abc.ABC):
         """Memory held per kind (``CPU``, ``GPU``), for ModelStatistics.memory_usage."""
         return {}
 
+    def failure(self) -> str | None:
+        """Why this loaded model can no longer serve at all (its engine died and could not be
+        restarted...), or None. The version then shows UNAVAILABLE with this reason until reloaded."""
+        return None
+
 
 class ModelBackend(abc.ABC):
     """A plugin that loads models of one kind (``python``, ``torchscript``, ``llm``...)."""

@@ -76,6 +76,19 @@ class VersionRecord:
     reason: str = ""
     loaded: LoadedVersion | None = None
 
+    def current(self) -> tuple[ModelState, str]:
+        """The state as clients see it: a READY version whose model can no longer serve (its
+        engine died for good) is UNAVAILABLE with the model's reason, until it is loaded again."""
+        if self.state == ModelState.READY and self.loaded is not None:
+            failure = self.loaded.policy.model.failure()
+            if failure is not None:
+                return ModelState.UNAVAILABLE, failure
+        return self.state, self.reason
+
+    @property
+    def serving(self) -> bool:
+        return self.current()[0] == ModelState.READY
+
 
 @dataclass
 class ModelEntry:
@@ -264,7 +277,7 @@ class ModelManager:
                     )
                 raise InferenceError.not_found(f"Request for unknown model: '{name}' is not found")
             if number is None:
-                ready = [r.loaded for v, r in sorted(entry.versions.items()) if r.state == ModelState.READY]
+                ready = [r.loaded for v, r in sorted(entry.versions.items()) if r.serving]
                 if not ready:
                     raise InferenceError.not_found(
                         f"Request for unknown model: '{name}' has no available versions"
@@ -275,7 +288,7 @@ class ModelManager:
                 raise InferenceError.not_found(
                     f"Request for unknown model: '{name}' version {number} is not found"
                 )
-            if record.state != ModelState.READY or record.loaded is None:
+            if not record.serving or record.loaded is None:
                 raise InferenceError.unavailable(
                     f"Request for unknown model: '{name}' version {number} is not at ready state"
                 )
@@ -309,14 +322,11 @@ class ModelManager:
     def all_ready(self) -> bool:
         """Strict readiness: every version the server knows is READY (unloaded ones excepted)."""
         with self._lock:
-            return all(
-                r.state == ModelState.READY or r.reason == "unloaded"
-                for e in self._entries.values()
-                for r in e.versions.values()
-            )
+            records = [r for e in self._entries.values() for r in e.versions.values()]
+            return all(r.serving or r.reason == "unloaded" for r in records)
 
     def _all_ready(self, entry: ModelEntry) -> bool:
-        return bool(entry.versions) and all(r.state == ModelState.READY for r in entry.versions.values())
+        return bool(entry.versions) and all(r.serving for r in entry.versions.values())
 
     def index(self, ready_only: bool = False) -> list[IndexEntry]:
         with self._lock:
@@ -328,11 +338,10 @@ class ModelManager:
                         rows.append(IndexEntry(name))
                     continue
                 for version, record in sorted(entry.versions.items()):
-                    if ready_only and record.state != ModelState.READY:
+                    state, reason = record.current()
+                    if ready_only and state != ModelState.READY:
                         continue
-                    rows.append(
-                        IndexEntry(name, str(version) if version else "", record.state.value, record.reason)
-                    )
+                    rows.append(IndexEntry(name, str(version) if version else "", state.value, reason))
             return rows
 
 

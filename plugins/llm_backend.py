@@ -492,9 +492,12 @@ class LLMModel(Model):
             prefix_queried_tokens=usage.num_queried_tokens,
             prefix_hit_tokens=usage.num_hit_tokens,
             num_preemptions=stats.num_preemptions,
-            engine_restarts=getattr(self.loop, "restarts", 0),  # only an EngineProcess restarts
+            engine_restarts=self.loop.restarts,
         )
         return self.metrics.snapshot(state)
+
+    def failure(self) -> str | None:
+        return self.loop.failure()
 
     def finalize(self) -> None:
         self._tokenizer_thread.shutdown()

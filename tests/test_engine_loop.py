@@ -189,6 +189,28 @@ def test_a_dead_engine_process_fails_its_requests_and_is_restarted(tiny):
     loop.stop(timeout=10)
 
 
+def test_an_engine_process_that_cannot_restart_reports_its_failure(tiny, monkeypatch):
+    loop = _start("process", tiny)
+    assert loop.failure() is None
+    collector = Collector()
+    loop.submit(loop.make_request("x", "hi", SamplingParams(max_tokens=1000, ignore_eos=True)), collector)
+    while not collector.outputs:
+        time.sleep(0.01)
+
+    def cannot_start() -> None:
+        raise OSError(24, "Too many open files")  # not an EngineStartError: must not hang the receiver
+
+    monkeypatch.setattr(loop, "_spawn", cannot_start)
+    os.kill(loop.pid, signal.SIGKILL)
+    assert collector.done.wait(10) and collector.outputs[-1].error_code == "UNAVAILABLE"
+    later = Collector()
+    loop.submit(loop.make_request("y", "hi", SamplingParams(max_tokens=2)), later)
+    assert later.done.wait(30), "a request after a failed restart must be answered, not queued forever"
+    assert later.outputs[-1].error_code == "UNAVAILABLE" and "could not restart" in later.outputs[-1].error
+    assert "Too many open files" in (loop.failure() or "")  # the model index shows this reason
+    loop.stop(timeout=10)
+
+
 def test_deltas_that_pile_up_for_a_slow_parent_join_without_loss():
     from pagedserve.engine.engine_process import _join_deltas
 

@@ -209,3 +209,32 @@ def test_poll_mode_refuses_a_broken_new_model(tmp_path: Path) -> None:
             assert client.is_model_ready("simple")
     finally:
         server.stop()
+
+
+def test_a_model_that_can_no_longer_serve_is_unavailable_with_its_reason(monkeypatch) -> None:  # noqa: ANN001
+    """An LLM whose engine died and could not restart: READY no more, in the index, readiness and
+    lookups, until it is loaded again."""
+    from pagedserve.config import BackendSettings
+    from pagedserve.model_manager import ModelManager
+    from pagedserve.plugin_manager import PluginHost
+    from pagedserve.repository import ModelRepository
+
+    registries = PluginHost().registries()
+    manager = ModelManager(
+        ModelRepository(REPO / "conf" / "models"),
+        registries.model_backends,
+        registries.batching_policies,
+        BackendSettings(registries=registries),
+    )
+    manager.load("simple")
+    try:
+        model = manager.resolve("simple").policy.model
+        assert manager.is_ready("simple") and manager.all_ready()
+        monkeypatch.setattr(model, "failure", lambda: "the engine process died and could not restart")
+        assert not manager.is_ready("simple") and not manager.all_ready()
+        [row] = [row for row in manager.index() if row.name == "simple"]
+        assert (row.state, row.reason) == ("UNAVAILABLE", "the engine process died and could not restart")
+        manager.load("simple")  # a plain load replaces the broken version
+        assert manager.is_ready("simple")
+    finally:
+        manager.shutdown(5)

@@ -72,6 +72,12 @@ class EngineLoop:
         """As of the last step (read from any thread)."""
         return self._core.stats
 
+    restarts = 0
+    """An engine on a thread is never restarted (:class:`EngineProcess` counts its restarts)."""
+
+    def failure(self) -> str | None:
+        return None  # a failed step fails its requests; the thread itself goes on
+
     # ---- caller side (any thread) ----------------------------------------------------------------
 
     def start(self) -> None:

@@ -87,6 +87,7 @@ class EngineProcess:
         self._stats = ready.stats
         self._limits = ready.limits
         self.restarts = 0
+        self._failure: str | None = None  # set when the engine is gone for good (not by stop())
         self._pending: dict[str, _Pending] = {}
         self._lock = threading.Lock()  # guards _pending, _closed and _backlog
         # Sends get their own lock: a send that blocks on a full pipe must never keep the receiver
@@ -128,6 +129,10 @@ class EngineProcess:
     def stats(self) -> EngineStats:
         """As of the child's last step."""
         return self._stats
+
+    def failure(self) -> str | None:
+        """Why no request can be served any more, once a dead child could not be restarted."""
+        return self._failure
 
     def start(self) -> None:
         if self._receiver.ident is None:
@@ -237,6 +242,7 @@ class EngineProcess:
             log.error("the LLM engine process could not restart: %s", exc)
             with self._lock:
                 self._closed, self._backlog = f"the engine process died and could not restart: {exc}", None
+                self._failure = self._closed
             return False
         with self._send_lock, self._lock:
             self._child, self._stats, self._limits = child, ready.stats, ready.limits
