@@ -211,6 +211,32 @@ def test_an_engine_process_that_cannot_restart_reports_its_failure(tiny, monkeyp
     loop.stop(timeout=10)
 
 
+def test_an_engine_process_that_keeps_dying_stays_down(tiny, monkeypatch):
+    from pagedserve.engine import engine_process
+
+    monkeypatch.setattr(engine_process, "_MAX_RESTARTS_IN_WINDOW", 1)
+    loop = _start("process", tiny)
+    for attempt in range(2):
+        collector = Collector()  # waits for a restarted child on the second round
+        loop.submit(
+            loop.make_request(f"r{attempt}", "hi", SamplingParams(max_tokens=1000, ignore_eos=True)),
+            collector,
+        )
+        while not collector.outputs:
+            time.sleep(0.01)
+        os.kill(loop.pid, signal.SIGKILL)
+        assert collector.done.wait(30) and collector.outputs[-1].error_code == "UNAVAILABLE"
+    deadline = time.monotonic() + 30
+    while loop.failure() is None:  # the receiver decides after failing the request
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert "died 2 times within 60 s" in loop.failure() and loop.restarts == 1
+    later = Collector()
+    loop.submit(loop.make_request("after", "hi", SamplingParams(max_tokens=2)), later)
+    assert later.done.wait(10) and "load the model again" in later.outputs[-1].error
+    loop.stop(timeout=10)
+
+
 def test_deltas_that_pile_up_for_a_slow_parent_join_without_loss():
     from pagedserve.engine.engine_process import _join_deltas
 

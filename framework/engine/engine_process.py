@@ -24,6 +24,7 @@ import multiprocessing
 import pickle
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
@@ -49,6 +50,11 @@ log = logging.getLogger(__name__)
 _CompletionDelta = tuple[int, list[int], str, float, "list[dict[int, float]] | None", "str | None"]
 # request id, finished, error (message and status name), completions
 _Delta = tuple[str, bool, "tuple[str, str] | None", list[_CompletionDelta]]
+
+
+# More deaths than this within the window and the engine stays down (the model shows UNAVAILABLE).
+_MAX_RESTARTS_IN_WINDOW = 3
+_RESTART_WINDOW_S = 60.0
 
 
 class EngineStartError(RuntimeError):
@@ -88,6 +94,7 @@ class EngineProcess:
         self._limits = ready.limits
         self.restarts = 0
         self._failure: str | None = None  # set when the engine is gone for good (not by stop())
+        self._deaths: list[float] = []  # when children died, within the restart window
         self._pending: dict[str, _Pending] = {}
         self._lock = threading.Lock()  # guards _pending, _closed and _backlog
         # Sends get their own lock: a send that blocks on a full pipe must never keep the receiver
@@ -215,8 +222,18 @@ class EngineProcess:
                     break
                 in_flight, self._pending, self._backlog = self._pending, {}, []
             code = child.process.exitcode
-            log.error("the LLM engine process exited unexpectedly (exit code %s); restarting it", code)
             self._fail(in_flight, f"the engine process exited unexpectedly (exit code {code}); retry")
+            now = time.monotonic()
+            self._deaths = [t for t in self._deaths if now - t < _RESTART_WINDOW_S] + [now]
+            if len(self._deaths) > _MAX_RESTARTS_IN_WINDOW:
+                # A child that dies at every start (or a request that kills each new one) would
+                # otherwise reload the model in a loop for ever.
+                self._give_up(
+                    f"the engine process died {len(self._deaths)} times within {_RESTART_WINDOW_S:.0f} s "
+                    f"(last exit code {code}); load the model again"
+                )
+                break
+            log.error("the LLM engine process exited unexpectedly (exit code %s); restarting it", code)
             if not self._restart():
                 break
         self._fail(self._take_pending(), self._closed or "the engine is stopped")
@@ -234,15 +251,19 @@ class EngineProcess:
             for delta in deltas:
                 self._deliver(delta)
 
+    def _give_up(self, reason: str) -> None:
+        """No more restarts: every request from now on fails with ``reason``, and so does the model."""
+        log.error("LLM engine: %s", reason)
+        with self._lock:
+            self._closed = self._failure = reason
+            self._backlog = None
+
     def _restart(self) -> bool:
         """Start a new child and send it what waited meanwhile; False if it could not start."""
         try:
             child, ready = self._spawn()
         except Exception as exc:  # noqa: BLE001 - EngineStartError, or EMFILE/ENOMEM/pickling: never hang
-            log.error("the LLM engine process could not restart: %s", exc)
-            with self._lock:
-                self._closed, self._backlog = f"the engine process died and could not restart: {exc}", None
-                self._failure = self._closed
+            self._give_up(f"the engine process died and could not restart: {exc}")
             return False
         with self._send_lock, self._lock:
             self._child, self._stats, self._limits = child, ready.stats, ready.limits
