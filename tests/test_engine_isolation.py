@@ -122,3 +122,27 @@ def test_a_device_error_restarts_the_engine_process(tiny):
         assert len(later.outputs[-1].outputs[0].token_ids) == 4 and loop.restarts == 1
     finally:
         loop.stop(timeout=10)
+
+
+def test_a_device_failure_on_the_engine_thread_makes_the_model_unavailable(tiny, monkeypatch):
+    """A thread driver cannot start a new CUDA context: it reports the failure (the model then shows
+    UNAVAILABLE) and refuses what comes next instead of failing it step after step."""
+    engine = LLMEngine(engine_config(tiny, block_size=8))
+
+    def fail() -> None:
+        raise RuntimeError("CUDA error: device-side assert triggered")
+
+    monkeypatch.setattr(engine, "step", fail)
+    monkeypatch.setattr(engine, "device_failed", lambda: True)
+    loop = EngineLoop(engine)
+    loop.start()
+    try:
+        first = Collector()
+        loop.submit(loop.make_request("a", "hi", SamplingParams(max_tokens=4)), first)
+        assert first.done.wait(30) and "device failed" in first.outputs[-1].error
+        assert loop.failure() is not None and "load the model again" in loop.failure()
+        later = Collector()
+        loop.submit(loop.make_request("b", "hi", SamplingParams(max_tokens=4)), later)
+        assert later.done.wait(30) and later.outputs[-1].error_code == "UNAVAILABLE"
+    finally:
+        loop.stop(timeout=10)

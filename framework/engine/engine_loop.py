@@ -16,7 +16,7 @@ import threading
 from collections import deque
 from collections.abc import Callable
 
-from pagedserve.engine.engine_core import EngineCore, EngineStats
+from pagedserve.engine.engine_core import EngineCore, EngineStats, failed_output
 from pagedserve.engine.llm_engine import LLMEngine
 from pagedserve.engine.outputs import RequestOutput
 from pagedserve.engine.request import EngineRequest
@@ -24,6 +24,8 @@ from pagedserve.engine.sampling_params import SamplingParams
 from pagedserve.models.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
+
+_DEVICE_FAILED = "the engine's device failed (a CUDA error is fatal to the process); load the model again"
 
 OutputCallback = Callable[[RequestOutput], None]
 
@@ -76,7 +78,9 @@ class EngineLoop:
     """An engine on a thread is never restarted (:class:`EngineProcess` counts its restarts)."""
 
     def failure(self) -> str | None:
-        return None  # a failed step fails its requests; the thread itself goes on
+        # A failed step fails only its culprits; a failed device takes this whole process's CUDA
+        # context with it, and a thread cannot be restarted with a new one: load the model again.
+        return _DEVICE_FAILED if self._core.broken else None
 
     # ---- caller side (any thread) ----------------------------------------------------------------
 
@@ -149,6 +153,9 @@ class EngineLoop:
                     self._router.deliver(output)
 
     def _add(self, request: EngineRequest, callback: OutputCallback) -> None:
+        if self._core.broken:
+            call(callback, failed_output(request, _DEVICE_FAILED, "UNAVAILABLE"))
+            return
         rejected = self._core.add(request)
         if rejected is not None:
             call(callback, rejected)  # not routed: a duplicate id must not end the live request
