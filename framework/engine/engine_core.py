@@ -9,7 +9,8 @@ Requests are validated before they reach a step, but if a step still raises, the
 request that was in it alone: one whose step raises again is ended with the error (INTERNAL), the
 others go on, having only recomputed their KV cache. After a device error nothing can run in this
 process any more: every request fails and :attr:`EngineCore.broken` tells the driver (an engine
-process then exits, and its parent starts a new one).
+process then exits, and its parent starts a new one; an engine thread refuses what comes next and
+reports the failure, so the model shows UNAVAILABLE until it is loaded again).
 """
 
 from __future__ import annotations
