@@ -235,8 +235,8 @@ async def _check(config: ServeConfig, manager: ModelManager, stop: _StopSignals)
     return 0
 
 
-def _report_failures(failed: list[tuple[str, str]]) -> None:
-    for _, error in failed:
+def _report_failures(failed: list[str]) -> None:
+    for error in failed:
         console.print(f"[red]{error}[/]")  # the model manager's messages name the model
 
 
@@ -325,18 +325,16 @@ def _startup_names(config: ServeConfig, manager: ModelManager) -> list[str]:
     return manager.repository.autoload_names()
 
 
-async def _load_startup_models(
-    config: ServeConfig, manager: ModelManager, stop: _StopSignals
-) -> list[tuple[str, str]]:
+async def _load_startup_models(config: ServeConfig, manager: ModelManager, stop: _StopSignals) -> list[str]:
     names = _startup_names(config, manager)
     loop = asyncio.get_running_loop()
-    failed: list[tuple[str, str]] = []
+    failed: list[str] = []  # the model manager's messages, which name the model
 
     async def load(name: str) -> None:
         try:
             await loop.run_in_executor(None, manager.load, name)
         except InferenceError as error:
-            failed.append((name, error.message.strip()))
+            failed.append(error.message.strip())
 
     stop.loading = True
     try:
