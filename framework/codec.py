@@ -451,10 +451,7 @@ class RequestDecoder:
             return  # variable-sized elements; _to_array counts them after the copy
         expected = math.prod(tensor.shape) * datatypes.element_size(tensor.datatype)
         if byte_size != expected:
-            raise InferenceError(
-                f"input byte size mismatch for input '{tensor.name}' for model '{self.spec.name}'. "
-                f"Expected {expected}, got {byte_size}"
-            )
+            raise _byte_size_mismatch(tensor.name, self.spec.name, expected, byte_size)
 
     def _typed_contents(self, tensor: pb.ModelInferRequest.InferInputTensor) -> np.ndarray | list[bytes]:
         expected = _CONTENTS_FIELD.get(tensor.datatype)
@@ -508,17 +505,12 @@ class RequestDecoder:
         dtype = datatypes.numpy_dtype(datatype)
         if isinstance(data, np.ndarray):
             if len(data) != count:
-                raise InferenceError(
-                    f"input byte size mismatch for input '{input_name}' for model '{name}'. Expected "
-                    f"{count * dtype.itemsize}, got {len(data) * dtype.itemsize}"
-                )
+                size = dtype.itemsize
+                raise _byte_size_mismatch(input_name, name, count * size, len(data) * size)
             return data.astype(dtype, copy=False).reshape(shape)  # narrower types wrap, as C casts do
         expected = count * dtype.itemsize
         if len(data) != expected:
-            raise InferenceError(
-                f"input byte size mismatch for input '{input_name}' for model '{name}'. Expected "
-                f"{expected}, got {len(data)}"
-            )
+            raise _byte_size_mismatch(input_name, name, expected, len(data))
         return np.frombuffer(data, dtype=dtype.newbyteorder("<")).astype(dtype, copy=False).reshape(shape)
 
     def _check_required(self, target: InferenceRequest) -> None:
@@ -630,6 +622,13 @@ _CLASSIFIABLE = frozenset(
     ("UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP32", "FP64")
 )
 MAX_CLASSIFICATION_ELEMENTS = 1_000_000
+
+
+def _byte_size_mismatch(input_name: str, model: str, expected: int, got: int) -> InferenceError:
+    return InferenceError(
+        f"input byte size mismatch for input '{input_name}' for model '{model}'. "
+        f"Expected {expected}, got {got}"
+    )
 
 
 def _check_classifiable(datatype: str) -> None:
