@@ -17,14 +17,15 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from pagedserve.config import BackendSettings, BenchConfig, ModelControlMode, ServeConfig, register_configs
 from pagedserve.console import console, model_table, plugin_table, setup_logging
+from pagedserve.core import ServerCore
 from pagedserve.errors import InferenceError
+from pagedserve.frontends import BindError, Frontend
 from pagedserve.help import help_text
 from pagedserve.log_settings import LogController
 from pagedserve.metrics import MetricsServer
 from pagedserve.model_manager import ModelManager
 from pagedserve.plugin_manager import PluginHost, Registries, RegistryError
 from pagedserve.repository import ModelRepository
-from pagedserve.server import BindError, GrpcServer
 from pagedserve.tls import tls_context
 from pagedserve.tracing import Tracer, TraceSettings
 
@@ -152,7 +153,12 @@ def run(config: ServeConfig, host: PluginHost) -> int:
         registries.batching_policies,
         BackendSettings.from_config(config, registries),
     )
-    return asyncio.run(_serve(config, manager, tracer, logs))
+    try:
+        frontends = [registries.frontends.get(name) for name in config.frontends]
+    except RegistryError as error:
+        console.print(f"[red]invalid configuration:[/] frontends: {error}")
+        return EXIT_CONFIG
+    return asyncio.run(_serve(config, ServerCore(config, manager, tracer, logs), frontends))
 
 
 def _unreadable_tls_file(config: ServeConfig) -> str | None:
@@ -169,30 +175,37 @@ def _tracer(config: ServeConfig, registries: Registries) -> Tracer:
     return Tracer(TraceSettings(config.tracing), exporter(config.tracing))
 
 
-async def _serve(config: ServeConfig, manager: ModelManager, tracer: Tracer, logs: LogController) -> int:
+async def _serve(config: ServeConfig, core: ServerCore, kinds: list[type[Frontend]]) -> int:
     loop = asyncio.get_running_loop()
     loop.set_default_executor(ThreadPoolExecutor(config.server.workers, thread_name_prefix="pagedserve"))
     stop = _StopSignals(loop)
     try:
         if config.check:
-            return await _check(config, manager, stop)
+            return await _check(config, core.manager, stop)
+        frontends: list[Frontend] = []
         try:
-            server = GrpcServer(config, manager, tracer, logs)
+            for kind in kinds:
+                frontend = kind(config, core)
+                # One machine-readable line per front-end on stdout: scripts and tests read ports here.
+                print(f"pagedserve: {await frontend.start()}", flush=True)
+                frontends.append(frontend)
         except BindError as error:
             console.print(f"[red]cannot start:[/] {error}")
+            await _stop_frontends(frontends, 0)
             return EXIT_FAILED
-        await server.start()
-        # One machine-readable line on stdout: scripts and tests read the bound port from it.
-        print(f"pagedserve: GRPCInferenceService listening on {config.server.host}:{server.port}", flush=True)
-        metrics = _start_metrics(config, manager)
+        metrics = _start_metrics(config, core.manager)
         try:
-            return await _serve_until_stopped(config, manager, server, stop)
+            return await _serve_until_stopped(config, core, frontends, stop)
         finally:
             if metrics is not None:
                 metrics.stop()
     finally:
         stop.remove()
-        tracer.close()  # the exporter writes what it still holds
+        core.tracer.close()  # the exporter writes what it still holds
+
+
+async def _stop_frontends(frontends: list[Frontend], grace: float) -> None:
+    await asyncio.gather(*(frontend.stop(grace) for frontend in frontends))
 
 
 class _StopSignals:
@@ -261,8 +274,9 @@ def _start_metrics(config: ServeConfig, manager: ModelManager) -> MetricsServer 
 
 
 async def _serve_until_stopped(
-    config: ServeConfig, manager: ModelManager, server: GrpcServer, stop: _StopSignals
+    config: ServeConfig, core: ServerCore, frontends: list[Frontend], stop: _StopSignals
 ) -> int:
+    manager = core.manager
     failed = await _load_startup_models(config, manager, stop)
     console.print(model_table(manager.index()))
     if failed:
@@ -271,23 +285,29 @@ async def _serve_until_stopped(
             console.print(
                 "exiting: a start-up model failed to load (server.exit_on_error=false serves the rest)"
             )
-            await server.stop(0)
+            core.exiting = True
+            await _stop_frontends(frontends, 0)
+            core.shm.close()
             manager.shutdown(0.0)
             return EXIT_FAILED
-    server.mark_started()
-    background = [asyncio.create_task(_refresh_health(server))]
+    core.started = True
+    _update_health(frontends)
+    background = [asyncio.create_task(_refresh_health(frontends))]
     if config.model_control_mode == ModelControlMode.poll:
         background.append(asyncio.create_task(_poll(config, manager)))
     await stop.event.wait()
     for task in background:
         task.cancel()
-    await _drain(config, manager, server)
+    await _drain(config, core, frontends)
     return 0
 
 
-async def _drain(config: ServeConfig, manager: ModelManager, server: GrpcServer) -> None:
+async def _drain(config: ServeConfig, core: ServerCore, frontends: list[Frontend]) -> None:
     """Refuse new work at once, let running requests finish for up to ``server.exit_timeout_s``."""
-    server.begin_drain()
+    core.exiting = True  # ServerReady false and new inference UNAVAILABLE on every front-end
+    for frontend in frontends:
+        frontend.begin_drain()
+    manager = core.manager
     timeout = config.server.exit_timeout_s
     busy = [v for v in manager.ready_versions() if v.inflight]
     if busy:
@@ -311,7 +331,8 @@ async def _drain(config: ServeConfig, manager: ModelManager, server: GrpcServer)
                 version.inflight,
                 timeout,
             )
-    await server.stop(1.0)  # ends idle streams and whatever outlived the timeout
+    await _stop_frontends(frontends, 1.0)  # ends idle streams and whatever outlived the timeout
+    core.shm.close()
     await loop.run_in_executor(None, manager.shutdown, 0.0)
 
 
@@ -345,9 +366,14 @@ async def _load_startup_models(config: ServeConfig, manager: ModelManager, stop:
     return sorted(failed)
 
 
-async def _refresh_health(server: GrpcServer) -> None:
+def _update_health(frontends: list[Frontend]) -> None:
+    for frontend in frontends:
+        frontend.update_health()
+
+
+async def _refresh_health(frontends: list[Frontend]) -> None:
     while True:
-        server.update_health()
+        _update_health(frontends)
         await asyncio.sleep(1.0)
 
 

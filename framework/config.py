@@ -105,6 +105,10 @@ class ServerConfig:
     """Address the gRPC and metrics ports bind; the default is every interface."""
     grpc_port: int = 8001
     """0 picks a free port (printed at start)."""
+    http_port: int = 8000
+    """The ``http`` front-end's port (KServe v2 REST); 0 picks a free port (printed at start)."""
+    openai_port: int = 9000
+    """The ``openai`` front-end's port (Triton's OpenAI front-end uses 9000); 0 picks a free port."""
     max_message_bytes: int = 64 * 2**20
     """Largest request/response message. Triton allows INT32_MAX; a few requests that large at once
     exhaust a small host's memory, so the default is Triton's HTTP input limit, 64 MiB."""
@@ -134,8 +138,10 @@ class ServerConfig:
     tls: TlsConfig = field(default_factory=TlsConfig)
 
     def __post_init__(self) -> None:
-        if not 0 <= self.grpc_port <= 65535:
-            raise ValueError(f"server.grpc_port must be in [0, 65535], got {self.grpc_port}")
+        for key in ("grpc_port", "http_port", "openai_port"):
+            port = getattr(self, key)
+            if not 0 <= port <= 65535:
+                raise ValueError(f"server.{key} must be in [0, 65535], got {port}")
         if self.max_message_bytes <= 0 or self.max_message_bytes > 2**31 - 1:
             raise ValueError(
                 f"server.max_message_bytes must be in [1, {2**31 - 1}], got {self.max_message_bytes}"
@@ -309,6 +315,9 @@ class EngineSettings:
 @dataclass
 class ServeConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
+    frontends: list[str] = field(default_factory=lambda: ["grpc"])
+    """Protocol front-ends to serve, by name (the ``pagedserve_frontends`` hook): ``grpc``, ``http``,
+    ``openai``; all share the same models, statistics and metrics."""
     model_control_mode: ModelControlMode = ModelControlMode.none
     repository: str | None = None
     """Folder of model YAMLs; default: the shipped conf/models."""
@@ -329,6 +338,10 @@ class ServeConfig:
     configuration, and lets ``serve -m`` sweeps finish."""
 
     def __post_init__(self) -> None:
+        if not self.frontends:
+            raise ValueError("frontends must name at least one front-end (grpc, http, openai)")
+        if len(set(self.frontends)) != len(self.frontends):
+            raise ValueError(f"frontends names a front-end twice: {self.frontends}")
         if self.poll_interval_s <= 0:
             raise ValueError(f"poll_interval_s must be > 0, got {self.poll_interval_s}")
         models = self.startup_models()

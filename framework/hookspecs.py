@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from pagedserve.batching import BatchingPolicy
     from pagedserve.engine.attention import AttentionBackend
     from pagedserve.engine.policy import SchedulingPolicy
+    from pagedserve.frontends import Frontend
     from pagedserve.models.registry import ModelArchitecture
 
 PROJECT = "pagedserve"
@@ -76,3 +77,12 @@ def pagedserve_model_architectures() -> list[type[ModelArchitecture]]:
 @hookspec
 def pagedserve_trace_exporters() -> list[type]:
     """Tracing exporters (``tracing=triton|opentelemetry``)."""
+
+
+@hookspec
+def pagedserve_frontends() -> list[type[Frontend]]:
+    """Protocol front-ends (``frontends: [grpc, http, openai]``).
+
+    Each is constructed as ``cls(config, core)`` over the one :class:`~pagedserve.core.ServerCore`
+    every front-end shares, then started, told when the server is ready, drained and stopped by the
+    server (see :class:`pagedserve.frontends.Frontend`)."""

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from pagedserve.batching import BatchingPolicy
     from pagedserve.engine.attention import AttentionBackend
     from pagedserve.engine.policy import SchedulingPolicy
+    from pagedserve.frontends import Frontend
     from pagedserve.models.registry import ModelArchitecture
 
 T = TypeVar("T")
@@ -136,6 +137,7 @@ class PluginHost:
             scheduling_policies=self.registry("scheduling policy", hook.pagedserve_scheduling_policies),
             model_architectures=self.registry("model architecture", hook.pagedserve_model_architectures),
             trace_exporters=self.registry("trace exporter", hook.pagedserve_trace_exporters),
+            frontends=self.registry("front-end", hook.pagedserve_frontends),
         )
 
 
@@ -149,3 +151,4 @@ class Registries:
     scheduling_policies: Registry[type[SchedulingPolicy]]
     model_architectures: Registry[type[ModelArchitecture]]
     trace_exporters: Registry[type]
+    frontends: Registry[type[Frontend]]

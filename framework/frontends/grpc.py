@@ -1,134 +1,71 @@
-"""The gRPC front end: ``inference.GRPCInferenceService`` plus grpc.health.v1 and reflection.
+"""The ``grpc`` front-end: ``inference.GRPCInferenceService`` plus grpc.health.v1 and reflection.
 
-Protocol in, typed objects out: requests are decoded by :mod:`pagedserve.codec`, handed to the
-model's batching policy, and whatever the model sends comes back through a
-:class:`~pagedserve.responder.ServerResponder`. Nothing here runs a model or blocks the loop.
-Shared-memory regions, trace settings and log settings live in their own modules; the RPCs here only
-translate their protobuf messages.
+Protocol in, typed objects out: requests are decoded by :mod:`pagedserve.codec` in the core, and
+whatever the model sends comes back through a :class:`~pagedserve.responder.ServerResponder`. Nothing
+here runs a model or blocks the loop; the RPCs only translate their protobuf messages.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import socket
-import time
-import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
-from google.protobuf import json_format
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from pagedserve import protocol
 from pagedserve.call_guard import Malformed, RestrictedProtocols, add_guarded_service
-from pagedserve.codec import RequestDecoder, RequestOptions, parse_infer_request, set_parameter
+from pagedserve.codec import RequestOptions, parse_infer_request
 from pagedserve.config import ServeConfig, TlsConfig
-from pagedserve.datatypes import of_tensor
+from pagedserve.core import ServerCore, allows_unary
 from pagedserve.errors import InferenceError
-from pagedserve.inference import InferenceRequest
-from pagedserve.log_settings import LogController
-from pagedserve.model_manager import LoadedVersion, ModelManager
+from pagedserve.frontends import Frontend, bind_error, bind_problem
 from pagedserve.protocol import grpc_service_pb2 as pb
 from pagedserve.protocol import grpc_service_pb2_grpc as pb_grpc
-from pagedserve.responder import Delivery, LoopMailbox, ServerResponder
-from pagedserve.shared_memory import SharedMemoryManager
-from pagedserve.statistics import Duration
+from pagedserve.responder import Delivery, ServerResponder
 from pagedserve.stream import StreamSession, sent
 from pagedserve.tls import server_credentials
-from pagedserve.tracing import Trace, Tracer, TraceSettings
 
 log = logging.getLogger(__name__)
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(
-        self,
-        config: ServeConfig,
-        manager: ModelManager,
-        tracer: Tracer | None = None,
-        logs: LogController | None = None,
-    ) -> None:
-        self.config = config
-        self.manager = manager
-        self.live = True
-        self.started = False
-        self.exiting = False
-        # One decoder per loaded version, forgotten with it (a reload makes new versions).
-        self._decoders: weakref.WeakKeyDictionary[LoadedVersion, RequestDecoder] = weakref.WeakKeyDictionary()
-        self._loop_mailbox: LoopMailbox | None = None
-        self.shm = SharedMemoryManager(config.server.allow_client_shm, config.server.max_shm_regions)
-        self.tracer = tracer or Tracer(TraceSettings(config.tracing), None)
-        self.logs = logs or LogController(config.logging)
+    """Each RPC translates its protobuf message into a call on the core and InferenceError into a
+    gRPC status."""
+
+    def __init__(self, core: ServerCore) -> None:
+        self.core = core
+        self.shm = core.shm
 
     # -- health and metadata ----------------------------------------------------------------------
 
-    def server_ready(self) -> bool:
-        if not self.started or self.exiting:
-            return False
-        return self.manager.all_ready() if self.config.server.strict_readiness else True
-
     async def ServerLive(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:
-        return pb.ServerLiveResponse(live=self.live)  # still live while draining: it is finishing work
+        return pb.ServerLiveResponse(live=self.core.live)  # still live while draining: it is finishing work
 
     async def ServerReady(self, request: pb.ServerReadyRequest, context: Any) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=self.server_ready())
+        return pb.ServerReadyResponse(ready=self.core.server_ready())
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
-        if not self.started:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "Server not ready")
-        ready = await self._call(context, self.manager.is_ready, request.name, request.version)
+        ready = await self._call(context, self.core.model_ready, request.name, request.version)
         return pb.ModelReadyResponse(ready=ready)
 
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: Any
     ) -> pb.ServerMetadataResponse:
-        server = self.config.server
-        return pb.ServerMetadataResponse(
-            name=server.name, version=server.version, extensions=server.extensions
-        )
+        return self.core.server_metadata()
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
-        loaded = await self._call(context, self.manager.resolve, request.name, request.version)
-        config = loaded.spec.config
-        versions = (
-            [request.version]
-            if request.version
-            else [str(v.version) for v in self.manager.ready_versions(request.name)]
-        )
-        batch = [-1] if config.max_batch_size > 0 else []
-        response = pb.ModelMetadataResponse(
-            name=loaded.spec.name, versions=versions, platform=config.platform or config.backend
-        )
-        for tensors, target in ((config.input, response.inputs), (config.output, response.outputs)):
-            for tensor in tensors:
-                target.add(name=tensor.name, datatype=of_tensor(tensor), shape=batch + list(tensor.dims))
-        return response
+        return await self._call(context, self.core.model_metadata, request.name, request.version)
 
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:
-        loaded = await self._call(context, self.manager.resolve, request.name, request.version)
-        return pb.ModelConfigResponse(config=loaded.spec.config)
+        return await self._call(context, self.core.model_config, request.name, request.version)
 
     async def ModelStatistics(
         self, request: pb.ModelStatisticsRequest, context: Any
     ) -> pb.ModelStatisticsResponse:
-        loaded_versions = self.manager.ready_versions(request.name)
-        if request.name and not loaded_versions:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, f"requested model '{request.name}' is not available"
-            )
-        if request.version:
-            loaded_versions = [v for v in loaded_versions if str(v.version) == request.version]
-            if not loaded_versions:
-                await context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"requested model version is not available for model '{request.name}'",
-                )
-        response = pb.ModelStatisticsResponse()
-        for loaded in loaded_versions:
-            _fill_statistics(response.model_stats.add(), loaded)
-        return response
+        return await self._call(context, self.core.model_statistics, request.name, request.version)
 
     # -- repository -------------------------------------------------------------------------------
 
@@ -140,14 +77,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 grpc.StatusCode.UNIMPLEMENTED, "'repository_name' specification is not supported"
             )
         response = pb.RepositoryIndexResponse()
-        for row in self.manager.index(request.ready):
+        for row in self.core.repository_index(request.ready):
             response.models.add(name=row.name, version=row.version, state=row.state, reason=row.reason)
         return response
 
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: Any
     ) -> pb.RepositoryModelLoadResponse:
-        await self._check_model_control(context)
+        await self._call(context, self.core.check_model_control)
         override: str | None = None
         for key, param in request.parameters.items():
             if key == "config":
@@ -164,33 +101,26 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 )
             else:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unrecognized load parameter '{key}'.")
-        await self._call(context, self.manager.load, request.model_name, override, blocking=True)
+        await self._await(context, self.core.load(request.model_name, override))
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: Any
     ) -> pb.RepositoryModelUnloadResponse:
-        await self._check_model_control(context)
+        await self._call(context, self.core.check_model_control)
         param = request.parameters.get("unload_dependents")
         if param is not None and param.WhichOneof("parameter_choice") != "bool_param":
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 "invalid value type for 'unload_dependents' parameter, expected bool_param.",
             )
-        await self._call(context, self.manager.unload, request.model_name, None, blocking=True)
+        await self._await(context, self.core.unload(request.model_name))
         return pb.RepositoryModelUnloadResponse()
-
-    async def _check_model_control(self, context: Any) -> None:
-        if self.config.model_control_mode.value != "explicit":
-            await context.abort(
-                grpc.StatusCode.UNAVAILABLE,
-                "explicit model load / unload is not allowed if polling is enabled",
-            )
 
     async def _call(
         self, context: Any, function: Callable[..., Any], *args: Any, blocking: bool = False
     ) -> Any:
-        """Run a manager call (in a thread when it may block) and map InferenceError to a status."""
+        """Run a core call (in a thread when it may block) and map InferenceError to a status."""
         try:
             if blocking:
                 return await asyncio.get_running_loop().run_in_executor(None, function, *args)
@@ -198,73 +128,24 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         except InferenceError as error:
             await context.abort(error.code, error.message)
 
+    async def _await(self, context: Any, call: Awaitable[Any]) -> Any:
+        try:
+            return await call
+        except InferenceError as error:
+            await context.abort(error.code, error.message)
+
     # -- inference --------------------------------------------------------------------------------
-
-    def _mailbox(self) -> LoopMailbox:
-        loop = asyncio.get_running_loop()
-        if self._loop_mailbox is None or self._loop_mailbox.loop is not loop:
-            self._loop_mailbox = LoopMailbox(loop)
-        return self._loop_mailbox
-
-    def _decoder(self, loaded: LoadedVersion) -> RequestDecoder:
-        decoder = self._decoders.get(loaded)
-        if decoder is None:
-            decoder = self._decoders[loaded] = RequestDecoder(loaded.spec, loaded.version)
-        return decoder
 
     def start_request(
         self, message: pb.ModelInferRequest, deliver: Callable[[Delivery], None]
     ) -> tuple[ServerResponder, RequestOptions]:
-        """Resolve, decode and queue one request; raise InferenceError if it cannot start."""
-        if self.exiting:
-            raise InferenceError.unavailable(
-                "GRPC server is shutting down and has stopped accepting new requests."
-            )
-        arrival = time.monotonic_ns()
-        loaded = self.manager.acquire(message.model_name, message.model_version)
-        responder = ServerResponder(self._mailbox(), loaded, deliver)
-        lease = self.shm.lease() if self.shm.enabled else None
-        try:
-            request, options = self._decoder(loaded).decode(message, responder, lease)
-        except InferenceError as error:
-            if lease is not None:
-                lease.release()
-            loaded.stats.record_failure(time.monotonic_ns() - arrival, error.failure_reason)
-            loaded.release()
-            raise
-        request.timing.arrival_ns = arrival
-        request.timing.compute_input_ns = time.monotonic_ns() - arrival
-        responder.request = request
-        responder.options, responder.lease = options, lease
-        responder.trace = self._start_trace(loaded, message, request)
-        self._submit(loaded, request, responder)
-        return responder, options
-
-    def _start_trace(
-        self, loaded: LoadedVersion, message: pb.ModelInferRequest, request: InferenceRequest
-    ) -> Trace | None:
-        trace = self.tracer.start(loaded.spec.name, loaded.version, request.id, request.timing.arrival_ns)
-        if trace is not None and trace.wants_tensors:
-            for tensor in message.inputs:
-                array = request.inputs[tensor.name]
-                trace.record_tensor("TENSOR_QUEUE_INPUT", tensor.name, tensor.datatype, array)
-        return trace
-
-    @staticmethod
-    def _submit(loaded: LoadedVersion, request: InferenceRequest, responder: ServerResponder) -> None:
-        request.timing.queued_ns = time.monotonic_ns()
-        try:
-            loaded.policy.submit(request)
-        except InferenceError as error:
-            responder.fail(error)
-        except Exception as error:  # noqa: BLE001 - a broken policy must not take the server down
-            responder.fail(InferenceError.internal(str(error)))
+        return self.core.start_request(message, deliver, front_end="GRPC server")
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
         if isinstance(request, Malformed):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
-        spec = self.manager.spec(request.model_name)
-        if spec is not None and spec.decoupled and not _allows_unary(spec):
+        spec = self.core.manager.spec(request.model_name)
+        if spec is not None and spec.decoupled and not allows_unary(spec):
             await context.abort(
                 grpc.StatusCode.UNIMPLEMENTED,
                 "ModelInfer RPC doesn't support models with decoupled transaction policy",
@@ -288,7 +169,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Any
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        stream = StreamSession(self.manager.spec, self.start_request)
+        stream = StreamSession(self.core.manager.spec, self.start_request)
         reader = asyncio.create_task(stream.read(request_iterator))
         try:
             async for message in stream.messages():
@@ -360,14 +241,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     # -- tracing and logging ----------------------------------------------------------------------
 
     async def TraceSetting(self, request: pb.TraceSettingRequest, context: Any) -> pb.TraceSettingResponse:
-        model = request.model_name
-        if model and not await self._call(context, self.manager.is_ready, model, ""):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"Request for unknown model : {model}")
         changes = {key: list(setting.value) for key, setting in request.settings.items()}
-        if changes:
-            await self._call(context, self.tracer.settings.update, model, changes)
+        settings = await self._call(context, self.core.trace_setting, request.model_name, changes)
         response = pb.TraceSettingResponse()
-        for key, values in self.tracer.settings.render(model, self.tracer.exporter).items():
+        for key, values in settings.items():
             response.settings[key].value.extend(values)
         return response
 
@@ -376,10 +253,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         for key, setting in request.settings.items():
             kind = setting.WhichOneof("parameter_choice")
             changes[key] = (kind, getattr(setting, kind) if kind else None)
-        if changes:
-            await self._call(context, self.logs.update, changes)
+        settings = await self._call(context, self.core.log_settings, changes)
         response = pb.LogSettingsResponse()
-        for key, (kind, value) in self.logs.render().items():
+        for key, (kind, value) in settings.items():
             setattr(response.settings[key], kind, value)
         return response
 
@@ -421,57 +297,14 @@ class _UnaryCall:
         )
 
 
-def _allows_unary(spec: Any) -> bool:
-    """Our extension: decoupled models that answer a non-streaming request with exactly one response
-    (the LLM backend with ``stream`` false) say so with this config parameter."""
-    return spec.parameter("unary_decoupled", "false") == "true"
+class GrpcFrontend(Frontend):
+    """``grpc``: the grpc.aio server, with grpc.health.v1 mirroring readiness and reflection."""
 
+    name = "grpc"
 
-def _fill_statistics(stats: pb.ModelStatistics, loaded: LoadedVersion) -> None:
-    snap = loaded.stats.snapshot()
-    stats.name = loaded.spec.name
-    stats.version = str(loaded.version)
-    stats.last_inference = snap.last_inference_ms
-    stats.inference_count = snap.inference_count
-    stats.execution_count = snap.execution_count
-
-    def put(target: pb.StatisticDuration, source: Duration) -> None:
-        target.count, target.ns = source.count, source.ns
-
-    inference = stats.inference_stats
-    for name in ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output"):
-        put(getattr(inference, name), getattr(snap, name))
-    inference.cache_hit.SetInParent()
-    inference.cache_miss.SetInParent()
-    for size, batch in snap.batches.items():
-        entry = stats.batch_stats.add(batch_size=size)
-        put(entry.compute_input, batch.compute_input)
-        put(entry.compute_infer, batch.compute_infer)
-        put(entry.compute_output, batch.compute_output)
-    for index, response in snap.responses.items():
-        entry = stats.response_stats[str(index)]
-        for name in ("compute_infer", "compute_output", "success", "fail", "empty_response", "cancel"):
-            put(getattr(entry, name), getattr(response, name))
-    for kind, size in loaded.policy.model.memory_bytes().items():
-        stats.memory_usage.add(type=kind, id=0, byte_size=size)
-
-
-class BindError(OSError):
-    """The gRPC port could not be bound; the message names the address and the key to change."""
-
-
-class GrpcServer:
-    """Owns the grpc.aio server and the health service's status."""
-
-    def __init__(
-        self,
-        config: ServeConfig,
-        manager: ModelManager,
-        tracer: Tracer | None = None,
-        logs: LogController | None = None,
-    ) -> None:
-        self.config = config
-        self.servicer = InferenceServicer(config, manager, tracer, logs)
+    def __init__(self, config: ServeConfig, core: ServerCore) -> None:
+        super().__init__(config, core)
+        self.servicer = InferenceServicer(core)
         self.health = health.HealthServicer(experimental_non_blocking=True)
         limit = config.server.max_message_bytes
         restricted = config.server.restricted_protocols
@@ -499,13 +332,13 @@ class GrpcServer:
             reflection.SERVICE_NAME,
         )
         reflection.enable_server_reflection(names, self.server, pool=_reflection_pool())
-        self.port = self._bind(config.server.host, config.server.grpc_port, config.server.tls)
+        self.port = 0
 
     def _bind(self, host: str, port: int, tls: TlsConfig) -> int:
-        address = f"{host}:{port}"
         # grpcio neither says why a bind failed nor keeps quiet about it: probe with a plain socket.
-        problem = _bind_problem(host, port)
+        problem = bind_problem(host, port)
         if problem is None:
+            address = f"{host}:{port}"
             try:
                 if tls.enabled:
                     bound = self.server.add_secure_port(address, server_credentials(tls))
@@ -516,59 +349,30 @@ class GrpcServer:
             if bound:
                 return bound
             problem = "the address could not be bound"
-        if problem.startswith("cannot resolve"):
-            raise BindError(f"server.host: cannot listen on {address} ({problem})")
-        raise BindError(
-            f"server.grpc_port: cannot listen on {address} ({problem}); "
-            "choose another port with server.grpc_port=<port> (0 picks a free one)"
-        )
+        raise bind_error(host, port, "server.grpc_port", problem)
 
-    async def start(self) -> None:
+    async def start(self) -> str:
+        server = self.config.server
+        self.port = self._bind(server.host, server.grpc_port, server.tls)
         await self.server.start()
-
-    def mark_started(self) -> None:
-        self.servicer.started = True
-        self.update_health()
+        return f"GRPCInferenceService listening on {server.host}:{self.port}"
 
     def update_health(self) -> None:
-        if self.servicer.exiting:
+        if self.core.exiting:
             return  # begin_drain set NOT_SERVING for good
         status = (
             health_pb2.HealthCheckResponse.SERVING
-            if self.servicer.server_ready()
+            if self.core.server_ready()
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
         self.health.set("", status)
         self.health.set(protocol.SERVICE_NAME, status)
 
     def begin_drain(self) -> None:
-        """Shutdown starts: health NOT_SERVING and ServerReady false at once, new inference
-        UNAVAILABLE; requests already running go on."""
-        self.servicer.exiting = True
         self.health.enter_graceful_shutdown()
 
     async def stop(self, grace: float) -> None:
-        self.begin_drain()
         await self.server.stop(grace)
-        self.servicer.shm.close()
-
-
-def _bind_problem(host: str, port: int) -> str | None:
-    """Why ``host:port`` cannot be bound (as grpcio binds it: address reuse on), or None."""
-    if port == 0:
-        return None
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as error:
-        return f"cannot resolve the host: {error.strerror}"
-    for family, kind, proto, _, sockaddr in infos:
-        with socket.socket(family, kind, proto) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind(sockaddr)
-            except OSError as error:
-                return error.strerror or str(error)
-    return None
 
 
 def _reflection_pool() -> Any:
@@ -583,6 +387,3 @@ def _reflection_pool() -> Any:
         health_pb2.DESCRIPTOR.CopyToProto(proto)
         pool.Add(proto)
     return pool
-
-
-__all__ = ["BindError", "GrpcServer", "InferenceServicer", "json_format", "set_parameter"]
