@@ -453,7 +453,7 @@ def test_hook_lists_backend_and_survives_missing_triton(monkeypatch):
 @pytest.mark.skipif(INTERPRETED_HERE, reason="kernels are built for the interpreter in this process")
 def test_kernels_compile_for_hopper(capsys):
     """The compiled path, with no GPU: build each kernel for sm_90 with the ptxas shipped in the wheel."""
-    from pagedserve_plugins.triton_attention import aot_check
+    from pagedserve.benchmarks.kernels import aot_check
 
     assert aot_check.main(["--quick"]) == 0, capsys.readouterr().out
 

@@ -85,30 +85,30 @@ def steps(
             150,
         ),
         "decode_bench": (
-            f"{here} plugins/triton_attention/device_check.py --out {shlex.quote(str(out / 'decode'))} "
+            f"{here} framework/benchmarks/kernels/device_check.py --out {shlex.quote(str(out / 'decode'))} "
             "--no-tests --no-sweep",
             240,
         ),
         "fp8_decode": (
-            f"{here} plugins/triton_attention/fp8_decode_check.py "
+            f"{here} framework/benchmarks/kernels/fp8_decode_check.py "
             f"--out {shlex.quote(str(out / 'fp8_decode'))}",
             240,
         ),
         "decode_ncu": (
-            f"{here} plugins/triton_attention/decode_ncu_check.py --out {shlex.quote(str(out / 'ncu'))}",
+            f"{here} framework/benchmarks/kernels/decode_ncu_check.py --out {shlex.quote(str(out / 'ncu'))}",
             120,
         ),
         "overlap": (
-            f"{here} plugins/triton_attention/overlap_check.py --out {shlex.quote(str(out / 'overlap'))}",
+            f"{here} framework/benchmarks/kernels/overlap_check.py --out {shlex.quote(str(out / 'overlap'))}",
             180,
         ),
         "prefill_sweep": (
-            f"{here} plugins/triton_attention/prefill_sweep_check.py "
+            f"{here} framework/benchmarks/kernels/prefill_sweep_check.py "
             f"--out {shlex.quote(str(out / 'prefill_sweep'))}",
             300,
         ),
         "decode_gemm": (
-            f"{here} plugins/triton_attention/decode_gemm_check.py --out {shlex.quote(str(out / 'gemm'))}",
+            f"{here} framework/benchmarks/kernels/decode_gemm_check.py --out {shlex.quote(str(out / 'gemm'))}",
             180,
         ),
         "bench": (f"{bench} bench.num_requests=512 bench.peers=[] {extra}", 240),

@@ -1,7 +1,7 @@
 """One-call GPU check of the Triton paged-attention kernels: correctness tests, then the decode benchmark.
 
-    python3 plugins/triton_attention/device_check.py --out "$OUT"          # tests + sweep + table
-    python3 plugins/triton_attention/device_check.py --out "$OUT" --no-tests --no-sweep
+    python3 framework/benchmarks/kernels/device_check.py --out "$OUT"          # tests + sweep + table
+    python3 framework/benchmarks/kernels/device_check.py --out "$OUT" --no-tests --no-sweep
 
 1. Runs ``tests/test_triton_attention.py`` (every test, including the ``gpu``-marked large shapes) under
    pytest, in parallel workers so the many kernel variants compile concurrently.
@@ -39,7 +39,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 HQ, HKV, D = 32, 8, 128
 
 

@@ -1,6 +1,6 @@
 """Which launch parameters suit the causal prefill kernel? A sweep on the offline workload's prompt mix.
 
-    python3 plugins/triton_attention/prefill_sweep_check.py --out "$OUT"
+    python3 framework/benchmarks/kernels/prefill_sweep_check.py --out "$OUT"
 
 Llama-3-8B shapes (32 query heads, 8 KV heads, d=128, block size 16), whole prompts read back through
 the block table from a bf16 cache and from a float8 (e4m3) cache of the same values; each cache dtype
@@ -19,7 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 BS = 16
 SWEEP = list(itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3)))  # rows, tile, warps, stages
 
@@ -104,7 +104,7 @@ class Batch:
 
 
 def main() -> int:
-    sys.path.insert(0, str(REPO / "plugins" / "triton_attention"))
+    sys.path.insert(0, str(Path(__file__).parent))
     from device_check import graph_time_ms, script_args, write_report
 
     args = script_args(reps=20)

@@ -5,7 +5,7 @@ rates measured on this card, see the issue). The same linears with float8 weight
 (``engine.quantization=fp8``: the activation's per-token quantization included) run beside them, at
 the decode sizes and at prefill chunk sizes, with their error against the bf16 result.
 
-    python3 plugins/triton_attention/decode_gemm_check.py --out "$OUT"
+    python3 framework/benchmarks/kernels/decode_gemm_check.py --out "$OUT"
 
 Each time is the median of ``--reps`` CUDA-graph replays of the linear alone; "of bound" and the
 per-linear columns are bound / time (1.0 = at the roofline).
@@ -17,14 +17,14 @@ import json
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 BATCHES = (64, 128, 192, 256, 320, 384, 448, 512, 2048, 8192)
 NAMES = ("qkv", "o", "gate_up", "down")
 HBM_BYTES_PER_S, BF16_FLOPS = 4.2e12, 801e12
 
 
 def main() -> int:
-    sys.path.insert(0, str(REPO / "plugins" / "triton_attention"))
+    sys.path.insert(0, str(Path(__file__).parent))
     from device_check import graph_time_ms, script_args, write_report
     from overlap_check import LINEARS
 

@@ -1,6 +1,6 @@
 """Why float8 decode is not twice as fast: Nsight Compute counters of our decode kernel, bf16 vs float8.
 
-    python3 plugins/triton_attention/decode_ncu_check.py --out "$OUT"
+    python3 framework/benchmarks/kernels/decode_ncu_check.py --out "$OUT"
 
 Profiles one launch of ``decode_partition_kernel`` per cache dtype (batch 256, context 4096, Llama-3-8B
 shapes, block 16, default launch parameters) with ``ncu --clock-control none`` and prints, side by side,
@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 BATCH, CONTEXT = 256, 4096
 METRICS = [
     "gpu__time_duration.sum",

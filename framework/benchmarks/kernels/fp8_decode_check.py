@@ -2,7 +2,7 @@
 cast to float8 (e4m3), timed side by side for each way of converting float8 for the products, and a
 sweep of decode launch parameters for the default way.
 
-    python3 plugins/triton_attention/fp8_decode_check.py --out "$OUT"
+    python3 framework/benchmarks/kernels/fp8_decode_check.py --out "$OUT"
 
 Llama-3-8B shapes (32 query heads, 8 KV heads, d=128, block size 16). A float8 cache holds half the
 bytes, so a decode kernel bound by KV reads would take half the time: ``fp8/bf16`` is the time ratio (0.5
@@ -19,7 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 # (batch, context, mixed): mixed draws each sequence's context uniformly in [64, context], as the offline
 # workload's decode steps have them (about 480 sequences early in the run, 160 late)
 SHAPES = [
@@ -181,7 +181,7 @@ def report(decode: list[dict], prefill: list[dict]) -> list[str]:
 
 
 def main() -> int:
-    sys.path.insert(0, str(REPO / "plugins" / "triton_attention"))
+    sys.path.insert(0, str(Path(__file__).parent))
     from device_check import script_args, write_report
 
     args = script_args(reps=30)

@@ -1,6 +1,6 @@
 """Compile the kernels for Hopper (sm_90) on a machine without a GPU and print ptxas's resource report.
 
-    python plugins/triton_attention/aot_check.py [--arch 90] [--sass]
+    python framework/benchmarks/kernels/aot_check.py [--arch 90] [--sass]
 
 Catches compile errors in the real (non-interpreted) code path and shows registers, spills and shared
 memory per kernel variant, using the ``ptxas`` that ships inside the ``triton`` wheel. Must run without

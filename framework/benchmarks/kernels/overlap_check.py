@@ -1,6 +1,6 @@
 """Can decode attention hide under the matmuls? One Llama-3-8B decoder layer's work, timed on a GPU.
 
-    python3 plugins/triton_attention/overlap_check.py --out "$OUT"
+    python3 framework/benchmarks/kernels/overlap_check.py --out "$OUT"
 
 The offline benchmark's decode steps run attention after the matmuls, one kernel at a time; the cost
 model in ``docs/benchmarks.md`` says the 13,000 tok/s goal needs the two to overlap. This measures
@@ -23,13 +23,13 @@ import json
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 HIDDEN, INTER, HQ, HKV, D, BLOCK = 4096, 14336, 32, 8, 128, 16
 LINEARS = [(HIDDEN, (HQ + 2 * HKV) * D), (HQ * D, HIDDEN), (HIDDEN, 2 * INTER), (INTER, HIDDEN)]
 
 
 def main() -> int:
-    sys.path.insert(0, str(REPO / "plugins" / "triton_attention"))
+    sys.path.insert(0, str(Path(__file__).parent))
     from device_check import graph_time_ms, script_args, write_report
 
     args = script_args(reps=50)
