@@ -17,6 +17,8 @@ from pagedserve.inference import InferenceRequest
 
 if TYPE_CHECKING:
     from google.protobuf.message import Message
+    from pagedserve.chat_template import ChatTemplate
+    from pagedserve.in_process import InProcessClient
     from pagedserve.protocol import model_config_pb2
     from pagedserve.settings import BackendSettings
 
@@ -79,6 +81,8 @@ class LoadContext:
     version: int
     settings: BackendSettings
     extras: dict[str, object] = field(default_factory=dict)
+    client: InProcessClient | None = None
+    """Requests to the other loaded models (ensembles, BLS); None where a model is built alone."""
 
 
 class Model(abc.ABC):
@@ -96,6 +100,10 @@ class Model(abc.ABC):
     def memory_bytes(self) -> dict[str, int]:
         """Memory held per kind (``CPU``, ``GPU``), for ModelStatistics.memory_usage."""
         return {}
+
+    def chat_template(self) -> ChatTemplate | None:
+        """The chat template that turns OpenAI chat messages into this model's prompt, if it has one."""
+        return None
 
     def failure(self) -> str | None:
         """Why this loaded model can no longer serve at all (its engine died and could not be

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from pagedserve.batching import BatchingPolicy
     from pagedserve.engine.attention import AttentionBackend
     from pagedserve.engine.policy import SchedulingPolicy
+    from pagedserve.engine.routing import RoutingPolicy
     from pagedserve.frontends import Frontend
     from pagedserve.models.registry import ModelArchitecture
 
@@ -67,6 +68,12 @@ def pagedserve_attention_backends() -> list[type[AttentionBackend]]:
 @hookspec
 def pagedserve_scheduling_policies() -> list[type[SchedulingPolicy]]:
     """LLM engine scheduling policies (``scheduler.policy``: ``fcfs``, ``priority``, ...)."""
+
+
+@hookspec
+def pagedserve_routing_policies() -> list[type[RoutingPolicy]]:
+    """Which replica of a data-parallel LLM model takes a request (``parameters.routing_policy``:
+    ``least_outstanding``, ``prefix_affinity``, ...)."""
 
 
 @hookspec

@@ -4,7 +4,9 @@ Nothing is counted per request for Prometheus: a custom collector reads the per-
 :class:`~pagedserve.statistics.ModelStats` snapshots (the same numbers ModelStatistics returns), the
 GPUs and the CPU when it is scraped. LLM models add engine metrics by offering
 ``engine_metrics() -> EngineMetricsSnapshot`` (see :class:`EngineMetricsSource`); they record their
-latencies with :class:`LLMMetrics`. Nothing here knows about gRPC or protobuf.
+latencies with :class:`LLMMetrics`. As in Triton's vLLM backend, the ``vllm:*`` families appear only
+for models whose config sets the ``REPORT_CUSTOM_METRICS`` parameter to ``true``. Nothing here knows
+about gRPC or protobuf.
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
+from pagedserve.replica_metrics import replica_families
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
+    from pagedserve.backend import ModelSpec
     from pagedserve.model_manager import LoadedVersion, ModelManager
 
 log = logging.getLogger(__name__)
@@ -34,6 +38,11 @@ log = logging.getLogger(__name__)
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
 TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
 E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0)
+N_BUCKETS = (1, 2, 5, 10, 20)
+# Token-count buckets run 1, 2, 5, 10, ... up to the model's context; this bound stands in for a
+# context length the engine decides itself.
+DEFAULT_MAX_MODEL_LEN = 131072
+REPORT_PARAMETER = "REPORT_CUSTOM_METRICS"
 
 # prometheus_client writes every counter family as ``<name>_total`` in HELP/TYPE lines; Triton's
 # counters have no such suffix, so their HELP/TYPE lines are put back to the sample names.
@@ -41,6 +50,22 @@ _TRITON_COUNTER_HEADER = re.compile(r"^(# (?:HELP|TYPE) nv_[A-Za-z0-9_]*?)_total
 
 
 # -- LLM engine metrics -----------------------------------------------------------------------------
+
+
+def buckets_1_2_5(limit: int) -> tuple[int, ...]:
+    """1, 2, 5, 10, 20, 50, ... while <= ``limit`` (vLLM's buckets for token counts)."""
+    bounds, scale = [], 1
+    while True:
+        for mantissa in (1, 2, 5):
+            if mantissa * scale > limit:
+                return tuple(bounds)
+            bounds.append(mantissa * scale)
+        scale *= 10
+
+
+def reports_custom_metrics(spec: ModelSpec) -> bool:
+    """The model's config asks for the ``vllm:*`` metrics (Triton's vLLM backend: off unless set)."""
+    return (spec.parameter(REPORT_PARAMETER) or "").strip().lower() == "true"
 
 
 @dataclass(frozen=True)
@@ -105,6 +130,10 @@ class EngineMetricsSnapshot:
     time_per_output_token: HistogramSnapshot
     inter_token_latency: HistogramSnapshot
     e2e_request_latency: HistogramSnapshot
+    request_prompt_tokens: HistogramSnapshot
+    request_generation_tokens: HistogramSnapshot
+    request_params_n: HistogramSnapshot
+    request_params_max_tokens: HistogramSnapshot
 
 
 @runtime_checkable
@@ -119,6 +148,9 @@ class RequestTimer:
     """Per-request state of :class:`LLMMetrics` (created when the request reaches the engine)."""
 
     start: float = field(default_factory=time.monotonic)
+    n: int = 1
+    """The request's sampling parameters ``n`` and ``max_tokens`` (observed when it finishes)."""
+    max_tokens: int = 16
     first_token: float | None = None
     last_token: float | None = None
     num_generated: int = 0
@@ -127,11 +159,17 @@ class RequestTimer:
 class LLMMetrics:
     """Token counters and latency histograms of one LLM model, fed from its output thread."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_model_len: int | None = None) -> None:
+        token_buckets = buckets_1_2_5(max_model_len or DEFAULT_MAX_MODEL_LEN)
         self.ttft = Histogram(TTFT_BUCKETS)
-        self.tpot = Histogram(TPOT_BUCKETS)
         self.itl = Histogram(TPOT_BUCKETS)
+        """Every gap between output tokens: vllm:time_per_output_token_seconds (Triton's vLLM backend
+        observes each one) and vllm:inter_token_latency_seconds (vLLM's newer name)."""
         self.e2e = Histogram(E2E_BUCKETS)
+        self.prompt_tokens = Histogram(token_buckets)
+        self.generation_tokens = Histogram(token_buckets)
+        self.params_n = Histogram(N_BUCKETS)
+        self.params_max_tokens = Histogram(token_buckets)
         self._prompt_tokens = 0
         self._generation_tokens = 0
         self._lock = threading.Lock()
@@ -165,8 +203,10 @@ class LLMMetrics:
 
     def _finish(self, timer: RequestTimer, num_prompt_tokens: int, now: float) -> None:
         self.e2e.observe(now - timer.start)
-        if timer.first_token is not None and timer.num_generated > 1:
-            self.tpot.observe((now - timer.first_token) / (timer.num_generated - 1))
+        self.prompt_tokens.observe(num_prompt_tokens)
+        self.generation_tokens.observe(timer.num_generated)
+        self.params_n.observe(timer.n)
+        self.params_max_tokens.observe(timer.max_tokens)
         with self._lock:
             self._prompt_tokens += num_prompt_tokens
             self._generation_tokens += timer.num_generated
@@ -174,14 +214,19 @@ class LLMMetrics:
     def snapshot(self, state: EngineState) -> EngineMetricsSnapshot:
         with self._lock:
             prompt, generation = self._prompt_tokens, self._generation_tokens
+        itl = self.itl.snapshot()
         return EngineMetricsSnapshot(
             state,
             prompt,
             generation,
             self.ttft.snapshot(),
-            self.tpot.snapshot(),
-            self.itl.snapshot(),
+            itl,
+            itl,
             self.e2e.snapshot(),
+            self.prompt_tokens.snapshot(),
+            self.generation_tokens.snapshot(),
+            self.params_n.snapshot(),
+            self.params_max_tokens.snapshot(),
         )
 
 
@@ -249,6 +294,7 @@ class ServerCollector(Collector):
         versions = self.manager.ready_versions()
         yield from self._triton_metrics(versions)
         yield from _engine_metrics(versions)
+        yield from replica_families(versions)
         yield from _gpu_metrics()
         yield from _cpu_metrics()
 
@@ -284,99 +330,125 @@ def _label_values(version: LoadedVersion) -> list[str]:
 
 
 def _engine_metrics(versions: list[LoadedVersion]) -> Iterator[Metric]:
-    rows = []
+    rows: list[tuple[list[str], EngineMetricsSnapshot, bool]] = []
     for version in versions:
         model = version.policy.model
         if isinstance(model, EngineMetricsSource):
             try:
-                rows.append((_label_values(version), model.engine_metrics()))
+                snapshot = model.engine_metrics()
             except Exception:  # noqa: BLE001 - a model mid-shutdown must not break the scrape
                 log.debug("engine metrics of %s unavailable", version.spec.name, exc_info=True)
+                continue
+            rows.append((_label_values(version), snapshot, reports_custom_metrics(version.spec)))
     if not rows:
         return
-    gauges = [
-        (
-            "vllm:num_requests_running",
-            "LLM requests the engine is running now",
-            lambda s: s.state.num_running,
-        ),
-        (
-            "vllm:num_requests_waiting",
-            "LLM requests queued for the engine",
-            lambda s: s.state.num_waiting,
-        ),
-        (
-            "vllm:kv_cache_usage_perc",
-            "Fraction of KV-cache blocks in use (1.0 = all)",
-            lambda s: s.state.kv_cache_usage,
-        ),
-        (
-            "vllm:gpu_prefix_cache_hit_rate",
-            "Share of looked-up prompt tokens served from the prefix cache",
-            lambda s: _ratio(s.state.prefix_hit_tokens, s.state.prefix_queried_tokens),
-        ),
-    ]
-    for name, documentation, read in gauges:
+    reporting = [(labels, snap) for labels, snap, reports in rows if reports]
+    if reporting:
+        yield from _vllm_gauges(reporting)
+        yield from _vllm_counters(reporting)
+        yield from _vllm_histograms(reporting)
+    # Ours, not the vLLM backend's: an operator needs it whatever the model's config says.
+    restarts = _counter(
+        "pagedserve:engine_restarts_total",
+        "LLM engine processes that died and were restarted (their in-flight requests failed)",
+    )
+    for labels, snap, _ in rows:
+        restarts.add_sample(
+            "pagedserve:engine_restarts_total", _label_dict(labels), float(snap.state.engine_restarts)
+        )
+    yield restarts
+
+
+_EngineRows = list[tuple[list[str], EngineMetricsSnapshot]]
+
+_VLLM_GAUGES: list[tuple[str, str, Callable[[EngineMetricsSnapshot], float]]] = [
+    ("vllm:num_requests_running", "LLM requests the engine is running now", lambda s: s.state.num_running),
+    ("vllm:num_requests_waiting", "LLM requests queued for the engine", lambda s: s.state.num_waiting),
+    (
+        "vllm:kv_cache_usage_perc",
+        "Fraction of KV-cache blocks in use (1.0 = all)",
+        lambda s: s.state.kv_cache_usage,
+    ),
+    (
+        "vllm:gpu_prefix_cache_hit_rate",
+        "Share of looked-up prompt tokens served from the prefix cache",
+        lambda s: _ratio(s.state.prefix_hit_tokens, s.state.prefix_queried_tokens),
+    ),
+]
+_VLLM_COUNTERS: list[tuple[str, str, Callable[[EngineMetricsSnapshot], float]]] = [
+    ("vllm:prompt_tokens_total", "Prompt tokens prefilled", lambda s: s.prompt_tokens),
+    ("vllm:generation_tokens_total", "Output tokens generated", lambda s: s.generation_tokens),
+    (
+        "vllm:num_preemptions_total",
+        "Requests preempted (and later recomputed) for lack of KV blocks",
+        lambda s: s.state.num_preemptions,
+    ),
+    (
+        "vllm:prefix_cache_queries_total",
+        "Prompt tokens looked up in the prefix cache",
+        lambda s: s.state.prefix_queried_tokens,
+    ),
+    (
+        "vllm:prefix_cache_hits_total",
+        "Prompt tokens found in the prefix cache",
+        lambda s: s.state.prefix_hit_tokens,
+    ),
+]
+# (name, help, EngineMetricsSnapshot attribute)
+_VLLM_HISTOGRAMS = [
+    (
+        "vllm:time_to_first_token_seconds",
+        "Seconds from arrival to the first output token",
+        "time_to_first_token",
+    ),
+    (
+        "vllm:time_per_output_token_seconds",
+        "Seconds per output token after the first, one observation per token",
+        "time_per_output_token",
+    ),
+    (
+        "vllm:inter_token_latency_seconds",
+        "Seconds between consecutive output tokens",
+        "inter_token_latency",
+    ),
+    (
+        "vllm:e2e_request_latency_seconds",
+        "Seconds from arrival to the final response",
+        "e2e_request_latency",
+    ),
+    ("vllm:request_prompt_tokens", "Prompt tokens of each finished request", "request_prompt_tokens"),
+    (
+        "vllm:request_generation_tokens",
+        "Output tokens of each finished request (all n choices)",
+        "request_generation_tokens",
+    ),
+    ("vllm:request_params_n", "The n sampling parameter of each finished request", "request_params_n"),
+    (
+        "vllm:request_params_max_tokens",
+        "The max_tokens sampling parameter of each finished request",
+        "request_params_max_tokens",
+    ),
+]
+
+
+def _vllm_gauges(rows: _EngineRows) -> Iterator[Metric]:
+    for name, documentation, read in _VLLM_GAUGES:
         gauge = GaugeMetricFamily(name, documentation, labels=_LABELS)
         for labels, snap in rows:
             gauge.add_metric(labels, float(read(snap)))
         yield gauge
-    counters = [
-        ("vllm:prompt_tokens_total", "Prompt tokens prefilled", lambda s: s.prompt_tokens),
-        (
-            "vllm:generation_tokens_total",
-            "Output tokens generated",
-            lambda s: s.generation_tokens,
-        ),
-        (
-            "vllm:num_preemptions_total",
-            "Requests preempted (and later recomputed) for lack of KV blocks",
-            lambda s: s.state.num_preemptions,
-        ),
-        (
-            "pagedserve:engine_restarts_total",
-            "LLM engine processes that died and were restarted (their in-flight requests failed)",
-            lambda s: s.state.engine_restarts,
-        ),
-        (
-            "vllm:prefix_cache_queries_total",
-            "Prompt tokens looked up in the prefix cache",
-            lambda s: s.state.prefix_queried_tokens,
-        ),
-        (
-            "vllm:prefix_cache_hits_total",
-            "Prompt tokens found in the prefix cache",
-            lambda s: s.state.prefix_hit_tokens,
-        ),
-    ]
-    for name, documentation, read in counters:
+
+
+def _vllm_counters(rows: _EngineRows) -> Iterator[Metric]:
+    for name, documentation, read in _VLLM_COUNTERS:
         counter = _counter(name, documentation)
         for labels, snap in rows:
-            counter.add_sample(name, dict(zip(_LABELS, labels, strict=True)), float(read(snap)))
+            counter.add_sample(name, _label_dict(labels), float(read(snap)))
         yield counter
-    histograms = [
-        (
-            "vllm:time_to_first_token_seconds",
-            "Seconds from arrival to the first output token",
-            "time_to_first_token",
-        ),
-        (
-            "vllm:time_per_output_token_seconds",
-            "Seconds per output token after the first, per request",
-            "time_per_output_token",
-        ),
-        (
-            "vllm:inter_token_latency_seconds",
-            "Seconds between consecutive output tokens",
-            "inter_token_latency",
-        ),
-        (
-            "vllm:e2e_request_latency_seconds",
-            "Seconds from arrival to the final response",
-            "e2e_request_latency",
-        ),
-    ]
-    for name, documentation, attribute in histograms:
+
+
+def _vllm_histograms(rows: _EngineRows) -> Iterator[Metric]:
+    for name, documentation, attribute in _VLLM_HISTOGRAMS:
         family = HistogramMetricFamily(name, documentation, labels=_LABELS)
         for labels, snap in rows:
             histogram: HistogramSnapshot = getattr(snap, attribute)
@@ -384,6 +456,10 @@ def _engine_metrics(versions: list[LoadedVersion]) -> Iterator[Metric]:
             buckets.append(("+Inf", histogram.count))
             family.add_metric(labels, buckets, histogram.total)
         yield family
+
+
+def _label_dict(labels: list[str]) -> dict[str, str]:
+    return dict(zip(_LABELS, labels, strict=True))
 
 
 def _ratio(part: int, whole: int) -> float:

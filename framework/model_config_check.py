@@ -1,19 +1,23 @@
 """Model config validation: a config is checked completely when the model loads, not when a request
 first trips over it, and a config override from the network cannot choose code or files.
 
-Three entry points, each raising ``ValueError`` whose text names the offending field:
+Four entry points, each raising ``ValueError`` whose text names the offending field:
 
 * :func:`parse_override` bounds and parses the JSON of a RepositoryModelLoad ``config`` parameter;
 * :func:`contain_override` keeps an override away from what decides which code runs and which files
   are read: the repository's operator decides those, a network client only tunes the model;
 * :func:`check_model_config` validates a whole ``ModelConfig`` (names, types, dims, batching, instance
-  groups), following Triton's ``ValidateModelConfig`` rules plus bounds on sizes.
+  groups), following Triton's ``ValidateModelConfig`` rules plus bounds on sizes;
+* :func:`check_parameters` refuses ``parameters`` a backend does not read (a misspelled switch would
+  otherwise be ignored without a word), for backends whose parameters are a fixed set.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from google.protobuf.descriptor import FieldDescriptor
@@ -42,6 +46,9 @@ WILDCARD_DIM = -1
 CODE_PARAMETERS = ("python_file", "python_class", "weights", "preset")
 # pagedserve's own YAML keys: not ModelConfig fields, so never part of an override.
 _REPOSITORY_KEYS = ("versions", "autoload")
+# Values of a boolean parameter, compared without case ("True" and "TRUE" are "true").
+BOOLEAN = ("true", "false")
+_SHOWN_CHARS = 80  # of a refused key in an error message: a hostile key may be a megabyte
 
 
 # -- the override's JSON ------------------------------------------------------------------------------
@@ -360,3 +367,37 @@ def _check_sequence_batching(config: mc.ModelConfig) -> None:
         utilization = direct.minimum_slot_utilization
         if not (math.isfinite(utilization) and 0.0 <= utilization <= 1.0):
             raise ValueError(f"{at}.minimum_slot_utilization must be in [0, 1], got {utilization}")
+
+
+# -- a backend's parameters ---------------------------------------------------------------------------
+
+
+def check_parameters(
+    config: mc.ModelConfig, known: Mapping[str, tuple[str, ...] | None], backend: str
+) -> None:
+    """Refuse a parameter that is not in ``known`` (name -> allowed values, compared without case, or
+    None for any value), naming it and the closest known name."""
+    for key, value in config.parameters.items():
+        if key not in known:
+            raise ValueError(
+                f"parameters.{_shown(key)}: the {backend} backend has no such parameter"
+                f"{_closest(key, known)}; it reads {', '.join(sorted(known))}"
+            )
+        allowed = known[key]
+        if allowed is not None and value.string_value.strip().lower() not in allowed:
+            raise ValueError(
+                f"parameters.{key} must be {' or '.join(allowed)}, got '{_shown(value.string_value)}'"
+            )
+
+
+def _closest(key: str, known: Mapping[str, object]) -> str:
+    if len(key) > _SHOWN_CHARS:
+        return ""
+    by_lower = {name.lower(): name for name in known}
+    matches = difflib.get_close_matches(key.lower(), list(by_lower), n=1)
+    return f" (did you mean '{by_lower[matches[0]]}'?)" if matches else ""
+
+
+def _shown(text: str) -> str:
+    text = text if text.isprintable() else repr(text)[1:-1]
+    return text if len(text) <= _SHOWN_CHARS else f"{text[:_SHOWN_CHARS]}..."

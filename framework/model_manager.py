@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from pagedserve.backend import LoadContext, ModelBackend, ModelSpec
 from pagedserve.batching import BatchingPolicy, policy_name_for
 from pagedserve.config import BackendSettings
 from pagedserve.errors import InferenceError
+from pagedserve.in_process import InProcessClient
 from pagedserve.model_config_check import check_model_config
 from pagedserve.plugin_manager import Registry
 from pagedserve.repository import ModelRepository, check_model_name
@@ -40,6 +42,7 @@ class LoadedVersion:
     """A ready model version with its batching policy, statistics and in-flight request count."""
 
     def __init__(self, spec: ModelSpec, version: int, policy: BatchingPolicy, stats: ModelStats) -> None:
+        self.loaded_at = time.time()  # OpenAI's model "created"
         self.spec = spec
         self.version = version
         self.policy = policy
@@ -123,6 +126,8 @@ class ModelManager:
         self._lock = threading.RLock()
         # One load/unload at a time per model; different models load in parallel.
         self._model_locks: dict[str, threading.Lock] = {}
+        self.client = InProcessClient(self)
+        """What loaded models use to call each other (ensembles, BLS)."""
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -197,7 +202,7 @@ class ModelManager:
 
     def _load_version(self, spec: ModelSpec, version: int) -> LoadedVersion:
         backend = self._backend_for(spec)()
-        model = backend.load(spec, LoadContext(version=version, settings=self.settings))
+        model = backend.load(spec, LoadContext(version=version, settings=self.settings, client=self.client))
         stats = ModelStats()
         try:
             policy = self.policies.get(policy_name_for(spec))(model, spec, stats)

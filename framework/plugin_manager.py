@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from pagedserve.batching import BatchingPolicy
     from pagedserve.engine.attention import AttentionBackend
     from pagedserve.engine.policy import SchedulingPolicy
+    from pagedserve.engine.routing import RoutingPolicy
     from pagedserve.frontends import Frontend
     from pagedserve.models.registry import ModelArchitecture
 
@@ -138,6 +139,7 @@ class PluginHost:
             model_architectures=self.registry("model architecture", hook.pagedserve_model_architectures),
             trace_exporters=self.registry("trace exporter", hook.pagedserve_trace_exporters),
             frontends=self.registry("front-end", hook.pagedserve_frontends),
+            routing_policies=self.registry("routing policy", hook.pagedserve_routing_policies),
         )
 
 
@@ -152,3 +154,4 @@ class Registries:
     model_architectures: Registry[type[ModelArchitecture]]
     trace_exporters: Registry[type]
     frontends: Registry[type[Frontend]]
+    routing_policies: Registry[type[RoutingPolicy]]

@@ -1,7 +1,9 @@
 """One ModelStreamInfer call: many requests in on one stream, their responses out.
 
-Per-request errors go out in-band (``error_message``); every response carries
-``triton_final_response``; non-decoupled models answer in request order, decoupled ones as they come.
+Per-request errors go out in-band (``error_message``), unless the client opened the stream with the
+``triton_grpc_error: true`` header: then the first error ends the whole stream with its gRPC status
+and message, as Triton does. Every response carries ``triton_final_response``; non-decoupled models
+answer in request order, decoupled ones as they come.
 """
 
 from __future__ import annotations
@@ -24,6 +26,17 @@ StartRequest = Callable[
     [pb.ModelInferRequest, Callable[[Delivery], None]], tuple[ServerResponder, RequestOptions]
 ]
 
+# Request metadata (gRPC lower-cases header names) that switches a stream to "gRPC status" errors.
+GRPC_ERROR_HEADER = "triton_grpc_error"
+
+
+def wants_status_errors(context: Any) -> bool:
+    """Whether the client opened the stream with ``triton_grpc_error: true``."""
+    metadata = context.invocation_metadata() if context is not None else None
+    return any(
+        key == GRPC_ERROR_HEADER and str(value).strip().lower() == "true" for key, value in metadata or ()
+    )
+
 
 def sent(trace: Trace) -> None:
     """The response left: close the trace's timeline and export it."""
@@ -35,14 +48,24 @@ class StreamSession:
     """One ModelStreamInfer call: many requests in, their responses out.
 
     Decoupled responses go out as they come; non-decoupled ones keep request order, so each takes a
-    slot in ``ordered`` and leaves only when every earlier slot has.
+    slot in ``ordered`` and leaves only when every earlier slot has. With ``context`` (the RPC's
+    ``grpc.aio`` context) and the ``triton_grpc_error`` header, the first error aborts the RPC instead.
     """
 
     _END = object()
 
-    def __init__(self, spec_of: Callable[[str], ModelSpec | None], start_request: StartRequest) -> None:
+    def __init__(
+        self,
+        spec_of: Callable[[str], ModelSpec | None],
+        start_request: StartRequest,
+        context: Any = None,
+    ) -> None:
         self.spec_of = spec_of
         self.start_request = start_request
+        self.context = context
+        self.status_errors = wants_status_errors(context)
+        self.failed = False
+        """An error has ended the stream (status-error mode): nothing more goes out."""
         self.out: asyncio.Queue[Any] = asyncio.Queue()
         """``(message, responder)`` pairs to write (the responder is told once its message is out)."""
         self.ordered: collections.deque[list[pb.ModelStreamInferResponse | None]] = collections.deque()
@@ -95,25 +118,9 @@ class StreamSession:
     ) -> None:
         options: RequestOptions = state.get("options") or RequestOptions()
         responder: ServerResponder | None = state.get("responder")
-        if delivery.error is not None:
-            out = pb.ModelStreamInferResponse(
-                error_message=delivery.error.message,
-                infer_response=pb.ModelInferResponse(
-                    id=request.id, model_name=request.model_name, model_version=request.model_version
-                ),
-            )
-        elif delivery.message is not None:
-            out = stream_response(delivery.message)
-            out.infer_response.parameters["triton_final_response"].bool_param = delivery.final
-        elif delivery.final and (slot is not None or options.enable_empty_final_response):
-            out = pb.ModelStreamInferResponse(
-                infer_response=pb.ModelInferResponse(
-                    id=request.id, model_name=request.model_name, model_version=request.model_version
-                )
-            )
-            out.infer_response.parameters["triton_final_response"].bool_param = True
-        else:
-            out = None
+        if self.status_errors and delivery.error is not None:
+            self._fail(delivery.error)
+        out = None if self.failed else self._message(request, options, slot, delivery)
         if slot is None and out is not None:
             self.out.put_nowait((out, responder))
         else:
@@ -128,6 +135,41 @@ class StreamSession:
             self.active -= 1
             self._flush()
             self._maybe_end()
+
+    @staticmethod
+    def _message(
+        request: pb.ModelInferRequest,
+        options: RequestOptions,
+        slot: list[pb.ModelStreamInferResponse | None] | None,
+        delivery: Delivery,
+    ) -> pb.ModelStreamInferResponse | None:
+        """What goes on the stream for one delivery (None: nothing)."""
+        if delivery.error is not None:
+            return pb.ModelStreamInferResponse(
+                error_message=delivery.error.message,
+                infer_response=pb.ModelInferResponse(
+                    id=request.id, model_name=request.model_name, model_version=request.model_version
+                ),
+            )
+        if delivery.message is not None:
+            out = stream_response(delivery.message)
+            out.infer_response.parameters["triton_final_response"].bool_param = delivery.final
+            return out
+        if delivery.final and (slot is not None or options.enable_empty_final_response):
+            out = pb.ModelStreamInferResponse(
+                infer_response=pb.ModelInferResponse(
+                    id=request.id, model_name=request.model_name, model_version=request.model_version
+                )
+            )
+            out.infer_response.parameters["triton_final_response"].bool_param = True
+            return out
+        return None
+
+    def _fail(self, error: InferenceError) -> None:
+        # Triton closes the stream at once: earlier responses still waiting for their turn are dropped.
+        if not self.failed:
+            self.failed = True
+            self.out.put_nowait(error)
 
     def _fill_slot(
         self,
@@ -170,6 +212,8 @@ class StreamSession:
             item = await self.out.get()
             if item is self._END:
                 return
+            if isinstance(item, InferenceError):
+                await self.context.abort(item.code, item.message)  # raises: the RPC ends here
             message, responder = item
             trace = self.unsent_traces.pop(id(message), None)
             if trace is not None:

@@ -13,6 +13,22 @@ if TYPE_CHECKING:
 @hookimpl
 def pagedserve_model_architectures() -> list[type[ModelArchitecture]]:
     # Imported here so registering the plugin does not import the model code.
+    from pagedserve.models.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM
     from pagedserve.models.llama import LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
+    from pagedserve.models.mistral import MistralForCausalLM
+    from pagedserve.models.mixtral import MixtralForCausalLM
+    from pagedserve.models.phi3 import Phi3ForCausalLM
+    from pagedserve.models.qwen_moe import Qwen2MoeForCausalLM, Qwen3MoeForCausalLM
 
-    return [LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM]
+    return [
+        LlamaForCausalLM,
+        Qwen2ForCausalLM,
+        Qwen3ForCausalLM,
+        MistralForCausalLM,
+        Gemma2ForCausalLM,
+        Gemma3ForCausalLM,
+        MixtralForCausalLM,
+        Qwen2MoeForCausalLM,
+        Qwen3MoeForCausalLM,
+        Phi3ForCausalLM,
+    ]

@@ -15,5 +15,7 @@ if TYPE_CHECKING:
 def pagedserve_frontends() -> list[type[Frontend]]:
     # Imported here so registering the plugin imports no server code.
     from pagedserve.frontends.grpc import GrpcFrontend
+    from pagedserve.frontends.http import HttpFrontend
+    from pagedserve.frontends.openai import OpenAIFrontend
 
-    return [GrpcFrontend]
+    return [GrpcFrontend, HttpFrontend, OpenAIFrontend]

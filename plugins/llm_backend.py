@@ -36,10 +36,14 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import numpy as np
 from pagedserve.backend import LoadContext, Model, ModelBackend, ModelSpec
+from pagedserve.chat_template import ChatTemplate
 from pagedserve.errors import InferenceError
 from pagedserve.hookspecs import hookimpl
 from pagedserve.inference import InferenceRequest, InferenceResponse
 from pagedserve.metrics import EngineMetricsSnapshot, EngineState, LLMMetrics, RequestTimer
+from pagedserve.model_config_check import BOOLEAN, check_parameters
+from pagedserve.replica_metrics import ReplicaState
+from pagedserve_plugins.llm_replicas import replica_configs, start_engines
 
 if TYPE_CHECKING:
     from pagedserve.config import BackendSettings
@@ -48,7 +52,10 @@ if TYPE_CHECKING:
     from pagedserve.engine.engine_process import EngineProcess
     from pagedserve.engine.outputs import CompletionOutput, RequestOutput
     from pagedserve.engine.registries import EngineRegistries
+    from pagedserve.engine.replicas import ReplicaSet
+    from pagedserve.engine.routing import RoutingPolicy
     from pagedserve.engine.sampling_params import SamplingParams
+    from pagedserve.models.tokenizer import Tokenizer
     from pagedserve.protocol import model_config_pb2
 
 log = logging.getLogger(__name__)
@@ -72,6 +79,9 @@ OUTPUTS = [
     ("logprobs", "TYPE_STRING", [-1]),
     ("num_input_tokens", "TYPE_UINT32", [1]),
     ("num_output_tokens", "TYPE_UINT32", [-1]),
+    # Our extension: with the sampling parameter prompt_logprobs, the prompt's log-probabilities
+    # as JSON (one entry per prompt token, the first null), in the first response.
+    ("prompt_logprobs", "TYPE_STRING", [1]),
 ]
 _OPTIONAL_OUTPUTS = {
     "return_finish_reason": "finish_reason",
@@ -81,6 +91,22 @@ _OPTIONAL_OUTPUTS = {
     "return_num_output_tokens": "num_output_tokens",
 }
 _ERROR_PREFIX = "Error generating stream: "
+# The config parameters this backend reads (name -> allowed values; None: any). Any other name fails
+# the load, as an unknown engine argument fails Triton's vLLM backend. ENABLE_VLLM_HEALTH_CHECK is
+# accepted for configs brought from Triton: the engine's health is always watched (Model.failure).
+PARAMETERS: dict[str, tuple[str, ...] | None] = {
+    "weights": None,
+    "preset": None,
+    "REPORT_CUSTOM_METRICS": BOOLEAN,
+    "ENABLE_VLLM_HEALTH_CHECK": BOOLEAN,
+    "unary_decoupled": BOOLEAN,
+    # Replaces the tokenizer's chat template (the openai front-end renders it).
+    "chat_template": None,
+    # Data-parallel replicas (pagedserve_plugins.llm_replicas); the policy checks its values at load.
+    "routing_policy": None,
+    "routing_prefix_blocks": None,
+    "routing_max_imbalance": None,
+}
 # Longer prompts are tokenized on the model's tokenizer thread, not on the thread that admits
 # requests: about 50 ms of tokenizing at most holds up the requests behind one.
 _INLINE_PROMPT_CHARS = 64 * 1024
@@ -108,16 +134,18 @@ class LLMBackend(ModelBackend):
                 config.output.add(name=name, data_type=mc.DataType.Value(data_type), dims=dims)
         # Our documented extension: unary ModelInfer with stream=false gets the whole text at once.
         config.parameters["unary_decoupled"].string_value = "true"
+        check_parameters(config, PARAMETERS, cls.name)
 
     def load(self, spec: ModelSpec, context: LoadContext) -> Model:
         config = self.engine_config(spec, context.settings)
         registries = engine_registries(context.settings)
-        loop: EngineLoop | EngineProcess
+        # instance_group: one engine configuration per data-parallel replica (pagedserve_plugins.llm_replicas)
+        configs = replica_configs(spec, config, context.settings.engine)
+        loop: EngineLoop | EngineProcess | ReplicaSet
         if context.settings.engine.separate_process:
-            from pagedserve.engine.engine_process import EngineProcess
-
-            loop = EngineProcess(config, registries)
+            loop = start_engines(spec, configs, context.settings, registries)
         else:
+            config = configs[0]  # a single replica: several need separate processes
             from pagedserve.engine.engine_loop import EngineLoop
             from pagedserve.engine.llm_engine import LLMEngine
             from pagedserve.engine.process_setup import use_cpu_threads
@@ -126,7 +154,11 @@ class LLMBackend(ModelBackend):
             loop = EngineLoop(LLMEngine(config, registries))
         loop.start()
         settings = context.settings
-        return LLMModel(loop, settings.engine.max_prompt_bytes, settings.scheduler.max_waiting)
+        model = LLMModel(
+            loop, settings.engine.max_prompt_bytes, settings.scheduler.max_waiting, config.max_model_len
+        )
+        model.chat_template_override = spec.parameter("chat_template")
+        return model
 
     @staticmethod
     def engine_config(spec: ModelSpec, settings: BackendSettings) -> EngineConfig:
@@ -257,11 +289,18 @@ class _Active:
     aborted: bool = False
     started: bool = False  # has had an engine output: no longer counts against max_waiting
     timer: RequestTimer = field(default_factory=RequestTimer)
+    add_special_tokens: bool = True
 
 
 class LLMModel(Model):
+    chat_template_override: str | None = None
+
     def __init__(
-        self, loop: EngineLoop | EngineProcess, max_prompt_bytes: int = 2**20, max_waiting: int = 1024
+        self,
+        loop: EngineLoop | EngineProcess | ReplicaSet,
+        max_prompt_bytes: int = 2**20,
+        max_waiting: int = 1024,
+        max_model_len: int | None = None,
     ) -> None:
         self.loop = loop
         self.max_prompt_bytes = max_prompt_bytes
@@ -272,7 +311,7 @@ class LLMModel(Model):
         self._pacer = StreamPacer(_may_wait)
         self._active: dict[str, _Active] = {}
         self._lock = threading.Lock()
-        self.metrics = LLMMetrics()
+        self.metrics = LLMMetrics(max_model_len)  # token-count buckets run up to the context length
         self._thread = threading.Thread(target=self._output_thread, name="pagedserve-llm-output", daemon=True)
         self._thread.start()
 
@@ -312,8 +351,11 @@ class LLMModel(Model):
         try:
             if request.responder.cancelled:
                 raise InferenceError.cancelled("Request was cancelled")
+            prompt: str | list[int] = active.prompt
+            if not active.add_special_tokens and self.loop.tokenizer is not None:
+                prompt = self.loop.tokenizer.encode(prompt, add_special_tokens=False)
             engine_request = self.loop.make_request(
-                active.engine_id, active.prompt, active.params, engine_priority(request.priority)
+                active.engine_id, prompt, active.params, engine_priority(request.priority)
             )
             with self._lock:
                 self._active[active.engine_id] = active
@@ -357,19 +399,30 @@ class LLMModel(Model):
                 raise ValueError("When streaming, `exclude_input_in_output` = False is not allowed.")
         else:
             exclude = stream
+        parameters = dict(request.parameters)
+        # vLLM's name: false when the prompt already holds them (a rendered chat template adds BOS).
+        add_special_tokens = parameters.pop("add_special_tokens", True)
+        if not isinstance(add_special_tokens, bool):
+            raise ValueError("request parameter 'add_special_tokens' must be a bool")
         if "sampling_parameters" in inputs:
             params = SamplingParams.from_json(_scalar(inputs["sampling_parameters"]).decode("utf-8"))
         else:
-            params = SamplingParams.from_json_dict(dict(request.parameters))
+            params = SamplingParams.from_json_dict(parameters)
         wanted = {"text_output"} | {
             output
             for flag, output in _OPTIONAL_OUTPUTS.items()
             if flag in inputs and bool(_scalar(inputs[flag]))
         }
+        if params.prompt_logprobs is not None:
+            wanted.add("prompt_logprobs")
         wanted &= set(request.requested_outputs)
+        if stream and params.num_seqs > params.n:
+            raise ValueError("sampling parameter best_of > n cannot stream: the best n are known at the end")
         # Latencies count from the request's arrival at the server (monotonic clock in both).
-        timer = RequestTimer(start=request.timing.arrival_ns / 1e9)
-        return _Active(request, uuid.uuid4().hex, prompt, stream, exclude, wanted, params, timer=timer)
+        timer = RequestTimer(start=request.timing.arrival_ns / 1e9, n=params.n, max_tokens=params.max_tokens)
+        active = _Active(request, uuid.uuid4().hex, prompt, stream, exclude, wanted, params, timer=timer)
+        active.add_special_tokens = add_special_tokens
+        return active
 
     # -- responses out (output thread) ------------------------------------------------------------
 
@@ -450,6 +503,9 @@ class LLMModel(Model):
             outputs["cumulative_logprob"] = np.array([c.cumulative_logprob for c in completions], np.float32)
         if "logprobs" in active.wanted:
             outputs["logprobs"] = _bytes_array([self._logprobs_json(active, c) for c in completions])
+        if "prompt_logprobs" in active.wanted and output.prompt_logprobs is not None:
+            active.wanted.discard("prompt_logprobs")  # a stream gets them once, in its first response
+            outputs["prompt_logprobs"] = _bytes_array([_prompt_logprobs_json(output, self.loop.tokenizer)])
         if "num_input_tokens" in active.wanted:
             outputs["num_input_tokens"] = np.array(output.num_prompt_tokens, dtype=np.uint32)
         if "num_output_tokens" in active.wanted:
@@ -465,21 +521,32 @@ class LLMModel(Model):
         active.logprobs_sent[completion.index] = len(completion.logprobs)
         tokenizer = self.loop.tokenizer
         entries = []
-        for step in new:
-            ranked = sorted(step.items(), key=lambda item: -item[1])
+        for position, step in enumerate(new, start=start):
+            ranks = {token: rank for rank, token in enumerate(sorted(step, key=lambda t: -step[t]), start=1)}
+            # The sampled token comes first, as in vLLM's logprobs (clients such as the OpenAI
+            # front-end read it from there), then the top alternatives by rank.
+            sampled = completion.token_ids[position] if position < len(completion.token_ids) else None
+            order = sorted(step, key=lambda t: (t != sampled, ranks[t]))
             entries.append(
                 {
                     str(token): {
-                        "logprob": logprob,
-                        "rank": rank,
+                        "logprob": step[token],
+                        "rank": ranks[token],
                         "decoded_token": tokenizer.decode([token], skip_special_tokens=False)
                         if tokenizer
                         else "",
                     }
-                    for rank, (token, logprob) in enumerate(ranked, start=1)
+                    for token in order
                 }
             )
         return json.dumps(entries)
+
+    def chat_template(self) -> ChatTemplate | None:
+        tokenizer = self.loop.tokenizer
+        source = self.chat_template_override or (tokenizer.chat_template if tokenizer else None)
+        if not source:
+            return None
+        return ChatTemplate(source, tokenizer.special_tokens if tokenizer else {})
 
     def engine_metrics(self) -> EngineMetricsSnapshot:
         """Read by the Prometheus collector at scrape time (see ``pagedserve.metrics``)."""
@@ -495,6 +562,12 @@ class LLMModel(Model):
             engine_restarts=self.loop.restarts,
         )
         return self.metrics.snapshot(state)
+
+    def replica_metrics(self) -> list[ReplicaState]:
+        """Each data-parallel replica's state (none for a single engine); see pagedserve.replica_metrics."""
+        from pagedserve.engine.replicas import ReplicaSet
+
+        return self.loop.replica_states() if isinstance(self.loop, ReplicaSet) else []
 
     def failure(self) -> str | None:
         return self.loop.failure()
@@ -536,6 +609,30 @@ def _refuse(request: InferenceRequest, error: Exception) -> None:
     request.responder.send(InferenceResponse(error=error), True)
 
 
+def _prompt_logprobs_json(output: RequestOutput, tokenizer: Tokenizer | None) -> str:
+    """Each prompt token's entry as the ``logprobs`` output writes a generated token's: the actual
+    token first, then the top ones by rank; the first prompt token's entry is null."""
+    entries: list[dict[str, dict[str, Any]] | None] = []
+    for token_id, step in zip(output.prompt_token_ids, output.prompt_logprobs or [], strict=False):
+        if step is None:
+            entries.append(None)
+            continue
+        ranks = {token: rank for rank, token in enumerate(sorted(step, key=lambda t: -step[t]), start=1)}
+        entries.append(
+            {
+                str(token): {
+                    "logprob": step[token],
+                    "rank": ranks[token],
+                    "decoded_token": (
+                        tokenizer.decode([token], skip_special_tokens=False) if tokenizer else ""
+                    ),
+                }
+                for token in sorted(step, key=lambda t: (t != token_id, ranks[t]))
+            }
+        )
+    return json.dumps(entries)
+
+
 def _scalar(array: np.ndarray) -> Any:
     flat = np.asarray(array).reshape(-1)
     if flat.size != 1:
@@ -552,3 +649,10 @@ def _bytes_array(texts: list[str]) -> np.ndarray:
 @hookimpl
 def pagedserve_model_backends() -> list[type[ModelBackend]]:
     return [LLMBackend]
+
+
+@hookimpl
+def pagedserve_routing_policies() -> list[type[RoutingPolicy]]:
+    from pagedserve_plugins.routing_policies import ROUTING_POLICIES
+
+    return ROUTING_POLICIES

@@ -9,7 +9,10 @@ instance; its methods are:
 * ``initialize(self, args: PythonModelArgs) -> None`` (optional): called once after construction;
 * ``execute(self, requests: list[InferenceRequest]) -> list[InferenceResponse] | None``: one response
   per request, in order (non-decoupled models); decoupled models return ``None`` and answer through
-  each ``request.responder`` (any number of responses, then a final one or ``send(None, final=True)``);
+  each ``request.responder`` (any number of responses, then a final one or ``send(None, final=True)``).
+  It may be ``async def`` (it then runs to completion on its worker thread's event loop), and may call
+  other loaded models with Triton's BLS names (:mod:`pagedserve_plugins.bls`, whose
+  ``InferenceResponse`` it may also return);
 * ``finalize(self) -> None`` (optional): called once when the model unloads.
 
 A response's ``error`` (an :class:`~pagedserve.errors.InferenceError`) fails just that request; an
@@ -19,9 +22,12 @@ know about batching or the wire.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import importlib
 import importlib.util
+import inspect
 import sys
 import threading
 from dataclasses import dataclass
@@ -32,7 +38,9 @@ import numpy as np
 from pagedserve.backend import LoadContext, Model, ModelBackend, ModelSpec, enum_name, instance_count
 from pagedserve.errors import InferenceError
 from pagedserve.hookspecs import hookimpl
+from pagedserve.in_process import InProcessClient, chain_of
 from pagedserve.inference import InferenceRequest, InferenceResponse
+from pagedserve_plugins import bls
 
 if TYPE_CHECKING:
     from pagedserve.protocol import model_config_pb2
@@ -112,12 +120,14 @@ class PythonModel(Model):
     """One loaded version: one user object per instance, each bound to the worker thread that first
     uses it (so per-instance state, such as a sequence's, stays with its instance)."""
 
-    def __init__(self, spec: ModelSpec, instances: list[Any]) -> None:
+    def __init__(self, spec: ModelSpec, instances: list[Any], client: InProcessClient | None = None) -> None:
         self.spec = spec
         self.instances = instances
+        self.client = client
         self._bound = threading.local()
         self._lock = threading.Lock()
         self._next = 0
+        self._loops: list[asyncio.AbstractEventLoop] = []
 
     def _instance(self) -> Any:
         instance = getattr(self._bound, "instance", None)
@@ -129,7 +139,10 @@ class PythonModel(Model):
         return instance
 
     def execute(self, requests: list[InferenceRequest]) -> None:
-        responses = self._instance().execute(requests)
+        with self._bls_scope(requests):
+            responses = self._instance().execute(requests)
+            if inspect.iscoroutine(responses):
+                responses = self._loop().run_until_complete(responses)
         if self.spec.decoupled:
             if responses is not None:
                 raise InferenceError.internal(
@@ -138,6 +151,22 @@ class PythonModel(Model):
                 )
             return
         self._deliver(requests, responses)
+
+    def _bls_scope(self, requests: list[InferenceRequest]) -> Any:
+        """BLS calls made by this batch extend the longest caller chain among its requests."""
+        if self.client is None:
+            return contextlib.nullcontext()
+        chain = max((chain_of(request) for request in requests), key=len, default=())
+        return bls.calling_as(bls.BlsCaller(self.client, chain))
+
+    def _loop(self) -> asyncio.AbstractEventLoop:
+        """This worker thread's event loop for ``async def execute``."""
+        loop = getattr(self._bound, "loop", None)
+        if loop is None:
+            loop = self._bound.loop = asyncio.new_event_loop()
+            with self._lock:
+                self._loops.append(loop)
+        return loop
 
     def _deliver(self, requests: list[InferenceRequest], responses: object) -> None:
         if not isinstance(responses, list | tuple) or len(responses) != len(requests):
@@ -154,6 +183,8 @@ class PythonModel(Model):
             request.responder.send(message, final=True)
 
     def _checked(self, request: InferenceRequest, response: object) -> InferenceResponse:
+        if isinstance(response, bls.InferenceResponse):
+            response = response.to_served()
         if not isinstance(response, InferenceResponse):
             raise InferenceError.internal(
                 f"Python model '{self.spec.name}' returned a {type(response).__name__} where an "
@@ -174,6 +205,8 @@ class PythonModel(Model):
             finalize = getattr(instance, "finalize", None)
             if callable(finalize):
                 finalize()
+        for loop in self._loops:
+            loop.close()
 
 
 class PythonBackend(ModelBackend):
@@ -191,6 +224,8 @@ class PythonBackend(ModelBackend):
 
     def load(self, spec: ModelSpec, context: LoadContext) -> Model:
         cls = load_class(spec)
+        if context.client is not None:
+            bls.use_client(context.client)
         instances = []
         for index, kind in enumerate(_instance_kinds(spec)):
             instance = cls()
@@ -207,7 +242,7 @@ class PythonBackend(ModelBackend):
                     )
                 )
             instances.append(instance)
-        return PythonModel(spec, instances)
+        return PythonModel(spec, instances, context.client)
 
 
 def _instance_kinds(spec: ModelSpec) -> list[str]:

@@ -116,6 +116,12 @@ class SequencePolicy(WorkerPolicy):
                 f"inference request to model '{self.spec.name}' must specify a non-zero or non-empty "
                 "correlation ID"
             )
+        if request.batch_size > 1:
+            # A sequence's state lives in one batch slot, so one request is one step of one sequence.
+            raise InferenceError(
+                f"inference request to model '{self.spec.name}' must specify batch-size 1 due to "
+                "requirements of sequence batcher"
+            )
         self._check_corrid_type(cid)
         if not request.sequence_start and cid not in self._open:
             raise InferenceError(

@@ -2,9 +2,9 @@
 
 K/V are gathered through the block table into a contiguous view per sequence, then attention is a
 grouped matmul in float32 (query heads are folded as ``[Hkv, group]`` so K/V are never repeated).
-Unused cache slots are zeroed in the gathered copy, so whatever they hold (even NaN) cannot leak into
-the result. A float8 cache is read back as ``q``'s dtype. Every optimised backend is tested against this
-one.
+Unused cache slots (past the context, or before a sliding window) are zeroed in the gathered copy, so
+whatever they hold (even NaN) cannot leak into the result. A float8 cache is read back as ``q``'s
+dtype. Every optimised backend is tested against this one.
 """
 
 from __future__ import annotations
@@ -56,15 +56,25 @@ class TorchAttentionBackend(AttentionBackend):
         context_lens: torch.Tensor,
         block_tables: torch.Tensor,
         scale: float,
+        *,
+        sliding_window: int | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor:
         out = torch.empty_like(q)
         starts, lens = cu_seqlens_q.tolist(), context_lens.tolist()
         for b, context_len in enumerate(lens):
             begin, end = starts[b], starts[b + 1]
-            k, v = _gather(k_cache, v_cache, block_tables[b : b + 1], context_lens[b : b + 1], q.dtype)
             query_pos = torch.arange(context_len - (end - begin), context_len, device=q.device)
-            visible = torch.arange(k.shape[1], device=q.device)[None, :] <= query_pos[:, None]
-            out[begin:end] = _attend(q[begin:end][None], k, v, visible[None], scale)[0]
+            first = 0 if sliding_window is None else max(0, int(query_pos[0]) - sliding_window + 1)
+            first_keys = torch.full((1,), first, device=q.device)
+            k, v = _gather(
+                k_cache, v_cache, block_tables[b : b + 1], context_lens[b : b + 1], first_keys, q.dtype
+            )
+            key_pos = torch.arange(k.shape[1], device=q.device)[None, :]
+            visible = key_pos <= query_pos[:, None]
+            if sliding_window is not None:
+                visible &= key_pos > query_pos[:, None] - sliding_window
+            out[begin:end] = _attend(q[begin:end][None], k, v, visible[None], scale, softcap)[0]
         return out
 
     def decode(
@@ -75,10 +85,16 @@ class TorchAttentionBackend(AttentionBackend):
         block_tables: torch.Tensor,
         context_lens: torch.Tensor,
         scale: float,
+        *,
+        sliding_window: int | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor:
-        k, v = _gather(k_cache, v_cache, block_tables, context_lens, q.dtype)
-        visible = _valid_positions(context_lens, k.shape[1])  # [B, L]
-        return _attend(q[:, None], k, v, visible[:, None, :], scale)[:, 0]
+        first_keys = torch.zeros_like(context_lens)
+        if sliding_window is not None:
+            first_keys = (context_lens - sliding_window).clamp_min(0)
+        k, v = _gather(k_cache, v_cache, block_tables, context_lens, first_keys, q.dtype)
+        visible = _valid_positions(context_lens, k.shape[1], sliding_window)  # [B, L]
+        return _attend(q[:, None], k, v, visible[:, None, :], scale, softcap)[:, 0]
 
 
 def _to_cache(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -86,8 +102,13 @@ def _to_cache(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (x if limit is None else x.clamp(-limit, limit)).to(dtype)
 
 
-def _valid_positions(context_lens: torch.Tensor, length: int) -> torch.Tensor:
-    return torch.arange(length, device=context_lens.device)[None, :] < context_lens[:, None]
+def _valid_positions(context_lens: torch.Tensor, length: int, window: int | None = None) -> torch.Tensor:
+    """``[B, length]``: which cached positions the newest token of each sequence may read."""
+    positions = torch.arange(length, device=context_lens.device)[None, :]
+    valid = positions < context_lens[:, None]
+    if window is not None:
+        valid &= positions >= context_lens[:, None] - window
+    return valid
 
 
 def _gather(
@@ -95,16 +116,29 @@ def _gather(
     v_cache: torch.Tensor,
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
+    first_keys: torch.Tensor,
     dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """K and V of each sequence as ``[B, L, Hkv, D]`` in ``dtype``, ``L`` covering the longest context."""
+    """K and V of each sequence as ``[B, L, Hkv, D]`` in ``dtype``, ``L`` covering the longest context.
+
+    Positions before ``first_keys[b]`` (out of the sequence's window) are zero, like those past its
+    context: their blocks may be freed (block-table entry -1) and reused by others. Blocks that no row
+    needs are not even read."""
     block_size = k_cache.shape[1]
     num_blocks = -(-int(context_lens.max()) // block_size)
-    table = block_tables[:, :num_blocks].long()
+    skip = int(first_keys.min()) // block_size
+    table = block_tables[:, skip:num_blocks].long()
     batch = table.shape[0]
-    k = k_cache[table].to(dtype).reshape(batch, num_blocks * block_size, *k_cache.shape[2:])
-    v = v_cache[table].to(dtype).reshape(batch, num_blocks * block_size, *v_cache.shape[2:])
-    invalid = ~_valid_positions(context_lens, k.shape[1])[:, :, None, None]
+    shape = (batch, num_blocks * block_size, *k_cache.shape[2:])
+    k = torch.zeros(shape, dtype=dtype, device=k_cache.device)
+    v = torch.zeros(shape, dtype=dtype, device=v_cache.device)
+    # a freed block's entry is -1: read block 0 instead, the mask below zeroes it
+    table = table.clamp_min(0)
+    k[:, skip * block_size :] = k_cache[table].to(dtype).reshape(batch, -1, *k_cache.shape[2:])
+    v[:, skip * block_size :] = v_cache[table].to(dtype).reshape(batch, -1, *v_cache.shape[2:])
+    positions = torch.arange(k.shape[1], device=k.device)[None, :]
+    invalid = (positions >= context_lens[:, None]) | (positions < first_keys[:, None])
+    invalid = invalid[:, :, None, None]
     return k.masked_fill(invalid, 0.0), v.masked_fill(invalid, 0.0)
 
 
@@ -114,6 +148,7 @@ def _attend(
     v: torch.Tensor,
     visible: torch.Tensor,
     scale: float,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """q ``[B, S, Hq, D]``, k/v ``[B, L, Hkv, D]``, visible ``[B, S, L]`` → ``[B, S, Hq, D]``."""
     batch, num_q, num_heads, head_dim = q.shape
@@ -122,6 +157,8 @@ def _attend(
     qg = q.float().view(batch, num_q, num_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
     kt = k.float().permute(0, 2, 3, 1)  # [B, Hkv, D, L]
     scores = (qg @ kt[:, :, None]) * scale  # [B, Hkv, G, S, L]
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     out = probs @ v.float().permute(0, 2, 1, 3)[:, :, None]  # [B, Hkv, G, S, D]

@@ -61,6 +61,7 @@ STOCK_MODELS = [
     "repeat_int32",
     "simple_sequence",
     "simple_dyna_sequence",
+    "simple_string_dyna_sequence",
     "identity_fp32",
 ]
 _LISTENING = re.compile(r"listening on [^:]+:(\d+)")
@@ -79,6 +80,25 @@ class ServerProcess:
     @property
     def output(self) -> str:
         return "".join(self.lines)
+
+    @property
+    def http_url(self) -> str:
+        """``host:port`` of the ``http`` front-end (started with ``frontends=[...,http]``)."""
+        return f"127.0.0.1:{self.port_of('HTTPService')}"
+
+    def port_of(self, service: str, timeout: float = 30.0) -> int:
+        """The port a front-end printed (``OpenAI API``, ``HTTPService``...), waiting for its line."""
+        pattern = re.compile(rf"pagedserve: {re.escape(service)} listening on [^:]+:(\d+)")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in list(self.lines):
+                match = pattern.search(line)
+                if match:
+                    return int(match.group(1))
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise RuntimeError(f"{service} did not start:\n" + self.output)
 
     def client(self):  # noqa: ANN201 - tritonclient is imported lazily
         import tritonclient.grpc as grpcclient
@@ -104,6 +124,8 @@ def start_server(*overrides: str, ready_timeout: float = 120.0, wait_ready: bool
         "pagedserve",
         "server.host=127.0.0.1",
         "server.grpc_port=0",
+        "server.http_port=0",
+        "server.openai_port=0",
         "server.metrics_port=0",
         *overrides,
     ]

@@ -240,16 +240,29 @@ def test_an_engine_process_that_keeps_dying_stays_down(tiny, monkeypatch):
 def test_deltas_that_pile_up_for_a_slow_parent_join_without_loss():
     from pagedserve.engine.engine_process import _join_deltas
 
+    prompt = [None, {5: -1.0}]  # prompt log-probabilities: in the first delta, kept by the join
     deltas = [
-        ("a", False, None, [(0, [1], "x", -0.5, [{1: -0.5}], None), (1, [7], "p", -0.1, [{7: -0.1}], None)]),
-        ("b", False, None, [(0, [4], "q", -0.2, None, None)]),
-        ("a", False, None, [(0, [2, 3], "yz", -1.5, [{2: -0.4}, {3: -0.6}], None)]),
-        ("a", True, None, [(0, [], "", -1.5, [], "length"), (1, [8], "r", -0.3, [{8: -0.2}], "length")]),
+        (
+            "a",
+            False,
+            None,
+            [(0, [1], "x", -0.5, [{1: -0.5}], None), (1, [7], "p", -0.1, [{7: -0.1}], None)],
+            prompt,
+        ),
+        ("b", False, None, [(0, [4], "q", -0.2, None, None)], None),
+        ("a", False, None, [(0, [2, 3], "yz", -1.5, [{2: -0.4}, {3: -0.6}], None)], None),
+        (
+            "a",
+            True,
+            None,
+            [(0, [], "", -1.5, [], "length"), (1, [8], "r", -0.3, [{8: -0.2}], "length")],
+            None,
+        ),
     ]
     joined = _join_deltas(deltas)
     assert [d[0] for d in joined] == ["a", "b"]
-    request_id, finished, error, completions = joined[0]
-    assert finished and error is None
+    request_id, finished, error, completions, prompt_logprobs = joined[0]
+    assert finished and error is None and prompt_logprobs == prompt
     by_index = {c[0]: c for c in completions}
     assert by_index[0] == (0, [1, 2, 3], "xyz", -1.5, [{1: -0.5}, {2: -0.4}, {3: -0.6}], "length")
     assert by_index[1] == (1, [7, 8], "pr", -0.3, [{7: -0.1}, {8: -0.2}], "length")

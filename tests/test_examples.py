@@ -397,6 +397,39 @@ def test_client_sequence_stream(request: pytest.FixtureRequest, model: str, last
         assert [got[f"{cid}_{step}"] for step in range(len(seq))] == expected
 
 
+def test_client_sequence_stream_string_ids(client: Any) -> None:
+    """simple_grpc_sequence_stream_infer_client.py -d: its third sequence has the string ID "1002" and
+    goes to simple_string_dyna_sequence, a running sum that adds the ID at the end."""
+    grpcclient, _ = _client_modules()
+    values = [20, -11, -7, -5, -3, -2, 0, -1]
+    results = StreamResults()
+    client.start_stream(callback=results)
+    for step, value in enumerate(values):
+        client.async_stream_infer(
+            "simple_string_dyna_sequence",
+            _sequence_input(grpcclient, value),
+            request_id=f"1002_{step}",
+            sequence_id="1002",
+            sequence_start=step == 0,
+            sequence_end=step == len(values) - 1,
+        )
+    client.async_stream_infer(
+        "simple_string_dyna_sequence",
+        _sequence_input(grpcclient, 1),
+        sequence_id="SEQ-3",
+        sequence_start=True,
+        sequence_end=True,
+    )
+    received = results.take(len(values) + 1)
+    client.stop_stream()
+    assert [str(error) for _, error in received[:-1] if error is not None] == []
+    outputs = [int(result.as_numpy("OUTPUT")[0, 0]) for result, _ in received[:-1]]
+    expected = list(np.cumsum(values))
+    expected[-1] += 1002  # END adds the correlation ID
+    assert outputs == expected
+    assert str(received[-1][1]) == "correlation ID 'SEQ-3' is not an integer"
+
+
 def test_client_sequence_sync_and_errors(client: Any) -> None:
     """simple_grpc_sequence_sync_infer_client.py, plus Triton's sequence errors."""
     grpcclient, exception_type = _client_modules()

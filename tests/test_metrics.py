@@ -124,7 +124,7 @@ def test_llm_engine_metrics_move(llm_metered: ServerProcess) -> None:
     assert moved("vllm:prompt_tokens_total") > 0
     assert moved("vllm:time_to_first_token_seconds_count") == 2
     assert moved("vllm:e2e_request_latency_seconds_count") == 2
-    assert moved("vllm:time_per_output_token_seconds_count") == 2
+    assert moved("vllm:time_per_output_token_seconds_count") == 6  # one per token after the first
     assert moved("vllm:inter_token_latency_seconds_count") == 6
     assert value(after, "vllm:time_to_first_token_seconds_bucket", **LLM, le="+Inf") == value(
         after, "vllm:time_to_first_token_seconds_count", **LLM
@@ -194,5 +194,6 @@ def test_llm_metrics_count_every_token_however_outputs_are_joined(deltas: list[i
     snapshot = metrics.snapshot(EngineState(0, 0, 0.0, 0, 0, 0))
     assert snapshot.generation_tokens == 4
     assert snapshot.inter_token_latency.count == 3
-    assert (snapshot.time_to_first_token.count, snapshot.time_per_output_token.count) == (1, 1)
+    assert (snapshot.time_to_first_token.count, snapshot.time_per_output_token.count) == (1, 3)
+    assert (snapshot.request_generation_tokens.count, snapshot.request_generation_tokens.total) == (1, 4)
     assert snapshot.inter_token_latency.total >= 0

@@ -11,6 +11,18 @@ backends convert both ways: ``store_kv`` clamps to the cache type's largest fini
 (:func:`kv_saturation_limit`) and then casts, so large values saturate instead of becoming NaN or
 infinite; ``prefill`` and ``decode`` upcast what they read to ``q``'s dtype and return ``q``'s dtype.
 
+Two per-layer options change the scores (both backends honour them):
+
+* ``sliding_window=W``: a query at position ``p`` sees only keys at positions in ``(p - W, p]``, i.e.
+  itself and the ``W - 1`` before it. This is transformers' convention for every family that has a
+  window (``sliding_window_overlay`` in ``masking_utils``: ``kv_idx > q_idx - sliding_window``; used by
+  Mistral, Qwen2/3 and Gemma 2/3 alike). When every layer of a model has a window, the block manager
+  frees blocks that fell wholly out of it and their block-table entries become
+  :data:`~pagedserve.engine.block_manager.NO_BLOCK` (-1): backends must not read positions below
+  ``p - W + 1`` (and must not let garbage there reach the output).
+* ``softcap=c``: scores become ``c * tanh(score / c)`` after scaling and before the mask and softmax
+  (Gemma 2's ``attn_logit_softcapping``).
+
 The runner builds one :class:`AttentionMetadata` per step and makes it current with
 :func:`attention_metadata`; each model ``Attention`` layer reads it with :func:`current_metadata`.
 The first ``num_decode_tokens`` rows of the batch are single-token sequences (decode); the rest are
@@ -102,12 +114,16 @@ class AttentionBackend(ABC):
         context_lens: torch.Tensor,
         block_tables: torch.Tensor,
         scale: float,
+        *,
+        sliding_window: int | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor:
         """Causal attention for query chunks ``q`` ``[T, Hq, D]``; returns ``[T, Hq, D]``.
 
         Query ``i`` of sequence ``b`` sits at position ``context_lens[b] - q_len_b + i`` and attends to
         positions ``<=`` its own, all read from the cache through ``block_tables[b]`` (the chunk's own
-        K/V were stored before this call).
+        K/V were stored before this call). See the module docstring for ``sliding_window`` and
+        ``softcap``.
         """
 
     @abstractmethod
@@ -119,9 +135,12 @@ class AttentionBackend(ABC):
         block_tables: torch.Tensor,
         context_lens: torch.Tensor,
         scale: float,
+        *,
+        sliding_window: int | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor:
         """One query per sequence, ``q`` ``[B, Hq, D]``, attending to its first ``context_lens[b]``
-        cached tokens; returns ``[B, Hq, D]``."""
+        cached tokens (the last ``sliding_window`` of them with a window); returns ``[B, Hq, D]``."""
 
 
 class NoAttentionBackendError(RuntimeError):

@@ -6,6 +6,13 @@ prefix reuses them. A block whose last user leaves goes back on the free list bu
 it is only forgotten when the free list hands it out again (lazy eviction). Blocks with a hash go to
 the tail of the free list and blocks without one to the head, so cached blocks age out in LRU order.
 
+With a sliding window on every attention layer (``sliding_window``), a sequence's blocks that lie wholly
+before the window of its next token are freed before each allocation, as vLLM does; their block-table
+entries become :data:`NO_BLOCK`, so positions keep their indices. They are freed like any other block
+(hashed ones stay in the prefix cache until handed out again), so a later prompt with the same prefix
+still finds the whole chain or stops at its first missing block: never a wrong hit. A model with any
+global layer (Gemma's local/global mix) needs every block, and none is freed.
+
 This module knows nothing about tensors: copy-on-write returns ``(src, dst)`` pairs for the runner.
 """
 
@@ -17,6 +24,8 @@ from dataclasses import dataclass
 from pagedserve.engine.sequence import Sequence
 
 _ROOT_HASH = 0x5A17ED  # parent hash of every sequence's first block
+NO_BLOCK = -1
+"""A block-table entry whose block fell out of the sliding window and was freed (never read)."""
 
 
 @dataclass
@@ -50,12 +59,21 @@ class BlockUsage:
 class BlockManager:
     """Owns every block; a sequence only holds block ids in ``seq.block_table``."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_prefix_caching: bool = True,
+        sliding_window: int | None = None,
+    ) -> None:
         if num_blocks < 1:
             raise ValueError(f"the KV cache needs at least one block, got {num_blocks}")
+        if sliding_window is not None and sliding_window < 1:
+            raise ValueError(f"sliding_window must be at least 1 or unset, got {sliding_window}")
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.enable_prefix_caching = enable_prefix_caching
+        self.sliding_window = sliding_window
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free_ids: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.hash_to_block: dict[int, int] = {}
@@ -115,6 +133,7 @@ class BlockManager:
         that many tokens past the computed ones (admission of a whole prompt), without taking them.
         Returns the ``(src, dst)`` block copies needed for copy-on-write.
         """
+        self.free_out_of_window(seq)
         cached_blocks = cached_blocks or []
         computed = seq.num_computed_tokens + len(cached_blocks) * self.block_size
         table_len = len(seq.block_table) + len(cached_blocks)
@@ -136,19 +155,39 @@ class BlockManager:
         child.block_table = list(parent.block_table)
         child.num_hashed_blocks = parent.num_hashed_blocks
         for block_id in child.block_table:
-            self.blocks[block_id].ref_count += 1
+            if block_id != NO_BLOCK:
+                self.blocks[block_id].ref_count += 1
 
     def free(self, seq: Sequence) -> None:
         """Release the blocks of ``seq``, tail first so a prefix chain is evicted from its end."""
         for block_id in reversed(seq.block_table):
-            block = self.blocks[block_id]
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                self.free_ids[block_id] = None
-                if block.hash is None:  # nothing to reuse in it: hand it out first
-                    self.free_ids.move_to_end(block_id, last=False)
+            if block_id != NO_BLOCK:
+                self._release(block_id)
         seq.block_table = []
         seq.num_hashed_blocks = 0
+
+    def free_out_of_window(self, seq: Sequence) -> int:
+        """Free the blocks of ``seq`` that no query from its next position on can see; returns how many.
+
+        The next query sits at ``seq.num_computed_tokens`` and sees keys from ``num_computed_tokens -
+        window + 1`` on. A step still running on the device may read a freed block, but whatever
+        reuses it writes only in later steps, which the device runs after that one."""
+        if self.sliding_window is None:
+            return 0
+        # Offer them to the prefix cache first: with overlapped steps the previous step's results, and
+        # so its cache_full_blocks, come only after this.
+        self.cache_full_blocks(seq)
+        first_needed = seq.num_computed_tokens - self.sliding_window + 1
+        num_freed = 0
+        # Freed blocks form a prefix of the table: walk back from the last one out of the window.
+        for index in range(min(first_needed // self.block_size, len(seq.block_table)) - 1, -1, -1):
+            block_id = seq.block_table[index]
+            if block_id == NO_BLOCK:
+                break
+            self._release(block_id)
+            seq.block_table[index] = NO_BLOCK
+            num_freed += 1
+        return num_freed
 
     def cache_full_blocks(self, seq: Sequence) -> None:
         """Register the full, computed blocks of ``seq`` in the prefix cache (after a model step)."""
@@ -161,6 +200,8 @@ class BlockManager:
         if num_full <= seq.num_hashed_blocks:
             return
         for i in range(seq.num_hashed_blocks, num_full):
+            if seq.block_table[i] == NO_BLOCK:
+                continue  # freed by the window before this step's results came back: not cached
             block = self.blocks[seq.block_table[i]]
             block_hash = seq.block_hashes[i]
             if block.hash is not None or block_hash in self.hash_to_block:
@@ -197,6 +238,14 @@ class BlockManager:
         seq.num_computed_tokens += seq.num_cached_tokens
         self._num_queried_tokens += num_query_tokens
         self._num_hit_tokens += seq.num_cached_tokens
+
+    def _release(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        block.ref_count -= 1
+        if block.ref_count == 0:
+            self.free_ids[block_id] = None
+            if block.hash is None:  # nothing to reuse in it: hand it out first
+                self.free_ids.move_to_end(block_id, last=False)
 
     def _is_shared(self, seq: Sequence, write_pos: int) -> bool:
         index = write_pos // self.block_size

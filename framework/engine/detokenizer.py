@@ -4,7 +4,9 @@ Each step decodes only a short window of recent tokens. Text is released only wh
 U+FFFD, the replacement character a byte-level decoder produces for an incomplete UTF-8 sequence, so
 a multi-byte character split across tokens is never emitted half-way. When stop strings are set and
 not included in the output, the last ``len(longest stop) - 1`` characters are held back until it is
-clear they do not start a stop string, so streamed text never has to be taken back.
+clear they do not start a stop string, so streamed text never has to be taken back. As in vLLM,
+stop strings count only from the token after the first ``min_tokens``: text that ends within them is
+never searched again.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ class IncrementalDetokenizer:
         self.tokenizer = tokenizer
         self.params = params
         self.token_ids = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
         self.prefix_offset = max(len(prompt_token_ids) - _CONTEXT_TOKENS, 0)
         self.read_offset = len(prompt_token_ids)
         self.text = ""  # output text decoded so far, cut at a stop string once one is found
@@ -40,7 +43,8 @@ class IncrementalDetokenizer:
             return "", False
         start = max(0, len(self.text) - self.max_stop_len + 1)
         self.text += self._decode_new(flush=finished)
-        stopped = self._cut_at_stop_string(start)
+        num_output_tokens = len(self.token_ids) - self.num_prompt_tokens
+        stopped = num_output_tokens > self.params.min_tokens and self._cut_at_stop_string(start)
         return self._release(finished or stopped), stopped
 
     def _decode_new(self, flush: bool) -> str:

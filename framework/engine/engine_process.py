@@ -48,8 +48,10 @@ log = logging.getLogger(__name__)
 # One completion's news in a step: index, new token ids, text delta, cumulative logprob,
 # new logprobs (None when not asked for), finish reason.
 _CompletionDelta = tuple[int, list[int], str, float, "list[dict[int, float]] | None", "str | None"]
-# request id, finished, error (message and status name), completions
-_Delta = tuple[str, bool, "tuple[str, str] | None", list[_CompletionDelta]]
+# request id, finished, error (message and status name), completions, prompt log-probabilities
+# (once, when computed)
+_PromptLogprobsDelta = list[dict[int, float] | None] | None
+_Delta = tuple[str, bool, "tuple[str, str] | None", list[_CompletionDelta], _PromptLogprobsDelta]
 
 
 # More deaths than this within the window and the engine stays down (the model shows UNAVAILABLE).
@@ -141,6 +143,13 @@ class EngineProcess:
         """Why no request can be served any more, once a dead child could not be restarted."""
         return self._failure
 
+    @property
+    def restarting(self) -> bool:
+        """A child died and its successor is not ready yet: what is submitted now waits for it (a
+        replica set sends new requests elsewhere meanwhile)."""
+        with self._lock:
+            return self._backlog is not None
+
     def start(self) -> None:
         if self._receiver.ident is None:
             self._receiver.start()
@@ -171,7 +180,9 @@ class EngineProcess:
         (``n`` is checked first: nothing per choice, not even the prompt's tokens, exists before)."""
         params = params or SamplingParams()
         self._limits.check_params(params)
-        request = build_request(self.tokenizer, request_id, prompt, params, priority)
+        request = build_request(
+            self.tokenizer, request_id, prompt, params, priority, self._limits.max_model_len
+        )
         self._limits.check(len(request.prompt_token_ids), params)
         return request
 
@@ -277,7 +288,7 @@ class EngineProcess:
         return True
 
     def _deliver(self, delta: _Delta) -> None:
-        request_id, finished, error, completions = delta
+        request_id, finished, error, completions, prompt_logprobs = delta
         with self._lock:
             pending = self._pending.pop(request_id, None) if finished else self._pending.get(request_id)
         if pending is None:
@@ -297,7 +308,9 @@ class EngineProcess:
         message, code = error or (None, "INVALID_ARGUMENT")
         call(
             pending.callback,
-            RequestOutput(request_id, output.prompt_token_ids, snapshot, finished, message, code),
+            RequestOutput(
+                request_id, output.prompt_token_ids, snapshot, finished, message, code, prompt_logprobs
+            ),
         )
 
     def _take_pending(self) -> dict[str, _Pending]:
@@ -432,7 +445,7 @@ def _join_deltas(deltas: list[_Delta]) -> list[_Delta]:
 
 
 def _join(earlier: _Delta, later: _Delta) -> _Delta:
-    request_id, finished, error, completions = later
+    request_id, finished, error, completions, prompt_logprobs = later
     by_index = {c[0]: c for c in earlier[3]}
     merged = []
     for index, ids, text, cumulative, logprobs, reason in completions:
@@ -444,7 +457,7 @@ def _join(earlier: _Delta, later: _Delta) -> _Delta:
                 logprobs = before[4] + logprobs
         merged.append((index, ids, text, cumulative, logprobs, reason))
     merged.extend(by_index.values())  # completions only the earlier delta mentioned
-    return request_id, finished, error or earlier[2], merged
+    return request_id, finished, error or earlier[2], merged, prompt_logprobs or earlier[4]
 
 
 def _apply_commands(
@@ -473,4 +486,4 @@ def _encode(output: RequestOutput) -> _Delta:
             (c.index, token_ids, c.text_delta, c.cumulative_logprob, logprobs, c.finish_reason)
         )
     error = None if output.error is None else (output.error, output.error_code)
-    return output.request_id, output.finished, error, completions
+    return output.request_id, output.finished, error, completions, output.prompt_logprobs

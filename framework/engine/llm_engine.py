@@ -26,6 +26,7 @@ from pagedserve.engine.sampler import Sampler
 from pagedserve.engine.sampling_params import SamplingParams
 from pagedserve.engine.scheduler import ScheduledBatch, Scheduler
 from pagedserve.engine.sequence import Sequence
+from pagedserve.engine.structured_output import GrammarBackend, XGrammarBackend
 from pagedserve.models.tokenizer import Tokenizer, read_eos_token_ids
 
 log = logging.getLogger(__name__)
@@ -53,14 +54,21 @@ class LLMEngine:
         self.device = setup.device
         self.attention_backend = backend_cls.name
         num_blocks = self._num_blocks(setup, backend_cls)
-        self.block_manager = BlockManager(num_blocks, config.cache.block_size, config.cache.prefix_caching)
+        self.block_manager = BlockManager(
+            num_blocks,
+            config.cache.block_size,
+            config.cache.prefix_caching,
+            sliding_window=setup.model.kv_sliding_window(),
+        )
         self.scheduler = Scheduler(
             config.scheduler,
             self.block_manager,
             self._policy(registries),
             max_model_len=self.max_model_len,
             eos_token_ids=self.eos_token_ids,
+            vocab_size=setup.arch.vocab_size,
         )
+        self.grammars = self._grammar_backend(setup)
         sampler = Sampler(setup.arch.vocab_size, self.eos_token_ids, config.seed)
         self.runner = self._runner(setup, backend_cls, sampler, num_blocks, config.cuda_graphs)
         self.runner.capture_graphs()
@@ -89,7 +97,7 @@ class LLMEngine:
         priority: int = 0,
     ) -> EngineRequest:
         """Tokenize and validate; raises ``ValueError`` for a request the engine could never serve."""
-        request = build_request(self.tokenizer, request_id, prompt, params, priority)
+        request = build_request(self.tokenizer, request_id, prompt, params, priority, self.max_model_len)
         self.check(request)
         return request
 
@@ -109,10 +117,15 @@ class LLMEngine:
     def add(self, request: EngineRequest) -> None:
         if self.outputs.has(request.request_id):
             raise ValueError(f"request id {request.request_id!r} is already in use")
+        params = request.params
+        seq = Sequence(request.request_id, request.prompt_token_ids, params, priority=request.priority)
+        structured = params.structured_outputs
+        if structured is not None:
+            if self.grammars is None:
+                raise ValueError("structured_outputs need a tokenizer, and this model has no tokenizer.json")
+            seq.grammar = self.grammars.grammar_for(structured)  # compiled once, then from the cache
         self.outputs.add(request)
-        self.scheduler.add(
-            Sequence(request.request_id, request.prompt_token_ids, request.params, priority=request.priority)
-        )
+        self.scheduler.add(seq)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request now and free its blocks; returns its final output (``None`` if unknown)."""
@@ -140,7 +153,8 @@ class LLMEngine:
     def _step(self) -> list[RequestOutput]:
         outputs: list[RequestOutput] = []
         if self._inflight is not None and _needs_full_history(self._inflight[0]):
-            # Penalties read every earlier token on the host: land the pending ones first.
+            # Penalties, bad words and grammars read every earlier token on the host: land the
+            # pending ones first.
             outputs += self._complete(*self._inflight)
             self._inflight = None
         batch = self.scheduler.schedule()
@@ -202,6 +216,11 @@ class LLMEngine:
         if setup.directory is not None:
             return frozenset(read_eos_token_ids(setup.directory))
         return frozenset(setup.arch.eos_token_ids)
+
+    def _grammar_backend(self, setup: ModelSetup) -> GrammarBackend | None:
+        if self.tokenizer is None or setup.directory is None:
+            return None
+        return XGrammarBackend(setup.directory / "tokenizer.json", setup.arch.vocab_size, self.eos_token_ids)
 
     def _check_budgets(self) -> None:
         scheduler = self.config.scheduler
@@ -271,7 +290,4 @@ class LLMEngine:
 
 
 def _needs_full_history(batch: ScheduledBatch) -> bool:
-    return any(
-        p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
-        for p in (seq.params for seq, _ in batch.sample_rows)
-    )
+    return any(seq.params.needs_full_history for seq, _ in batch.sample_rows)

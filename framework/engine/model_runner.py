@@ -111,6 +111,7 @@ class ModelRunner:
         graph_size = self._graph_size(batch)
         step = self.buffers.prepare(batch, self._pending_rows, self._pending_ids, graph_size)
         hidden = self._forward(step, graph_size)
+        self._record_prompt_logprobs(batch, step, hidden)
         seqs = [seq for seq, _ in batch.sample_rows]
         if not seqs:
             self._pending_rows, self._pending_ids = {}, None
@@ -158,6 +159,25 @@ class ModelRunner:
         self.num_eager_steps += 1
         with attention_metadata(step.metadata):
             return self.model(step.input_ids, step.positions)
+
+    def _record_prompt_logprobs(self, batch: ScheduledBatch, step: StepInputs, hidden: torch.Tensor) -> None:
+        """Log-probabilities of the prompt tokens this step computes, for sequences that asked. It
+        waits for the device: a rare request's cost, paid only by steps that carry one."""
+        for i, seq in enumerate(batch.seqs):
+            k = seq.params.prompt_logprobs
+            start, num_new = batch.start_positions[i], batch.num_new_tokens[i]
+            # Position p predicts token p + 1; record each prompt token once (not again after a
+            # preemption recomputes it).
+            first = max(start, len(seq.prompt_logprobs) - 1)
+            end = min(start + num_new, seq.num_prompt_tokens - 1)
+            if k is None or first >= end:
+                continue
+            if not seq.prompt_logprobs:
+                seq.prompt_logprobs.append(None)  # nothing predicts the first prompt token
+            first_row = step.last_rows[i] - (num_new - 1)
+            rows = hidden[first_row + first - start : first_row + end - start]
+            targets = torch.tensor(seq.token_ids[first + 1 : end + 1], device=hidden.device)
+            seq.prompt_logprobs += self.sampler.prompt_logprobs(self.model.compute_logits(rows), targets, k)
 
     def _host_samples(self, rows: int) -> torch.Tensor:
         return torch.empty((rows, 2), dtype=torch.float64, pin_memory=self.on_cuda)

@@ -7,13 +7,14 @@ config.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import psutil
 import torch
 from pagedserve.engine.config import CacheConfig, EngineConfig
 from pagedserve.models.hf_config import ModelArchConfig
+from pagedserve.models.layers.quantization import Fp8Checkpoint, building_for
 from pagedserve.models.loader import init_dummy_weights, load_weights
 from pagedserve.models.presets import resolve_model_source
 from pagedserve.models.registry import ModelArchitecture, resolve_architecture
@@ -80,12 +81,16 @@ def build_model(config: EngineConfig, architectures: Mapping[str, type[ModelArch
     dtype = resolve_dtype(config.dtype, arch, device)
     kv_cache_dtype = resolve_kv_cache_dtype(config.cache.dtype, dtype)
     max_model_len = resolve_max_model_len(config.max_model_len, arch)
-    model = _instantiate(model_cls, arch, device, dtype)
+    # longrope picks its factor set for the context the engine serves (layers/rotary.py)
+    arch = replace(arch, rope=replace(arch.rope, context_len=max_model_len))
+    fp8_checkpoint = None if config.load_format == "dummy" else Fp8Checkpoint.from_hf(source.hf_config)
+    with building_for(fp8_checkpoint):  # float8 checkpoints: e4m3 linears from the start
+        model = _instantiate(model_cls, arch, device, dtype)
     if config.load_format == "dummy":
         init_dummy_weights(model, config.seed)
     else:
-        load_weights(model, source.directory)
-    if config.quantization == "fp8":
+        load_weights(model, source.directory, checkpoint=fp8_checkpoint)
+    if config.quantization == "fp8" or fp8_checkpoint is not None:
         check_fp8_matmuls(device)
         model.quantize_fp8_()
         if device.type == "cuda":

@@ -53,6 +53,9 @@ class RequestOutput:
     error_code: str = "INVALID_ARGUMENT"
     """With ``error``, the gRPC status name it deserves: INVALID_ARGUMENT for a request the engine
     refuses, INTERNAL when serving it failed, UNAVAILABLE when the engine went away."""
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    """With ``prompt_logprobs``: one entry per prompt token (the first is None), in the first output
+    that follows the prompt's computation."""
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -64,6 +67,7 @@ class RequestOutput:
         for mine, theirs in zip(self.outputs, later.outputs, strict=True):
             theirs.text_delta = mine.text_delta + theirs.text_delta
             theirs.num_new_tokens += mine.num_new_tokens
+        later.prompt_logprobs = later.prompt_logprobs or self.prompt_logprobs
         return later
 
 

@@ -1,14 +1,18 @@
 """Logits → tokens, for a batch of sequences with their own sampling parameters.
 
-Order of operations: raw log-probabilities (what ``logprobs`` reports) → penalties → ``min_tokens``
-masking of stop tokens → greedy argmax, or temperature, top-k, top-p, min-p and a random draw.
-The draw is ``argmax(probs / E)`` with ``E ~ Exp(1)`` per vocabulary entry (the exponential race,
-equivalent to sampling from ``probs``), taken from the sequence's own generator when the request
-has a ``seed``, so its text does not depend on what else is in the batch.
+Order of operations, vLLM V1's (docs/sampling.md): raw log-probabilities (what ``logprobs``
+reports) → the structured-output grammar's token bitmask → ``allowed_token_ids`` → ``bad_words`` →
+``min_tokens`` masking of stop tokens and ``logit_bias`` → penalties → greedy argmax, or
+temperature, min-p, top-k, top-p and a random draw. The draw is ``argmax(probs / E)`` with
+``E ~ Exp(1)`` per vocabulary entry (the exponential race, equivalent to sampling from ``probs``),
+taken from the sequence's own generator when the request has a ``seed``, so its text does not depend
+on what else is in the batch.
 
 :meth:`Sampler.sample` only queues device work (no ``torch.multinomial``, no host reads of device
 values); the caller copies :attr:`SamplerOutput.packed` to the host once per step and turns it into
-:class:`Sample` values with :meth:`Sampler.to_samples`.
+:class:`Sample` values with :meth:`Sampler.to_samples`, which also advances each sequence's grammar.
+Masks are built on the host from short lists (token ids, the grammar bitmask) and applied to the
+whole batch on the device at once; nothing loops over the vocabulary in Python.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch
 from pagedserve.engine.outputs import Sample
 from pagedserve.engine.sampling_params import SamplingParams
 from pagedserve.engine.sequence import Sequence
+from pagedserve.engine.structured_output import apply_bitmask, grammar_bitmask
 
 
 @dataclass
@@ -66,9 +71,13 @@ class Sampler:
         k = max((s.params.logprobs or 0 for s in seqs if s.params.logprobs is not None), default=None)
         if k:
             top_logprobs, top_ids = (logits - log_norm[:, None]).topk(min(k, logits.shape[1]), dim=-1)
-        raw = logits if not any(_has_penalty(s.params) for s in seqs) else logits.clone()
-        logits = self._apply_penalties(logits, seqs)
+        raw = logits.clone() if any(_changes_logits(s.params) for s in seqs) else logits
+        logits = self._apply_grammars(logits, seqs)
+        logits = self._apply_allowed_token_ids(logits, seqs)
+        logits = self._mask_bad_words(logits, seqs)
         logits = self._mask_early_stops(logits, seqs)
+        logits = self._apply_logit_bias(logits, seqs)
+        logits = self._apply_penalties(logits, seqs)
         token_ids = self._choose(logits, seqs)
         chosen = raw.gather(1, token_ids[:, None])[:, 0] - log_norm
         packed = torch.stack((token_ids.double(), chosen.double()), dim=1)
@@ -85,6 +94,9 @@ class Sampler:
         samples = []
         for i, seq in enumerate(seqs):
             token_id, logprob = int(rows[i][0]), rows[i][1]
+            if seq.grammar is not None and not seq.is_finished and not seq.grammar.accept(token_id):
+                # The bitmask allowed only tokens the grammar accepts: this is a bug, not bad input.
+                raise RuntimeError(f"the grammar of {seq.request_id} rejected its sampled token {token_id}")
             top_logprobs = None
             if seq.params.logprobs is not None:
                 k = seq.params.logprobs
@@ -93,7 +105,70 @@ class Sampler:
             samples.append(Sample(token_id, logprob, top_logprobs))
         return samples
 
+    def prompt_logprobs(self, logits: torch.Tensor, next_ids: torch.Tensor, k: int) -> list[dict[int, float]]:
+        """``logits`` ``[T, V]`` of prompt positions, ``next_ids`` ``[T]`` the prompt tokens they
+        predict: per position the next token's raw log-probability and the top ``k`` (waits)."""
+        logprobs = torch.log_softmax(logits[:, : self.vocab_size].float(), dim=-1)
+        chosen = logprobs.gather(1, next_ids[:, None])[:, 0].tolist()
+        top_values, top_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], next_ids[:, None][:, :0])
+        entries = []
+        for ids, values, token_id, logprob in zip(
+            top_ids.tolist(), top_values.tolist(), next_ids.tolist(), chosen, strict=True
+        ):
+            entry = dict(zip(ids, values, strict=True))
+            entry[token_id] = logprob
+            entries.append(entry)
+        return entries
+
     # ---- logits processing -----------------------------------------------------------------------
+
+    def _apply_grammars(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        if all(s.grammar is None for s in seqs):
+            return logits
+        bitmask, rows = grammar_bitmask([s.grammar for s in seqs], logits.shape[1])
+        apply_bitmask(logits, bitmask, rows)
+        return logits
+
+    def _apply_allowed_token_ids(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        rows, cols = [], []
+        for i, seq in enumerate(seqs):
+            allowed = seq.params.allowed_token_ids
+            if allowed is not None:
+                rows += [i] * len(allowed)
+                cols += allowed
+        if not rows:
+            return logits
+        device = logits.device
+        row_ids = sorted(set(rows))
+        keep = torch.zeros(logits.shape, dtype=torch.bool, device=device)
+        keep[_to_device(rows, torch.long, device), _to_device(cols, torch.long, device)] = True
+        index = _to_device(row_ids, torch.long, device)
+        logits[index] = logits[index].masked_fill(~keep[index], float("-inf"))
+        return logits
+
+    def _mask_bad_words(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        rows, cols = [], []
+        for i, seq in enumerate(seqs):
+            for ids in seq.params.bad_words_token_ids:
+                # Ban a word's last token once the tokens before it are the output's last ones.
+                prefix = ids[:-1]
+                if not prefix or seq.output_token_ids[-len(prefix) :] == prefix:
+                    rows.append(i)
+                    cols.append(ids[-1])
+        return _fill(logits, rows, cols, float("-inf"))
+
+    def _apply_logit_bias(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        rows, cols, values = [], [], []
+        for i, seq in enumerate(seqs):
+            for token_id, bias in (seq.params.logit_bias or {}).items():
+                rows.append(i)
+                cols.append(token_id)
+                values.append(bias)
+        if rows:
+            device = logits.device
+            index = (_to_device(rows, torch.long, device), _to_device(cols, torch.long, device))
+            logits.index_put_(index, _to_device(values, logits.dtype, device), accumulate=True)
+        return logits
 
     def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         rows = [i for i, s in enumerate(seqs) if _has_penalty(s.params)]
@@ -120,17 +195,15 @@ class Sampler:
     def _mask_early_stops(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         rows, cols = [], []
         for i, seq in enumerate(seqs):
-            if seq.num_sampled_before_step < seq.params.min_tokens:
+            # A finished grammar allows only the stop tokens: min_tokens cannot hold it open.
+            if seq.num_sampled_before_step < seq.params.min_tokens and seq.grammar is None:
                 stops = set(seq.params.stop_token_ids)
                 if not seq.params.ignore_eos:
                     stops |= self.eos_token_ids
                 ids = [t for t in stops if t < logits.shape[1]]
                 rows += [i] * len(ids)
                 cols += ids
-        if rows:
-            device = logits.device
-            logits[_to_device(rows, torch.long, device), _to_device(cols, torch.long, device)] = float("-inf")
-        return logits
+        return _fill(logits, rows, cols, float("-inf"))
 
     # ---- choosing --------------------------------------------------------------------------------
 
@@ -188,6 +261,19 @@ def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.
     return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
 
+def _fill(logits: torch.Tensor, rows: list[int], cols: list[int], value: float) -> torch.Tensor:
+    if rows:
+        device = logits.device
+        logits[_to_device(rows, torch.long, device), _to_device(cols, torch.long, device)] = value
+    return logits
+
+
+def _changes_logits(params: SamplingParams) -> bool:
+    """Whether the row's logits change before the draw (so the raw ones need a copy); masks only
+    remove tokens that then cannot be drawn, so they may work in place."""
+    return _has_penalty(params) or bool(params.logit_bias)
+
+
 def _has_penalty(params: SamplingParams) -> bool:
     return (
         params.repetition_penalty != 1.0 or params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
@@ -195,8 +281,13 @@ def _has_penalty(params: SamplingParams) -> bool:
 
 
 def _truncated_probs(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """Probabilities after temperature, top-k, top-p and min-p; removed entries are exactly 0."""
+    """Probabilities after temperature, min-p, top-k and top-p, in that order (vLLM V1's: min-p is
+    relative to the most likely token, then top-p counts mass over what min-p and top-k kept);
+    removed entries are exactly 0."""
     logits = logits / batch.temperature[:, None]
+    probs = logits.softmax(dim=-1)
+    threshold = batch.min_p[:, None] * probs.amax(dim=-1, keepdim=True)
+    logits = logits.masked_fill(probs < threshold, float("-inf"))
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     ranks = torch.arange(logits.shape[1], device=logits.device)[None, :]
     sorted_logits = sorted_logits.masked_fill(ranks >= batch.top_k[:, None], float("-inf"))
@@ -204,5 +295,4 @@ def _truncated_probs(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor
     # Keep the smallest prefix whose mass reaches top_p (the first token is always kept).
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
     sorted_probs = sorted_probs.masked_fill(mass_before >= batch.top_p[:, None], 0.0)
-    sorted_probs = sorted_probs.masked_fill(sorted_probs < batch.min_p[:, None] * sorted_probs[:, :1], 0.0)
     return torch.empty_like(sorted_probs).scatter_(1, order, sorted_probs)

@@ -83,6 +83,7 @@ class RequestLimits:
     max_model_len: int
     num_blocks: int
     block_size: int
+    vocab_size: int | None = None
 
     def check(self, num_prompt_tokens: int, params: SamplingParams) -> None:
         """Raise ``ValueError`` for a request that could never be served."""
@@ -104,10 +105,13 @@ class RequestLimits:
 
     def check_params(self, params: SamplingParams) -> None:
         """The checks that need no prompt: run them before tokenizing."""
-        if params.n > self.max_num_seqs:
+        if self.vocab_size is not None:
+            params.check_token_ids(self.vocab_size)
+        if params.num_seqs > self.max_num_seqs:
+            key = "n" if params.best_of is None else "best_of"
             raise ValueError(
-                f"sampling parameter n must be in [1, {self.max_num_seqs}] (scheduler.max_num_seqs: "
-                f"its sequences run together), got {params.n}"
+                f"sampling parameter {key} must be in [1, {self.max_num_seqs}] (scheduler.max_num_seqs: "
+                f"its sequences run together), got {params.num_seqs}"
             )
 
 
@@ -120,6 +124,7 @@ class Scheduler:
         *,
         max_model_len: int,
         eos_token_ids: frozenset[int] = frozenset(),
+        vocab_size: int | None = None,
     ) -> None:
         self.config = config
         self.block_manager = block_manager
@@ -132,7 +137,7 @@ class Scheduler:
         self.only: str | None = None
         """When set, schedule this request's sequences and no other (the others keep their state)."""
         self.limits = RequestLimits(
-            config.max_num_seqs, max_model_len, block_manager.num_blocks, block_manager.block_size
+            config.max_num_seqs, max_model_len, block_manager.num_blocks, block_manager.block_size, vocab_size
         )
 
     # ---- requests --------------------------------------------------------------------------------
@@ -269,7 +274,8 @@ class Scheduler:
         for seq in [s for s in self.waiting if self.only in (None, s.request_id)]:
             if budget <= 0 or seats + _seats(seq) > self.config.max_num_seqs:
                 break
-            cached = pool.find_cached_prefix(seq)
+            # Prompt log-probabilities need every prompt position computed, none read from the cache.
+            cached = [] if seq.params.prompt_logprobs is not None else pool.find_cached_prefix(seq)
             remaining = len(seq) - len(cached) * pool.block_size
             num_new = min(remaining, budget)
             if num_new < remaining and not self.config.chunked_prefill:
@@ -298,7 +304,7 @@ class Scheduler:
     def _fork(self, parent: Sequence, num_new: int) -> list[Sequence]:
         parent.is_forked = True
         children = []
-        for index in range(1, parent.params.n):
+        for index in range(1, parent.params.num_seqs):
             child = parent.fork(index)
             child.num_computed_tokens = parent.num_computed_tokens + num_new
             self.block_manager.fork(parent, child)
@@ -317,6 +323,8 @@ class Scheduler:
 
     def _stop_reason(self, seq: Sequence) -> str | None:
         params, last = seq.params, seq.token_ids[-1]
+        if seq.grammar is not None and seq.grammar.is_terminated():
+            return "stop"
         if seq.num_output_tokens >= params.min_tokens and (
             (not params.ignore_eos and last in self.eos_token_ids) or last in params.stop_token_ids
         ):
@@ -327,4 +335,4 @@ class Scheduler:
 
 
 def _seats(seq: Sequence) -> int:
-    return 1 if seq.is_forked else seq.params.n
+    return 1 if seq.is_forked else seq.params.num_seqs

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import itertools
 from enum import Enum, auto
+from typing import TYPE_CHECKING
 
 import torch
 from pagedserve.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from pagedserve.engine.structured_output import SequenceGrammar
 
 _arrival_counter = itertools.count()
 
@@ -48,12 +52,15 @@ class Sequence:
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []  # chained hashes of the full blocks of token_ids
         self.num_hashed_blocks = 0  # leading blocks of block_table already offered to the prefix cache
-        self.is_forked = params.n == 1
+        self.is_forked = params.num_seqs == 1
         self.finish_reason: str | None = None
         self.cumulative_logprob = 0.0
         self.logprobs: list[dict[int, float]] = []
         self.generator: torch.Generator | None = None
         self.num_preemptions = 0
+        self.grammar: SequenceGrammar | None = None  # set by the engine for structured outputs
+        # One entry per prompt token once computed ([0] is None: nothing predicts the first token).
+        self.prompt_logprobs: list[dict[int, float] | None] = []
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -111,4 +118,5 @@ class Sequence:
         child.num_cached_tokens = self.num_cached_tokens
         child.block_hashes = list(self.block_hashes)
         child.is_forked = True
+        child.grammar = None if self.grammar is None else self.grammar.fresh()
         return child

@@ -14,7 +14,7 @@ Rows are laid out decodes first (one token each), then prefill chunks, which is 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -37,6 +37,7 @@ class StepInputs:
     num_tokens: int
     num_padded: int
     is_decode_only: bool
+    last_rows: list[int] = field(default_factory=list)  # per batch.seqs[i]: the row of its last token
 
 
 class StepBuffers:
@@ -247,6 +248,7 @@ class StepBuffers:
             num_tokens=num_tokens,
             num_padded=num_padded,
             is_decode_only=num_prefills == 0,
+            last_rows=last_row,
         )
 
     # ---- internals -------------------------------------------------------------------------------

@@ -169,7 +169,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Any
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        stream = StreamSession(self.core.manager.spec, self.start_request)
+        stream = StreamSession(self.core.manager.spec, self.start_request, context)
         reader = asyncio.create_task(stream.read(request_iterator))
         try:
             async for message in stream.messages():

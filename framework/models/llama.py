@@ -1,7 +1,8 @@
 """Llama-family decoder (Llama 2/3/3.1, Qwen2, Qwen3) in one parameterised implementation.
 
-The variants differ only in two switches: Qwen2 adds a bias to the q/k/v projections, Qwen3
-normalises each query and key head (RMSNorm over ``head_dim``) before the rotary embedding.
+The variants differ only in a few switches: Qwen2 adds a bias to the q/k/v projections, Qwen3
+normalises each query and key head (RMSNorm over ``head_dim``) before the rotary embedding, and both
+honour ``use_sliding_window`` (Mistral, in ``mistral.py``, windows every layer).
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from torch import nn
 
 
 class DecoderAttention(nn.Module):
-    def __init__(self, config: ModelArchConfig, qkv_bias: bool, qk_norm: bool) -> None:
+    def __init__(
+        self, config: ModelArchConfig, qkv_bias: bool, qk_norm: bool, sliding_window: int | None = None
+    ) -> None:
         super().__init__()
         hd = config.head_dim
         self.qkv_proj = QKVParallelLinear(
@@ -35,7 +38,9 @@ class DecoderAttention(nn.Module):
         )
         self.o_proj = RowParallelLinear(config.num_heads * hd, config.hidden_size, bias=config.attention_bias)
         self.rotary_emb = RotaryEmbedding(hd, config.max_position_embeddings, config.rope)
-        self.attn = Attention(self.num_heads, hd, self.num_kv_heads, scale=hd**-0.5)
+        self.attn = Attention(
+            self.num_heads, hd, self.num_kv_heads, scale=hd**-0.5, sliding_window=sliding_window
+        )
         self.qk_norm = qk_norm
         if qk_norm:
             self.q_norm = RMSNorm(hd, config.rms_norm_eps)
@@ -73,10 +78,12 @@ class GatedMLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelArchConfig, qkv_bias: bool, qk_norm: bool) -> None:
+    def __init__(
+        self, config: ModelArchConfig, qkv_bias: bool, qk_norm: bool, sliding_window: int | None = None
+    ) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = DecoderAttention(config, qkv_bias, qk_norm)
+        self.self_attn = DecoderAttention(config, qkv_bias, qk_norm, sliding_window)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = GatedMLP(config)
 
@@ -100,10 +107,13 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, config: ModelArchConfig, qkv_bias: bool, qk_norm: bool) -> None:
+    def __init__(
+        self, config: ModelArchConfig, qkv_bias: bool, qk_norm: bool, windowed: bool = False
+    ) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, qkv_bias, qk_norm) for _ in range(config.num_layers))
+        windows = [config.attention.window_of(i) if windowed else None for i in range(config.num_layers)]
+        self.layers = nn.ModuleList(DecoderLayer(config, qkv_bias, qk_norm, w) for w in windows)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -125,11 +135,12 @@ class LlamaForCausalLM(ModelArchitecture):
     }
     qkv_bias: ClassVar[bool | None] = None  # None: follow config.attention_bias
     qk_norm: ClassVar[bool] = False
+    windowed: ClassVar[bool] = False  # honour config.json's sliding window (transformers' Llama ignores it)
 
     def __init__(self, config: ModelArchConfig) -> None:
         super().__init__(config)
         qkv_bias = config.attention_bias if self.qkv_bias is None else self.qkv_bias
-        self.model = DecoderModel(config, qkv_bias, self.qk_norm)
+        self.model = DecoderModel(config, qkv_bias, self.qk_norm, self.windowed)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -149,8 +160,10 @@ class LlamaForCausalLM(ModelArchitecture):
 class Qwen2ForCausalLM(LlamaForCausalLM):
     name = "Qwen2ForCausalLM"
     qkv_bias = True
+    windowed = True  # use_sliding_window: layers from max_window_layers on
 
 
 class Qwen3ForCausalLM(LlamaForCausalLM):
     name = "Qwen3ForCausalLM"
     qk_norm = True
+    windowed = True

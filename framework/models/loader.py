@@ -3,7 +3,9 @@
 Tensors are streamed one at a time with ``safe_open`` (memory-mapped, then copied into the model's
 parameter on its device), so loading never holds a second full copy of the model. Checkpoint names
 such as ``...self_attn.q_proj.weight`` are mapped onto merged parameters through the architecture's
-``packed_modules_mapping``.
+``packed_modules_mapping``. A float8 checkpoint (:class:`Fp8Checkpoint`) loads its weights and scales
+into linears built for it; its scale names (``weight_scale_inv`` or ``weight_scale``) both land in the
+layer's ``weight_scale``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from pagedserve.models.layers.quantization import ACTIVATION_SCALE_SUFFIXES, FP8, Fp8Checkpoint
 from pagedserve.models.registry import ModelArchitecture
 from rich.progress import Progress
 from safetensors import safe_open
@@ -37,7 +40,13 @@ def safetensors_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def load_weights(model: ModelArchitecture, model_dir: Path, *, show_progress: bool = True) -> None:
+def load_weights(
+    model: ModelArchitecture,
+    model_dir: Path,
+    *,
+    show_progress: bool = True,
+    checkpoint: Fp8Checkpoint | None = None,
+) -> None:
     files = safetensors_files(model_dir)
     params = dict(model.named_parameters())
     loaded: Counter[str] = Counter()
@@ -46,9 +55,7 @@ def load_weights(model: ModelArchitecture, model_dir: Path, *, show_progress: bo
         task = progress.add_task(f"loading {model_dir.name}", total=_count_tensors(files))
         for name, tensor in _iter_tensors(files):
             progress.advance(task)
-            target = _load_one(model, params, name, tensor)
-            if target is not None:
-                loaded[target] += 1
+            loaded.update(_load_one(model, params, name, tensor, checkpoint))
     _check_complete(model, params, loaded)
 
 
@@ -84,22 +91,52 @@ def _iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def _load_one(
-    model: ModelArchitecture, params: dict[str, nn.Parameter], name: str, tensor: torch.Tensor
-) -> str | None:
+    model: ModelArchitecture,
+    params: dict[str, nn.Parameter],
+    name: str,
+    tensor: torch.Tensor,
+    checkpoint: Fp8Checkpoint | None,
+) -> list[str]:
+    """The parameters ``name`` filled (a full-precision weight of a float8 layer fills its scale too)."""
     if name.endswith(_IGNORED_SUFFIXES):
-        return None
-    target, shard_id = _map_name(name, model.packed_modules_mapping)
+        return []
+    if checkpoint is not None and name.endswith(ACTIVATION_SCALE_SUFFIXES):
+        return []  # static activation scales: activations are quantized per token instead
+    own_name = name if checkpoint is None else _scale_name(name, checkpoint)
+    target, shard_id = _map_name(own_name, model.packed_modules_mapping)
     param = params.get(target)
     if param is None:
         if name == "lm_head.weight" and model.config.tie_word_embeddings:
-            return None  # tied to the embedding, which is loaded under its own name
+            return []  # tied to the embedding, which is loaded under its own name
         raise KeyError(f"checkpoint tensor {name!r} has no matching parameter in {type(model).__name__}")
+    _check_float8(name, tensor, param)
     loader = getattr(param, "weight_loader", None)
-    if loader is None:
-        param.data.copy_(tensor)
-    else:
-        loader(param, tensor, shard_id)
-    return target
+    try:
+        if loader is None:
+            param.data.copy_(tensor)
+        else:
+            loader(param, tensor, shard_id)
+    except (ValueError, RuntimeError) as error:
+        raise ValueError(f"checkpoint tensor {name!r} {list(tensor.shape)}: {error}") from None
+    if param.dtype == FP8 and tensor.dtype != FP8:
+        return [target, target.removesuffix("weight") + "weight_scale"]
+    return [target]
+
+
+def _scale_name(name: str, checkpoint: Fp8Checkpoint) -> str:
+    for suffix in checkpoint.scale_suffixes:
+        if name.endswith(suffix):
+            return name.removesuffix(suffix) + ".weight_scale"
+    return name
+
+
+def _check_float8(name: str, tensor: torch.Tensor, param: nn.Parameter) -> None:
+    if tensor.dtype.is_floating_point and tensor.dtype.itemsize == 1 and tensor.dtype != param.dtype:
+        raise ValueError(
+            f"checkpoint tensor {name!r} is {tensor.dtype} but the model expects {param.dtype}: "
+            f"float8 weights load only as float8_e4m3fn, described by a quantization_config "
+            f"(quant_method 'fp8' or 'compressed-tensors') in config.json"
+        )
 
 
 def _map_name(name: str, mapping: dict[str, tuple[str, str | int]]) -> tuple[str, str | int | None]:

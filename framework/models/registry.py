@@ -40,6 +40,14 @@ class ModelArchitecture(nn.Module):
     def attention_layers(self) -> list[Attention]:
         return [m for m in self.modules() if isinstance(m, Attention)]
 
+    def kv_sliding_window(self) -> int | None:
+        """The window every attention layer keeps (the widest), or ``None`` when a layer attends to
+        the whole context: only then may KV blocks behind the window be freed."""
+        windows = [layer.sliding_window for layer in self.attention_layers()]
+        if not windows or None in windows:
+            return None
+        return max(w for w in windows if w is not None)
+
     def quantize_fp8_(self) -> None:
         """``quantization=fp8``: float8 weights in every linear layer, after the weights load.
         Architectures may also let the layers feeding those linears write float8 rows directly."""

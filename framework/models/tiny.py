@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 TINY_LLAMA_NAME = "tiny-llama"
-_VERSION = 2
+_VERSION = 3
 _MARKER = "pagedserve-tiny.json"
 _BOS, _EOS = "<|begin_of_text|>", "<|end_of_text|>"
 _SEED = 1234
@@ -54,6 +54,15 @@ Questions? Answers! Lists: one, two, three; pairs: "left" and 'right'; paths/lik
 Unicode works too: café, naïve, über, 東京, 👋, ½ — every byte has a token.
 def step(self): return self.scheduler.schedule()  # code is text as well
 """
+
+
+# A ChatML-style template in plain text (the tiny vocabulary has no <|im_start|> tokens): the embedded
+# default answers /v1/chat/completions out of the box.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\\n' + message['content'] + '\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
 
 
 def default_path() -> Path:
@@ -96,6 +105,7 @@ def _write_model(directory: Path) -> None:
             "bos_token": _BOS,
             "eos_token": _EOS,
             "add_bos_token": True,
+            "chat_template": CHAT_TEMPLATE,
             "model_max_length": CONFIG["max_position_embeddings"],
             "tokenizer_class": "PreTrainedTokenizerFast",
         },

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from pagedserve.chat_template import find_chat_template, special_tokens
 from pagedserve.models.hf_config import as_id_list, read_json
 from tokenizers import Tokenizer as HFTokenizer
 
@@ -17,11 +18,16 @@ _GIL_FREE_CHARS = 16 * 1024
 
 class Tokenizer:
     def __init__(
-        self, tokenizer: HFTokenizer, eos_token_ids: frozenset[int], chat_template: str | None = None
+        self,
+        tokenizer: HFTokenizer,
+        eos_token_ids: frozenset[int],
+        chat_template: str | None = None,
+        special_tokens: dict[str, str] | None = None,
     ) -> None:
         self._tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
         self.chat_template = chat_template
+        self.special_tokens = special_tokens or {}
 
     @classmethod
     def from_dir(cls, model_dir: Path) -> Tokenizer | None:
@@ -35,7 +41,9 @@ class Tokenizer:
         eos_token = _token_text(settings.get("eos_token"))
         if eos_token is not None and tokenizer.token_to_id(eos_token) is not None:
             eos.add(tokenizer.token_to_id(eos_token))
-        return cls(tokenizer, frozenset(eos), settings.get("chat_template"))
+        return cls(
+            tokenizer, frozenset(eos), find_chat_template(model_dir, settings), special_tokens(settings)
+        )
 
     @property
     def vocab_size(self) -> int:

@@ -200,6 +200,21 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _score_args(scale: float, softcap: float | None) -> tuple[float, float]:
+    """``(qk_scale, cap_log2e)`` for the kernels: scores reach base 2 as ``qk * qk_scale`` or, soft-capped,
+    as ``tanh(qk * scale / cap) * cap * log2(e)``."""
+    if softcap is None:
+        return float(scale) * _LOG2E, 0.0
+    return float(scale) / softcap, float(softcap) * _LOG2E
+
+
+def _check_options(sliding_window: int | None, softcap: float | None) -> None:
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window must be at least 1, got {sliding_window}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be positive, got {softcap}")
+
+
 class TritonAttentionBackend(AttentionBackend):
     """Paged attention over ``[num_blocks, block_size, num_kv_heads, head_dim]`` caches, in Triton."""
 
@@ -300,6 +315,8 @@ class TritonAttentionBackend(AttentionBackend):
         context_lens: torch.Tensor,
         scale: float,
         *,
+        sliding_window: int | None = None,
+        softcap: float | None = None,
         out: torch.Tensor | None = None,
         num_splits: int | None = None,
     ) -> torch.Tensor:
@@ -314,6 +331,7 @@ class TritonAttentionBackend(AttentionBackend):
         if qd != head_dim or num_q_heads % num_kv_heads:
             raise ValueError(f"q {tuple(q.shape)} does not fit a cache of {num_kv_heads} x {head_dim}")
         _check_cache_dtype(q, k_cache)
+        _check_options(sliding_window, softcap)
         q = _unit_last(q)
         if out is None:
             out = torch.empty((batch, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
@@ -324,6 +342,8 @@ class TritonAttentionBackend(AttentionBackend):
         f16_dots = _f16_dots(q, k_cache)
         tile = launch.tile if q.element_size() < 4 else launch.tile // 2
         max_ctx = block_tables.shape[1] * block_size
+        if sliding_window is not None:
+            max_ctx = min(max_ctx, sliding_window + tile)  # the window may straddle one more tile
         if num_splits is None:
             if q.device.type == "cuda":
                 want = triton.cdiv(
@@ -348,6 +368,7 @@ class TritonAttentionBackend(AttentionBackend):
             l_strides = (part_lse.stride(0), part_lse.stride(1))
         k = _kernels()
         grid = (num_kv_heads, batch, num_splits) if DECODE_HEADS_FIRST else (batch, num_kv_heads, num_splits)
+        window = sliding_window or 0
         k.decode_partition_kernel[grid](
             q,
             k_cache,
@@ -357,7 +378,8 @@ class TritonAttentionBackend(AttentionBackend):
             out,
             part_out,
             part_lse,
-            float(scale) * _LOG2E,
+            *_score_args(scale, softcap),
+            window,
             q.stride(0),
             q.stride(1),
             k_cache.stride(0),
@@ -383,6 +405,8 @@ class TritonAttentionBackend(AttentionBackend):
             DOT_F16=f16_dots,
             V_CVT_ASM=f16_dots and FP8_V_CVT_ASM and not k.INTERPRETED,
             HEADS_FIRST=DECODE_HEADS_FIRST,
+            SLIDING=sliding_window is not None,
+            SOFTCAP=softcap is not None,
             num_warps=launch.warps,
             num_stages=launch.stages,
         )
@@ -392,6 +416,7 @@ class TritonAttentionBackend(AttentionBackend):
                 part_lse,
                 context_lens,
                 out,
+                window,
                 *p_strides,
                 *l_strides,
                 out.stride(0),
@@ -400,6 +425,7 @@ class TritonAttentionBackend(AttentionBackend):
                 TILE=tile,
                 HEAD_DIM=head_dim,
                 SPLITS_PAD=_pow2_at_least(num_splits),
+                SLIDING=sliding_window is not None,
                 num_warps=REDUCE_WARPS,
             )
         return out
@@ -415,6 +441,8 @@ class TritonAttentionBackend(AttentionBackend):
         block_tables: torch.Tensor,
         scale: float,
         *,
+        sliding_window: int | None = None,
+        softcap: float | None = None,
         out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Causal attention for packed new tokens ``q`` ``[T, Hq, D]`` of ``B`` sequences.
@@ -428,6 +456,7 @@ class TritonAttentionBackend(AttentionBackend):
         if qd != head_dim or num_q_heads % num_kv_heads:
             raise ValueError(f"q {tuple(q.shape)} does not fit a cache of {num_kv_heads} x {head_dim}")
         _check_cache_dtype(q, k_cache)
+        _check_options(sliding_window, softcap)
         q = _unit_last(q)
         if out is None:
             out = torch.empty((total, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
@@ -451,7 +480,8 @@ class TritonAttentionBackend(AttentionBackend):
             cu_seqlens_q,
             context_lens,
             out,
-            float(scale) * _LOG2E,
+            *_score_args(scale, softcap),
+            sliding_window or 0,
             num_seqs,
             q.stride(0),
             q.stride(1),
@@ -473,6 +503,8 @@ class TritonAttentionBackend(AttentionBackend):
             IEEE=q.dtype == torch.float32,
             UPCAST=k.INTERPRETED and q.dtype == torch.bfloat16,
             DOT_F16=_f16_dots(q, k_cache),
+            SLIDING=sliding_window is not None,
+            SOFTCAP=softcap is not None,
             num_warps=launch.warps,
             num_stages=launch.stages,
         )

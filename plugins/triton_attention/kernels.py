@@ -11,6 +11,13 @@ once per group and never copied or repeated.
 
 Softmax is computed online in base 2 (``exp2``), with the softmax scale folded into ``log2(e)``.
 
+Per-layer options (``SLIDING``, ``SOFTCAP``, compile-time switches so layers without them run the plain
+code): a sliding window of ``window`` keys ends each query's key range at its own position, and tiles before
+the earliest key any row of a program needs are never visited; keys below that inside a visited tile are
+masked on load, because their blocks may have been freed (block-table entry -1). Soft-capping turns the
+scaled score ``s`` into ``cap * tanh(s / cap)``: ``qk_scale`` is then ``scale / cap`` and ``cap_log2e`` is
+``cap * log2(e)``.
+
 The caches may be float8 (scale 1.0): the store kernel clamps and casts, the attention kernels convert each
 K/V tile to ``q``'s dtype as it is loaded, so the matrix products run as for a cache of ``q``'s dtype. With
 ``DOT_F16`` they convert to fp16 instead and round ``q`` (times the softmax scale) to fp16: float8 pairs
@@ -125,6 +132,16 @@ def _query_operand(q, qk_scale, DOT_F16: tl.constexpr):
 
 
 @triton.jit
+def _logits(qk, qk_scale, cap_log2e, SOFTCAP: tl.constexpr):
+    """Raw ``q @ k^T`` to base-2 softmax logits, soft-capped if ``SOFTCAP`` (``tanh(x) = 2 sigmoid(2x) - 1``:
+    the interpreter has no ``tanh``, and this form saturates cleanly to +-1 for large ``|x|``)."""
+    x = qk * qk_scale
+    if SOFTCAP:
+        x = (2.0 * tl.sigmoid(2.0 * x) - 1.0) * cap_log2e
+    return x
+
+
+@triton.jit
 def _v_operand(v, dtype: tl.constexpr, CVT_ASM: tl.constexpr):
     """A loaded V tile converted to ``dtype`` for ``p @ v``.
 
@@ -155,15 +172,33 @@ def _mm(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _softmax_accumulate(qk, v, m_i, l_i, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+def _softmax_accumulate(
+    qk, v, m_i, l_i, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr, MAY_BE_EMPTY: tl.constexpr
+):
     """One tile of online softmax (base 2): rescale the running max ``m_i``, sum ``l_i`` and output
-    ``acc`` to the tile's new max, then add the tile's ``softmax(qk) @ v``."""
+    ``acc`` to the tile's new max, then add the tile's ``softmax(qk) @ v``.
+
+    ``MAY_BE_EMPTY``: a row may have seen no visible key yet (a sliding window starts past this tile for
+    it), so its max is still -inf; subtract 0 there instead, or ``-inf - -inf`` would make it NaN."""
     m_new = tl.maximum(m_i, tl.max(qk, 1))
-    p = tl.math.exp2(qk - m_new[:, None])
-    alpha = tl.math.exp2(m_i - m_new)
+    m_sub = m_new
+    if MAY_BE_EMPTY:
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(qk - m_sub[:, None])
+    alpha = tl.math.exp2(m_i - m_sub)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, IEEE, UPCAST)
     return m_new, l_i, acc
+
+
+@triton.jit
+def _decode_tiles(ctx, window, TILE: tl.constexpr, SLIDING: tl.constexpr):
+    """The first key a decode query reads, and the range ``[t_first, n_tiles)`` of KV tiles that hold it
+    and the keys after it (the partition and the reduction must agree on it)."""
+    first_key = ctx * 0
+    if SLIDING:
+        first_key = tl.maximum(ctx - window, 0)
+    return first_key, first_key // TILE, tl.cdiv(ctx, TILE)
 
 
 @triton.jit
@@ -177,6 +212,8 @@ def decode_partition_kernel(
     part_out_ptr,
     part_lse_ptr,
     qk_scale,
+    cap_log2e,
+    window,
     stride_qb,
     stride_qh,
     stride_kc_blk,
@@ -205,6 +242,8 @@ def decode_partition_kernel(
     DOT_F16: tl.constexpr,
     V_CVT_ASM: tl.constexpr,
     HEADS_FIRST: tl.constexpr,
+    SLIDING: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     """Grid ``(num_kv_heads, batch, num_splits)`` (``(batch, num_kv_heads, ...)`` unless ``HEADS_FIRST``):
     attention of one decode query (all heads of a KV group) over one contiguous range of KV tiles of its
@@ -225,9 +264,9 @@ def decode_partition_kernel(
         g = tl.program_id(1)
     s = tl.program_id(2)
     ctx = tl.load(context_lens_ptr + b)
-    n_tiles = tl.cdiv(ctx, TILE)
-    per_split = tl.maximum(tl.cdiv(n_tiles, num_splits), 1)
-    t_begin = s * per_split
+    first_key, t_first, n_tiles = _decode_tiles(ctx, window, TILE, SLIDING)
+    per_split = tl.maximum(tl.cdiv(n_tiles - t_first, num_splits), 1)
+    t_begin = t_first + s * per_split
     t_end = tl.minimum(t_begin + per_split, n_tiles)
 
     rows = tl.arange(0, BLOCK_M)
@@ -252,11 +291,13 @@ def decode_partition_kernel(
             t, ctx, bt_row, k_head, v_head, stride_kc_blk, stride_kc_off, stride_vc_blk, stride_vc_off,
             TILE, BLOCK_SIZE, HEAD_DIM,
         )  # fmt: skip
+        if SLIDING:
+            tok_ok = tok_ok & (tok >= first_key)
         k = tl.load(k_ptrs, mask=tok_ok[:, None], other=0.0).to(q.dtype)
         qk = _mm(q, tl.trans(k), IEEE, UPCAST)
-        qk = tl.where(tok_ok[None, :], qk * qk_scale, float("-inf"))
+        qk = tl.where(tok_ok[None, :], _logits(qk, qk_scale, cap_log2e, SOFTCAP), float("-inf"))
         v = _v_operand(tl.load(v_ptrs, mask=tok_ok[:, None], other=0.0), q.dtype, V_CVT_ASM)
-        m_i, l_i, acc = _softmax_accumulate(qk, v, m_i, l_i, acc, IEEE, UPCAST)
+        m_i, l_i, acc = _softmax_accumulate(qk, v, m_i, l_i, acc, IEEE, UPCAST, False)
 
     has_work = t_begin < t_end
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
@@ -283,6 +324,7 @@ def decode_reduce_kernel(
     part_lse_ptr,
     context_lens_ptr,
     out_ptr,
+    window,
     stride_pb,
     stride_ph,
     stride_ps,
@@ -294,14 +336,15 @@ def decode_reduce_kernel(
     TILE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
+    SLIDING: tl.constexpr,
 ):
     """Grid ``(batch, num_q_heads)``: merge the per-split partial results of one head by their weights."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     ctx = tl.load(context_lens_ptr + b)
-    n_tiles = tl.cdiv(ctx, TILE)
-    per_split = tl.maximum(tl.cdiv(n_tiles, num_splits), 1)
-    n_used = tl.cdiv(n_tiles, per_split)
+    _, t_first, n_tiles = _decode_tiles(ctx, window, TILE, SLIDING)
+    per_split = tl.maximum(tl.cdiv(n_tiles - t_first, num_splits), 1)
+    n_used = tl.cdiv(n_tiles - t_first, per_split)
     splits = tl.arange(0, SPLITS_PAD)
     used = splits < n_used
     dims = tl.arange(0, HEAD_DIM)
@@ -325,6 +368,52 @@ def decode_reduce_kernel(
 
 
 @triton.jit
+def _prefill_masked_tile(
+    t,
+    q,
+    q_pos,
+    first_key,
+    ctx,
+    bt_row,
+    k_head,
+    v_head,
+    stride_kc_blk,
+    stride_kc_off,
+    stride_vc_blk,
+    stride_vc_off,
+    qk_scale,
+    cap_log2e,
+    window,
+    m_i,
+    l_i,
+    acc,
+    TILE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    IEEE: tl.constexpr,
+    UPCAST: tl.constexpr,
+    SLIDING: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+):
+    """One KV tile that some rows see only in part: causal mask, window mask, and no load of a key before
+    ``first_key`` (its block may be gone)."""
+    tok, tok_ok, k_ptrs, v_ptrs = _kv_tile(
+        t, ctx, bt_row, k_head, v_head, stride_kc_blk, stride_kc_off, stride_vc_blk, stride_vc_off,
+        TILE, BLOCK_SIZE, HEAD_DIM,
+    )  # fmt: skip
+    if SLIDING:
+        tok_ok = tok_ok & (tok >= first_key)
+    k = tl.load(k_ptrs, mask=tok_ok[:, None], other=0.0).to(q.dtype)
+    qk = _mm(q, tl.trans(k), IEEE, UPCAST)
+    visible = (tok[None, :] <= q_pos[:, None]) & tok_ok[None, :]
+    if SLIDING:
+        visible = visible & (tok[None, :] > q_pos[:, None] - window)
+    qk = tl.where(visible, _logits(qk, qk_scale, cap_log2e, SOFTCAP), float("-inf"))
+    v = tl.load(v_ptrs, mask=tok_ok[:, None], other=0.0).to(q.dtype)
+    return _softmax_accumulate(qk, v, m_i, l_i, acc, IEEE, UPCAST, SLIDING)
+
+
+@triton.jit
 def prefill_kernel(
     q_ptr,
     k_cache_ptr,
@@ -334,6 +423,8 @@ def prefill_kernel(
     context_lens_ptr,
     out_ptr,
     qk_scale,
+    cap_log2e,
+    window,
     num_seqs,
     stride_qt,
     stride_qh,
@@ -355,6 +446,8 @@ def prefill_kernel(
     IEEE: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_F16: tl.constexpr,
+    SLIDING: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     """Grid ``(T // BLOCK_Q + num_seqs, num_kv_heads)``: causal attention for ``BLOCK_Q`` query tokens of one
     sequence times the ``QPK`` query heads of one KV group (``BLOCK_Q * QPK_PAD`` rows).
@@ -363,7 +456,11 @@ def prefill_kernel(
     overlap and their total stays under the grid size, so no host-side tile map (and no sync) is needed;
     each program finds its sequence by bisection and programs past a sequence's last tile do nothing.
     Query ``i`` of a sequence with ``q_len`` new tokens and ``ctx`` tokens in all sits at position
-    ``ctx - q_len + i`` and sees keys ``0..position``, all read through the block table.
+    ``ctx - q_len + i`` and sees keys ``0..position`` (the last ``window`` of them if ``SLIDING``), all read
+    through the block table.
+
+    KV tiles run in three ranges: masked ones before the keys that every row of the tile sees (only with a
+    window), those keys unmasked, then masked ones up to the last row's position.
     """
     BLOCK_M: tl.constexpr = BLOCK_Q * QPK_PAD
     pid = tl.program_id(0)
@@ -401,9 +498,21 @@ def prefill_kernel(
     tile_lo = q_tile * BLOCK_Q
     tile_hi = tl.minimum(tile_lo + BLOCK_Q, q_len)
     has_rows = tile_lo < q_len
-    # keys below the tile's first query position are visible to every row: no causal mask there
-    n_free = tl.where(has_rows, (prefix + tile_lo + 1) // TILE, 0)
+    # keys up to the tile's first query position are visible to every row: no causal mask there
+    free_hi = tl.where(has_rows, (prefix + tile_lo + 1) // TILE, 0)
     n_all = tl.where(has_rows, tl.cdiv(prefix + tile_hi, TILE), 0)
+    first_key = prefix * 0
+    t_first = first_key
+    free_lo = first_key
+    if SLIDING:
+        # the first row's window starts lowest; the last row's window starts highest, and keys from
+        # there on (up to the first row's position) are visible to every row
+        first_key = tl.maximum(prefix + tile_lo - window + 1, 0)
+        t_first = tl.minimum(first_key // TILE, n_all)
+        free_lo = tl.maximum(tl.cdiv(tl.maximum(prefix + tile_hi - window, 0), TILE), t_first)
+        has_free = free_lo < free_hi  # else every tile from t_first on is masked
+        free_lo = tl.where(has_free, free_lo, n_all)
+        free_hi = tl.where(has_free, free_hi, n_all)
 
     bt_row = block_tables_ptr + b.to(tl.int64) * stride_bt
     k_head = k_cache_ptr + g.to(tl.int64) * stride_kc_head
@@ -412,7 +521,14 @@ def prefill_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
-    for t in range(0, n_free):
+    for t in range(t_first, free_lo):
+        m_i, l_i, acc = _prefill_masked_tile(
+            t, q, q_pos, first_key, ctx, bt_row, k_head, v_head, stride_kc_blk, stride_kc_off,
+            stride_vc_blk, stride_vc_off, qk_scale, cap_log2e, window, m_i, l_i, acc, TILE, BLOCK_SIZE,
+            HEAD_DIM, IEEE, UPCAST, SLIDING, SOFTCAP,
+        )  # fmt: skip
+
+    for t in range(free_lo, free_hi):
         tok, tok_ok, k_ptrs, v_ptrs = _kv_tile(
             t, ctx, bt_row, k_head, v_head, stride_kc_blk, stride_kc_off, stride_vc_blk, stride_vc_off,
             TILE, BLOCK_SIZE, HEAD_DIM,
@@ -420,19 +536,15 @@ def prefill_kernel(
         k = tl.load(k_ptrs).to(q.dtype)
         qk = _mm(q, tl.trans(k), IEEE, UPCAST)
         v = tl.load(v_ptrs).to(q.dtype)
-        m_i, l_i, acc = _softmax_accumulate(qk * qk_scale, v, m_i, l_i, acc, IEEE, UPCAST)
+        qk = _logits(qk, qk_scale, cap_log2e, SOFTCAP)
+        m_i, l_i, acc = _softmax_accumulate(qk, v, m_i, l_i, acc, IEEE, UPCAST, False)
 
-    for t in range(n_free, n_all):
-        tok, tok_ok, k_ptrs, v_ptrs = _kv_tile(
-            t, ctx, bt_row, k_head, v_head, stride_kc_blk, stride_kc_off, stride_vc_blk, stride_vc_off,
-            TILE, BLOCK_SIZE, HEAD_DIM,
+    for t in range(tl.maximum(free_hi, t_first), n_all):
+        m_i, l_i, acc = _prefill_masked_tile(
+            t, q, q_pos, first_key, ctx, bt_row, k_head, v_head, stride_kc_blk, stride_kc_off,
+            stride_vc_blk, stride_vc_off, qk_scale, cap_log2e, window, m_i, l_i, acc, TILE, BLOCK_SIZE,
+            HEAD_DIM, IEEE, UPCAST, SLIDING, SOFTCAP,
         )  # fmt: skip
-        k = tl.load(k_ptrs, mask=tok_ok[:, None], other=0.0).to(q.dtype)
-        qk = _mm(q, tl.trans(k), IEEE, UPCAST)
-        visible = (tok[None, :] <= q_pos[:, None]) & tok_ok[None, :]
-        qk = tl.where(visible, qk * qk_scale, float("-inf"))
-        v = tl.load(v_ptrs, mask=tok_ok[:, None], other=0.0).to(q.dtype)
-        m_i, l_i, acc = _softmax_accumulate(qk, v, m_i, l_i, acc, IEEE, UPCAST)
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     result = acc / l_safe[:, None]

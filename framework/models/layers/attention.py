@@ -12,10 +12,27 @@ from torch import nn
 
 
 class Attention(nn.Module):
-    def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, scale: float) -> None:
+    """One layer's paged attention. ``sliding_window`` and ``softcap`` are this layer's own (Gemma mixes
+    windowed and global layers); their meaning is in :mod:`pagedserve.engine.attention`."""
+
+    def __init__(
+        self,
+        num_heads: int,
+        head_dim: int,
+        num_kv_heads: int,
+        scale: float,
+        *,
+        sliding_window: int | None = None,
+        softcap: float | None = None,
+    ) -> None:
         super().__init__()
+        for name, value in (("sliding_window", sliding_window), ("softcap", softcap)):
+            if value is not None and value <= 0:
+                raise ValueError(f"attention {name} must be positive or unset, got {value}")
         self.num_heads, self.head_dim, self.num_kv_heads = num_heads, head_dim, num_kv_heads
         self.scale = scale
+        self.sliding_window = sliding_window
+        self.softcap = softcap
         self.backend: AttentionBackend | None = None
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
@@ -38,7 +55,14 @@ class Attention(nn.Module):
 
     def _decode(self, q: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
         return self.backend.decode(
-            q, self.k_cache, self.v_cache, md.decode_block_tables, md.decode_context_lens, self.scale
+            q,
+            self.k_cache,
+            self.v_cache,
+            md.decode_block_tables,
+            md.decode_context_lens,
+            self.scale,
+            sliding_window=self.sliding_window,
+            softcap=self.softcap,
         )
 
     def _prefill(self, q: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
@@ -50,4 +74,6 @@ class Attention(nn.Module):
             md.prefill_context_lens,
             md.prefill_block_tables,
             self.scale,
+            sliding_window=self.sliding_window,
+            softcap=self.softcap,
         )

@@ -1,0 +1,296 @@
+"""The inference routes of the ``http`` front-end: ``/infer``, ``/generate``, ``/generate_stream``.
+
+Each request becomes the ``ModelInferRequest`` gRPC would carry and goes through
+:meth:`ServerCore.start_request`, so statistics, metrics, traces and cancellation behave as they do
+for gRPC. While a request runs, the connection is watched: a client that disconnects cancels it
+(the LLM engine then aborts it and frees its KV blocks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import gzip
+import zlib
+from collections.abc import Mapping
+from typing import Any
+
+from pagedserve.core import ServerCore, allows_unary
+from pagedserve.errors import InferenceError
+from pagedserve.frontends.http_body import (
+    ClientGone,
+    HttpError,
+    Receive,
+    error_json,
+    parse_json,
+    read_body,
+    status_of,
+)
+from pagedserve.frontends.http_generate import decode_generate, encode_generate_response
+from pagedserve.frontends.http_tensors import decode_infer, encode_infer_response
+from pagedserve.responder import Delivery, ServerResponder
+from starlette.responses import Response
+from starlette.types import Scope, Send
+
+FRONT_END = "HTTP server"
+_DECOUPLED = "HTTP end point doesn't support models with decoupled transaction policy"
+_NOT_ONE = (
+    "generate expects model to produce exactly 1 response, use generate stream for model that generates "
+    "various number of responses"
+)
+_EVENT_STREAM = "text/event-stream; charset=utf-8"
+
+
+class Inbox:
+    """The deliveries of one request, awaited on the loop while the connection is watched."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.deliveries: collections.deque[Delivery] = collections.deque()
+        self.waiter: asyncio.Future[None] | None = None
+
+    def deliver(self, delivery: Delivery) -> None:
+        self.deliveries.append(delivery)
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def next(self, gone: asyncio.Future[Any]) -> Delivery:
+        """The next delivery; raises ClientGone if the client disconnects first."""
+        while not self.deliveries:
+            self.waiter = self.loop.create_future()
+            await asyncio.wait((self.waiter, gone), return_when=asyncio.FIRST_COMPLETED)
+            if gone.done() and not self.deliveries:
+                raise ClientGone
+        return self.deliveries.popleft()
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+class Running:
+    """One started request: its responder, inbox and the watch on its connection."""
+
+    def __init__(self, responder: ServerResponder, inbox: Inbox, receive: Receive) -> None:
+        self.responder = responder
+        self.inbox = inbox
+        self.gone = asyncio.ensure_future(_disconnected(receive))
+
+    async def next(self) -> Delivery:
+        try:
+            return await self.inbox.next(self.gone)
+        except ClientGone:
+            self.responder.cancel()
+            raise
+
+    def close(self) -> None:
+        self.gone.cancel()
+        if not self.responder.finished:
+            self.responder.cancel()
+        trace = self.responder.trace
+        if trace is not None:
+            trace.mark("HTTP_SEND_END")
+            trace.finish()
+
+
+def start(core: ServerCore, message: Any, receive: Receive) -> Running:
+    inbox = Inbox(asyncio.get_running_loop())
+    try:
+        responder, _ = core.start_request(message, inbox.deliver, front_end=FRONT_END)
+    except InferenceError as error:
+        raise HttpError.of(error) from None
+    return Running(responder, inbox, receive)
+
+
+# -- /infer ----------------------------------------------------------------------------------------
+
+
+async def infer(
+    core: ServerCore, headers: Mapping[str, str], receive: Receive, model: str, version: str
+) -> Response:
+    spec = core.manager.resolve(model, version).spec
+    if spec.decoupled and not allows_unary(spec):
+        raise HttpError(_DECOUPLED, 501)
+    limit = core.config.server.max_message_bytes
+    body = await read_body(receive, headers, limit)
+    call = decode_infer(body, _header_length(headers, len(body)), model, version, spec, limit)
+    running = start(core, call.message, receive)
+    try:
+        response, error = await _single(running, spec.decoupled)
+    finally:
+        running.close()
+    if error is not None:
+        raise HttpError.of(error)
+    parts, header_length = encode_infer_response(
+        response, call.message, call, running.responder.options.shm_outputs
+    )
+    return _infer_response(b"".join(parts), header_length, headers.get("accept-encoding"))
+
+
+async def _single(running: Running, decoupled: bool) -> tuple[Any, InferenceError | None]:
+    """The one response of a unary call (a decoupled model allowed here must send exactly one)."""
+    last: Any = None
+    count = 0
+    while True:
+        delivery = await running.next()
+        if delivery.error is not None:
+            return None, delivery.error
+        if delivery.message is not None:
+            count += 1
+            last = delivery.message
+            if decoupled and count > 1:
+                return None, InferenceError(f"expected a single response, got {count}")
+        if delivery.final:
+            if running.responder.trace is not None:
+                running.responder.trace.mark("HTTP_SEND_START")
+            return last, None
+
+
+def _header_length(headers: Mapping[str, str], body_length: int) -> int | None:
+    """``Inference-Header-Content-Length`` as Triton reads it (``std::stoi``: trailing text ignored)."""
+    text = headers.get("inference-header-content-length")
+    if text is None:
+        return None
+    value = _leading_int(text)
+    if value is None:
+        raise HttpError(f"Unable to parse Inference-Header-Content-Length, got: {text}")
+    if not -(2**31) <= value < 2**31:
+        raise HttpError(
+            "Unable to parse Inference-Header-Content-Length, value is out of range [ -2147483648, "
+            f"2147483647 ], got: {text}"
+        )
+    if value < 0 or value > body_length:
+        raise HttpError(f"inference header size should be in range (0, {body_length}), got: {text}")
+    return value
+
+
+def _leading_int(text: str) -> int | None:
+    stripped = text.lstrip()
+    end = 1 if stripped[:1] in ("+", "-") else 0
+    while end < len(stripped) and stripped[end].isdigit():
+        end += 1
+    head = stripped[:end]
+    return int(head) if head and head not in ("+", "-") else None
+
+
+def _infer_response(body: bytes, header_length: int | None, accept: str | None) -> Response:
+    headers: dict[str, str] = {}
+    if header_length is not None:
+        headers["Inference-Header-Content-Length"] = str(header_length)
+    media = "application/octet-stream" if header_length is not None else "application/json"
+    encoding = _response_encoding(accept) if accept else "identity"
+    if encoding == "gzip":
+        body, headers["Content-Encoding"] = gzip.compress(body, compresslevel=1), "gzip"
+    elif encoding == "deflate":
+        body, headers["Content-Encoding"] = zlib.compress(body, 1), "deflate"
+    return Response(body, headers=headers, media_type=media)
+
+
+def _response_encoding(accept: str) -> str:
+    """Triton's choice from ``Accept-Encoding``: the highest-weighted of identity, deflate, gzip."""
+    best, weight = "identity", 0.0
+    for item in accept.split(","):
+        name, _, q = item.strip().partition(";q=")
+        try:
+            value = float(q) if q else 1.0
+        except ValueError:
+            continue
+        if name in ("identity", "deflate", "gzip") and value > weight:
+            best, weight = name, value
+    return best
+
+
+# -- /generate and /generate_stream ----------------------------------------------------------------
+
+
+async def generate(
+    core: ServerCore,
+    headers: Mapping[str, str],
+    receive: Receive,
+    model: str,
+    version: str,
+    streaming: bool,
+) -> Response | EventStream:
+    metadata = core.model_metadata(model, version)
+    limit = core.config.server.max_message_bytes
+    body = await read_body(receive, headers, limit, compressed_ok=False)
+    document = parse_json(body, "generate") if body.strip() else {}
+    message = decode_generate(document, model, version, metadata, limit)
+    running = start(core, message, receive)
+    if streaming:
+        return EventStream(running)
+    try:
+        return await _one_generation(running)
+    finally:
+        running.close()
+
+
+async def _one_generation(running: Running) -> Response:
+    pieces: list[tuple[int, bytes]] = []
+    while True:
+        delivery = await running.next()
+        running.responder.written()
+        piece = _piece(delivery)
+        if piece is not None:
+            pieces.append(piece)
+        if delivery.final:
+            break
+    if len(pieces) != 1:
+        return Response(error_json(_NOT_ONE), 400, media_type="application/json")
+    status, body = pieces[0]
+    return Response(body, status, media_type="application/json")
+
+
+def _piece(delivery: Delivery) -> tuple[int, bytes] | None:
+    """One delivery as (status, JSON); None for a flags-only final."""
+    if delivery.error is not None:
+        return status_of(delivery.error), error_json(delivery.error.message)
+    if delivery.message is None:
+        return None
+    try:
+        return 200, encode_generate_response(delivery.message)
+    except HttpError as error:
+        return error.status, error_json(error.message)
+
+
+class EventStream:
+    """``generate_stream``'s server-sent events: the first piece fixes the HTTP status, later errors
+    travel as ``data: {"error": ...}`` events, as Triton sends them."""
+
+    def __init__(self, running: Running) -> None:
+        self.running = running
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        running = self.running
+        try:
+            started = False
+            while True:
+                delivery = await running.next()
+                piece = _piece(delivery)
+                if piece is not None:
+                    status, body = piece
+                    if not started:
+                        started = True
+                        await send(_start(status))
+                    await send(
+                        {"type": "http.response.body", "body": b"data: " + body + b"\n\n", "more_body": True}
+                    )
+                running.responder.written()
+                if delivery.final:
+                    break
+            if not started:
+                await send(_start(200))
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except (ClientGone, OSError):
+            running.responder.cancel()
+        finally:
+            running.close()
+
+
+def _start(status: int) -> dict[str, Any]:
+    return {
+        "type": "http.response.start",
+        "status": status,
+        "headers": [(b"content-type", _EVENT_STREAM.encode()), (b"cache-control", b"no-cache")],
+    }

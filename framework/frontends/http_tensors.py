@@ -1,0 +1,414 @@
+"""KServe v2 JSON tensors (with Triton's binary tensor data extension) <-> the inference protobufs.
+
+An ``/infer`` body becomes the ``ModelInferRequest`` the gRPC front-end would have received: JSON
+``data`` is packed into ``raw_input_contents``, binary inputs are views of the body, and the
+parameters HTTP gives its own meaning (``binary_data_size``, ``binary_data``,
+``binary_data_output``) are taken out. Everything a gRPC request is checked for (datatypes,
+shapes, byte sizes, shared memory) is then checked by :mod:`pagedserve.codec` with Triton's texts;
+this module only adds the checks of Triton's HTTP parser (``ParseJsonTritonIO``), with its texts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from pagedserve import datatypes
+from pagedserve.backend import ModelSpec
+from pagedserve.codec import InferRequestMessage, InferResponseMessage
+from pagedserve.frontends.http_body import HttpError, dumps, parse_json
+from pagedserve.protocol import grpc_service_pb2 as pb
+
+_INT64_MAX = 2**63 - 1
+_UINT64_MAX = 2**64 - 1
+_LIMIT_HINT = "Set server.max_message_bytes to increase the limit."
+# numpy kinds a JSON array may arrive as, per protocol datatype (ints read as floats, as C casts do).
+_ACCEPTED_KINDS = {"BOOL": "b", "FP32": "iuf", "FP64": "iuf"}
+_INTEGER_KINDS = "iu"
+
+
+@dataclass
+class InferCall:
+    """A decoded ``/infer`` request: the protobuf message and how each output goes back."""
+
+    message: pb.ModelInferRequest | InferRequestMessage
+    binary_default: bool = False
+    """``binary_data_output``: outputs not listed in the request come back as binary data."""
+    binary_outputs: dict[str, bool] = field(default_factory=dict)
+    """Per listed output: its ``binary_data`` parameter (JSON unless true)."""
+
+    def is_binary(self, name: str) -> bool:
+        return self.binary_outputs.get(name, self.binary_default)
+
+
+# -- requests --------------------------------------------------------------------------------------
+
+
+def decode_infer(
+    body: bytes, header_length: int | None, name: str, version: str, spec: ModelSpec, limit: int
+) -> InferCall:
+    """``header_length`` is the ``Inference-Header-Content-Length`` (None: the body is all JSON;
+    0: the body is the one input's raw data, Triton's raw binary request)."""
+    if header_length == 0:
+        return _raw_binary_call(body, name, version, spec)
+    split = len(body) if header_length is None else header_length
+    document = parse_json(memoryview(body)[:split])
+    if not isinstance(document, dict):
+        raise HttpError("Unable to parse 'inputs': the request JSON must be an object")
+    message = pb.ModelInferRequest(model_name=name, model_version=version)
+    if "id" in document:
+        message.id = _string(document["id"], "id")
+    call = InferCall(message)
+    call.binary_default = _parameters(document.get("parameters"), message)
+    raw = _inputs(document.get("inputs"), message, memoryview(body)[split:], name, limit)
+    _outputs(document.get("outputs"), message, call)
+    call.message = InferRequestMessage(message, raw)
+    return call
+
+
+def _string(value: Any, key: str) -> str:
+    if not isinstance(value, str):
+        raise HttpError(f"Unable to parse '{key}': expected a string")
+    return value
+
+
+def _uint(value: Any, key: str) -> int:
+    if type(value) is not int or not 0 <= value <= _UINT64_MAX:
+        raise HttpError(f"Unable to parse '{key}': expected an unsigned integer")
+    return value
+
+
+def _bool(value: Any, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise HttpError(f"Unable to parse '{key}': expected a boolean")
+    return value
+
+
+def _parameters(params: Any, message: pb.ModelInferRequest) -> bool:
+    """Copy the request parameters into ``message`` as Triton's HTTP parser reads them; returns
+    ``binary_data_output``."""
+    if params is None:
+        return False
+    if not isinstance(params, dict):
+        raise HttpError("failed to get request params.")
+    binary = False
+    for key, value in params.items():
+        target = message.parameters[key]
+        if key == "sequence_id":
+            if isinstance(value, str):
+                target.string_param = value
+            else:
+                _set_int(target, _uint(value, key))
+        elif key in ("sequence_start", "sequence_end"):
+            target.bool_param = _bool(value, key)
+        elif key in ("priority", "timeout"):
+            _set_int(target, _uint(value, key))
+        elif key == "binary_data_output":
+            binary = _bool(value, key)
+            del message.parameters[key]
+        elif key.startswith("triton_"):
+            raise HttpError(
+                "parameter keys starting with 'triton_' are reserved for Triton usage and should not "
+                "be specified."
+            )
+        else:
+            set_json_parameter(target, key, value)
+    return binary
+
+
+def _set_int(target: pb.InferParameter, value: int) -> None:
+    if value > _INT64_MAX:
+        target.uint64_param = value
+    else:
+        target.int64_param = value
+
+
+def set_json_parameter(target: pb.InferParameter, key: str, value: Any) -> None:
+    """A request parameter from JSON: string, integer, boolean or number, as Triton accepts."""
+    if isinstance(value, bool):
+        target.bool_param = value
+    elif isinstance(value, str):
+        target.string_param = value
+    elif type(value) is int and -(2**63) <= value <= _INT64_MAX:
+        target.int64_param = value
+    elif isinstance(value, (int, float)):
+        target.double_param = float(value)
+    else:
+        raise HttpError(
+            f"parameter '{key}' has invalid type. It should be either 'int', 'bool', or 'string'."
+        )
+
+
+def _inputs(
+    inputs: Any, message: pb.ModelInferRequest, binary: memoryview, model: str, limit: int
+) -> list[memoryview | bytes]:
+    if not isinstance(inputs, list):
+        raise HttpError("Unable to parse 'inputs': expected an array")
+    raw: list[memoryview | bytes] = []
+    offset = 0
+    for item in inputs:
+        if not isinstance(item, dict):
+            raise HttpError("Unable to parse 'inputs': expected an array of objects")
+        params = item.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise HttpError("Unable to parse 'parameters': expected an object")
+        _check_input_content(item, params)
+        name = _string(item.get("name"), "name")
+        datatype = _string(item.get("datatype"), "datatype")
+        shape = _shape(item.get("shape"), name)
+        tensor = message.inputs.add(name=name, datatype=datatype, shape=shape)
+        for key, value in params.items():
+            if key != "binary_data_size":
+                set_json_parameter(tensor.parameters[key], key, value)
+        if "binary_data_size" in params:
+            size = _uint(params["binary_data_size"], "binary_data_size")
+            if offset + size > len(binary):
+                raise HttpError(
+                    f"unexpected size for input '{name}', expecting {offset + size - len(binary)} "
+                    f"additional bytes for model '{model}'"
+                )
+            raw.append(binary[offset : offset + size])
+            offset += size
+        elif "shared_memory_region" not in params:
+            raw.append(json_tensor_bytes(name, datatype, shape, item["data"], limit))
+    if offset != len(binary):
+        raise HttpError(f"unexpected additional input data for model '{model}'")
+    return raw
+
+
+def _check_input_content(item: dict[str, Any], params: dict[str, Any]) -> None:
+    has = [
+        ("'data'", "data" in item),
+        ("'binary_data_size'", "binary_data_size" in params),
+        ("'shared_memory_region'", "shared_memory_region" in params),
+    ]
+    given = [label for label, present in has if present]
+    if len(given) == 1:
+        return
+    message = (
+        "Input must set only one of the following fields: 'data', 'binary_data_size' in 'parameters', "
+        "'shared_memory_region' in 'parameters'. But"
+    )
+    raise HttpError(message + (" no field is set" if not given else " set " + " ".join(given)))
+
+
+def _shape(shape: Any, name: str) -> list[int]:
+    if not isinstance(shape, list) or any(type(d) is not int or d < 0 for d in shape):
+        raise HttpError("Unable to parse 'shape': expected an array of unsigned integers")
+    if any(d > _INT64_MAX for d in shape) or math.prod(shape) > _INT64_MAX:
+        raise HttpError(
+            f"invalid shape for input '{name}': shape {_shape_text(shape)} causes total element count "
+            f"to exceed maximum size of {_INT64_MAX}"
+        )
+    return shape
+
+
+def _shape_text(shape: list[int]) -> str:
+    return "[" + ",".join(str(d) for d in shape) + "]"
+
+
+def json_tensor_bytes(name: str, datatype: str, shape: list[int], data: Any, limit: int) -> bytes:
+    """A JSON ``data`` array (any nesting; only the element count must match) in the wire format."""
+    if datatype in ("FP16", "BF16"):
+        raise HttpError(
+            f"receiving {datatype} data via JSON is not supported. Please use the binary data format "
+            f"for input {name}"
+        )
+    if datatype not in datatypes.PROTOCOL_TYPES:
+        raise HttpError(f"invalid datatype for input {name}")
+    count = math.prod(shape)
+    if count == 0:
+        return b""
+    if datatype != "BYTES" and count * datatypes.element_size(datatype) > limit:
+        raise HttpError(
+            f"JSON input '{name}' has a byte_size ({count * datatypes.element_size(datatype)} bytes) that "
+            f"exceeds the maximum allowed value of {limit} bytes. " + _LIMIT_HINT
+        )
+    if not isinstance(data, list):
+        raise HttpError("Unable to parse 'data': expected an array")
+    flat = _flatten(data)
+    if len(flat) > count:
+        raise HttpError("Unable to parse 'data': Shape does not match true shape of 'data' field")
+    if len(flat) < count:
+        raise HttpError("Failed to parse 'data' field: shape does not match true shape")
+    if datatype == "BYTES":
+        if not all(isinstance(item, str) for item in flat):
+            raise HttpError("Unable to parse 'data': expected an array of strings for BYTES")
+        return _serialize_strings(flat)
+    try:
+        array = np.array(flat)
+    except (ValueError, OverflowError):
+        array = np.array([], dtype=np.object_)
+    if array.dtype.kind not in _ACCEPTED_KINDS.get(datatype, _INTEGER_KINDS):
+        raise HttpError(f"Unable to parse 'data': expected {datatype} elements for input '{name}'")
+    wire = datatypes.numpy_dtype(datatype).newbyteorder("<")
+    return array.astype(wire).tobytes()
+
+
+def _flatten(data: list[Any]) -> list[Any]:
+    """The leaves of nested lists, in order, without recursion (json.loads bounds the depth)."""
+    if not any(isinstance(item, list) for item in data):
+        return data
+    flat: list[Any] = []
+    stack: list[Iterable[Any]] = [iter(data)]
+    while stack:
+        for item in stack[-1]:
+            if isinstance(item, list):
+                stack.append(iter(item))
+                break
+            flat.append(item)
+        else:
+            stack.pop()
+    return flat
+
+
+def _serialize_strings(items: list[str]) -> bytes:
+    parts: list[bytes] = []
+    for item in items:
+        data = item.encode()
+        parts.append(len(data).to_bytes(4, "little"))
+        parts.append(data)
+    return b"".join(parts)
+
+
+def _outputs(outputs: Any, message: pb.ModelInferRequest, call: InferCall) -> None:
+    if outputs is None:
+        return
+    if not isinstance(outputs, list):
+        raise HttpError("Unable to parse 'outputs': expected an array")
+    for item in outputs:
+        if not isinstance(item, dict):
+            raise HttpError("Unable to parse 'outputs': expected an array of objects")
+        name = _string(item.get("name"), "name")
+        params = item.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise HttpError("Unable to parse 'parameters': expected an object")
+        binary = _bool(params["binary_data"], "binary_data") if "binary_data" in params else False
+        if "shared_memory_region" in params:
+            if "classification" in params:
+                raise HttpError("Output can't set both 'shared_memory_region' and 'classification'")
+            if binary:
+                raise HttpError("Output can't set both 'shared_memory_region' and 'binary_data'")
+        if "classification" in params:
+            _uint(params["classification"], "classification")
+        tensor = message.outputs.add(name=name)
+        for key, value in params.items():
+            if key != "binary_data":
+                set_json_parameter(tensor.parameters[key], key, value)
+        call.binary_outputs[name] = binary
+
+
+def _raw_binary_call(body: bytes, name: str, version: str, spec: ModelSpec) -> InferCall:
+    """Triton's raw binary request: the body is the data of the model's only input, batch 1."""
+    config = spec.config
+    if len(config.input) != 1:
+        raise HttpError(
+            f"raw binary request requires model '{name}' to have exactly one input, it has "
+            f"{len(config.input)}"
+        )
+    model_input = config.input[0]
+    datatype = datatypes.of_tensor(model_input)
+    shape = _raw_shape(list(model_input.dims), datatype, len(body), name)
+    if config.max_batch_size > 0:
+        shape = [1, *shape]
+    message = pb.ModelInferRequest(model_name=name, model_version=version)
+    message.inputs.add(name=model_input.name, datatype=datatype, shape=shape)
+    return InferCall(InferRequestMessage(message, [memoryview(body)]), binary_default=True)
+
+
+def _raw_shape(dims: list[int], datatype: str, size: int, name: str) -> list[int]:
+    if datatype == "BYTES":
+        if dims != [1]:
+            raise HttpError(f"raw binary request of BYTES data requires model '{name}' input shape [1]")
+        return dims
+    element = datatypes.element_size(datatype)
+    variable = [i for i, d in enumerate(dims) if d < 0]
+    fixed = math.prod(d for d in dims if d >= 0) * element
+    if len(variable) > 1:
+        raise HttpError(f"raw binary request requires at most one variable-size dimension in model '{name}'")
+    if variable:
+        if fixed == 0 or size % fixed:
+            raise HttpError(
+                f"raw binary request of {size} bytes does not fit the input shape of model '{name}'"
+            )
+        dims[variable[0]] = size // fixed
+    return dims
+
+
+# -- responses -------------------------------------------------------------------------------------
+
+
+def encode_infer_response(
+    response: pb.ModelInferResponse | InferResponseMessage | None,
+    request: pb.ModelInferRequest | InferRequestMessage,
+    call: InferCall,
+    shm_outputs: Iterable[str],
+) -> tuple[list[bytes | memoryview], int | None]:
+    """The response body in parts, and the JSON header's length when binary data follows it."""
+    message = _full_message(response, request)
+    in_shm = set(shm_outputs)
+    document: dict[str, Any] = {}
+    if message.id:
+        document["id"] = message.id
+    document["model_name"] = message.model_name
+    document["model_version"] = message.model_version
+    if message.parameters:
+        document["parameters"] = response_parameters(message)
+    outputs: list[dict[str, Any]] = []
+    binary: list[bytes | memoryview] = []
+    for index, output in enumerate(message.outputs):
+        entry: dict[str, Any] = {
+            "name": output.name,
+            "datatype": output.datatype,
+            "shape": list(output.shape),
+        }
+        raw = message.raw_output_contents[index] if index < len(message.raw_output_contents) else b""
+        if output.name in in_shm:
+            pass  # the data is in the client's region
+        elif call.is_binary(output.name):
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            if raw:
+                binary.append(raw)
+        else:
+            entry["data"] = json_data(output.datatype, raw)
+        outputs.append(entry)
+    document["outputs"] = outputs
+    header = dumps(document)
+    return [header, *binary], (len(header) if binary else None)
+
+
+def _full_message(
+    response: pb.ModelInferResponse | InferResponseMessage | None,
+    request: pb.ModelInferRequest | InferRequestMessage,
+) -> pb.ModelInferResponse:
+    if response is None:  # a model that sent only a flags-only final
+        return pb.ModelInferResponse(
+            model_name=request.model_name, model_version=request.model_version, id=request.id
+        )
+    if isinstance(response, InferResponseMessage):
+        # Large tensors skipped protobuf on the way out; read them back for this protocol.
+        return pb.ModelInferResponse.FromString(response.serialized)
+    return response
+
+
+def response_parameters(message: pb.ModelInferResponse) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, param in message.parameters.items():
+        kind = param.WhichOneof("parameter_choice")
+        if kind is not None:
+            out[key] = getattr(param, kind)
+    return out
+
+
+def json_data(datatype: str, raw: bytes | memoryview) -> list[Any]:
+    """One output's elements as a flat JSON array, as Triton's ``WriteDataToJson``."""
+    if datatype in ("FP16", "BF16"):
+        raise HttpError(
+            f"sending {datatype} data via JSON is not supported. Please use the binary data format for output"
+        )
+    if datatype == "BYTES":
+        return [item.decode("utf-8", errors="replace") for item in datatypes.deserialize_bytes(raw)]
+    return np.frombuffer(raw, dtype=datatypes.numpy_dtype(datatype).newbyteorder("<")).tolist()

@@ -1,0 +1,280 @@
+"""Structured outputs (vLLM's ``structured_outputs`` / ``guided_decoding``): every output of the tiny
+model at temperature 1 parses against its schema, regex, choices or grammar; the token bitmask is
+applied on the logits tensor in one call; bad constraints are the client's INVALID_ARGUMENT."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+from pagedserve.engine.llm import LLM
+from pagedserve.engine.sampler import Sampler
+from pagedserve.engine.sampling_params import SamplingParams
+from pagedserve.engine.sequence import Sequence
+from pagedserve.engine.structured_output import StructuredOutputsParams, XGrammarBackend, apply_bitmask
+from pagedserve.models.tiny import ensure_tiny_llama
+
+from .conftest import ServerProcess, start_server
+from .engine_helpers import assert_pool_free, engine_config
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        # Not maxLength: xgrammar 0.2.9 lets a length-bounded string hold raw control characters,
+        # which strict JSON parsers refuse (docs/sampling.md).
+        "name": {"type": "string", "pattern": "^[a-z]{1,8}$"},
+        "age": {"type": "integer", "minimum": 0},
+        "role": {"enum": ["admin", "user"]},
+        "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "maxItems": 3},
+    },
+    "required": ["name", "age", "role"],
+}
+REGEX = r"[A-Z][a-z]{2,6}-[0-9]{2,4}"
+CHOICES = ["positive", "negative", "not sure"]
+GRAMMAR = 'root ::= "(" num (" + " num)* ")"\nnum ::= [1-9] [0-9]?'
+SEEDS = range(4)
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory):
+    return ensure_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama")
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["cpu", "cpu-overlap"])
+def llm(request, tiny_path) -> LLM:
+    llm = LLM(engine_config(tiny_path, block_size=8, num_blocks=512, device="cpu"))
+    llm.engine.overlap = request.param
+    return llm
+
+
+@pytest.fixture(autouse=True)
+def _pool_is_free_after_each_test(request):
+    yield
+    if "llm" in request.fixturenames:
+        assert_pool_free(request.getfixturevalue("llm").engine.block_manager)
+
+
+def constrained(llm: LLM, structured: dict, n: int = 1, max_tokens: int = 200):
+    params = [
+        SamplingParams(temperature=1.0, seed=seed, n=n, max_tokens=max_tokens, structured_outputs=structured)
+        for seed in SEEDS
+    ]
+    outputs = llm.generate(["Describe a user:"] * len(params), params)
+    return [c for o in outputs for c in o.outputs]
+
+
+def test_json_schema_outputs_validate(llm):
+    jsonschema = pytest.importorskip("jsonschema")
+    for completion in constrained(llm, {"json": SCHEMA}, n=2):
+        assert completion.finish_reason == "stop", completion.text
+        jsonschema.validate(json.loads(completion.text), SCHEMA)
+
+
+def test_json_schema_as_text_and_guided_decoding_alias(llm):
+    params = SamplingParams.from_json(
+        json.dumps({"guided_decoding": json.dumps({"json": json.dumps(SCHEMA)})})
+    )
+    assert params.structured_outputs is not None and params.structured_outputs.kind == "json"
+    out = llm.generate(
+        ["x"],
+        SamplingParams(temperature=1.0, seed=9, max_tokens=200, structured_outputs=params.structured_outputs),
+    )
+    assert set(json.loads(out[0].outputs[0].text)) >= {"name", "age", "role"}
+
+
+def test_any_json_object(llm):
+    for completion in constrained(llm, {"json_object": True}, max_tokens=400):
+        if completion.finish_reason == "stop":
+            json.loads(completion.text)
+
+
+def test_regex_outputs_match(llm):
+    for completion in constrained(llm, {"regex": REGEX}):
+        assert completion.finish_reason == "stop"
+        assert re.fullmatch(REGEX, completion.text), completion.text
+
+
+def test_choice_outputs_are_one_choice(llm):
+    texts = [c.text for c in constrained(llm, {"choice": CHOICES}, n=3)]
+    assert set(texts) <= set(CHOICES)
+
+
+def test_ebnf_grammar_outputs_parse(llm):
+    for completion in constrained(llm, {"grammar": GRAMMAR}):
+        if completion.finish_reason == "stop":
+            assert re.fullmatch(r"\([1-9][0-9]?( \+ [1-9][0-9]?)*\)", completion.text), completion.text
+
+
+def test_the_grammar_ends_the_request_even_with_ignore_eos(llm):
+    params = SamplingParams(
+        temperature=1.0, seed=1, max_tokens=100, ignore_eos=True, structured_outputs={"choice": CHOICES}
+    )
+    out = llm.generate(["x"], params)[0].outputs[0]
+    assert out.finish_reason == "stop" and out.text in CHOICES
+
+
+def test_the_bitmask_is_applied_on_the_logits_tensor(tiny_path, monkeypatch):
+    """One call per step for the whole batch, on the logits tensor itself, only for the constrained
+    rows; the rows' disallowed logits are -inf afterwards."""
+    import xgrammar
+
+    backend = XGrammarBackend(tiny_path / "tokenizer.json", 512, frozenset({1}))
+    calls = []
+    real = xgrammar.apply_token_bitmask_inplace
+
+    def spy(logits, bitmask, **kwargs):
+        calls.append((logits, bitmask.clone(), kwargs))
+        real(logits, bitmask, **kwargs)
+
+    monkeypatch.setattr(xgrammar, "apply_token_bitmask_inplace", spy)
+    structured = StructuredOutputsParams(choice=CHOICES)
+    seqs = [Sequence(f"r{i}", [2, 3], SamplingParams(temperature=0.0)) for i in range(3)]
+    seqs[1].grammar = backend.grammar_for(structured)
+    logits = torch.randn(3, 512)
+    before = logits.clone()
+    token = Sampler(512, frozenset({1}), seed=0)(logits, seqs)[1].token_id
+    assert len(calls) == 1
+    masked, bitmask, kwargs = calls[0]
+    assert masked.data_ptr() == logits.data_ptr() and kwargs["indices"] == [1]
+    assert bitmask.shape == (3, 16) and bitmask.dtype == torch.int32
+    allowed = torch.isfinite(logits[1])
+    assert 0 < allowed.sum() < 512 and allowed[token]
+    torch.testing.assert_close(logits[[0, 2]], before[[0, 2]])  # unconstrained rows untouched
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_bitmask_is_applied_on_the_device(tiny_path):
+    backend = XGrammarBackend(tiny_path / "tokenizer.json", 512, frozenset({1}))
+    grammar = backend.grammar_for(StructuredOutputsParams(regex="[0-9]+"))
+    from pagedserve.engine.structured_output import grammar_bitmask
+
+    bitmask, rows = grammar_bitmask([None, grammar], 512)
+    logits = torch.randn(2, 512, device="cuda")
+    reference = logits.cpu().clone()
+    apply_bitmask(logits, bitmask, rows)
+    apply_bitmask(reference, bitmask, rows)
+    assert torch.equal(logits.cpu(), reference) and logits.device.type == "cuda"
+
+
+def _deep(depth: int) -> dict:
+    node: dict = {"type": "string"}
+    for _ in range(depth):
+        node = {"type": "object", "properties": {"a": node}}
+    return {"properties": {"deep": node}}
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ({}, r"must set exactly one of \['json', 'regex', 'choice', 'grammar', 'json_object'\], got none"),
+        ({"regex": "a", "choice": ["a"]}, r"exactly one of .* got \['regex', 'choice'\]"),
+        ({"regex": "(ab"}, r"structured_outputs.regex is invalid: .*parenthesis is not closed"),
+        ({"json": {"type": "nonsense"}}, r"structured_outputs.json is invalid: Unsupported type"),
+        ({"json": "{not json"}, "structured_outputs.json is not valid JSON"),
+        ({"json": "[1, 2]"}, "must be a JSON schema object"),
+        ({"json": 5}, "must be a JSON schema object or its JSON text"),
+        (
+            {"grammar": "root ::= foo"},
+            r"structured_outputs.grammar is invalid: .*Rule \"foo\" is not defined",
+        ),
+        ({"grammar": ""}, "structured_outputs.grammar must be a non-empty string"),
+        ({"choice": []}, "structured_outputs.choice must be a list of 1 to 1024 strings"),
+        ({"choice": [1, 2]}, "must be a list of strings"),
+        ({"choice": ["a"] * 1025}, "a list of 1 to 1024 strings"),
+        ({"regex": "a" * 70_000}, "has 70000 characters; at most 65536"),
+        ({"regex": "a{1000000}"}, "repeats 1000000 times; at most 10000"),
+        ({"json": {"type": "array", "minItems": 10**9}}, "minItems=1000000000; at most 10000"),
+        (
+            {"json": json.dumps({"type": "object"} | _deep(40))},
+            "nests deeper than 32",
+        ),
+        ({"json_object": False}, "must set exactly one of"),
+        ({"structural_tag": "{}"}, "structured_outputs.structural_tag is not supported"),
+        ({"backend": "outlines"}, "unknown structured_outputs field 'backend'"),
+        ("[1]", "structured_outputs must be a JSON object"),
+        ("{oops", "structured_outputs is not valid JSON"),
+    ],
+)
+def test_bad_constraints_are_named(value, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams.from_json_dict({"structured_outputs": value})
+
+
+def test_huge_nesting_in_the_json_text_is_a_short_error():
+    text = '{"json": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    with pytest.raises(ValueError) as error:
+        SamplingParams.from_json(json.dumps({"structured_outputs": text}))
+    assert len(str(error.value)) < 500
+
+
+def test_structured_outputs_need_a_tokenizer():
+    with pytest.raises(ValueError, match="structured_outputs need a tokenizer"):
+        from pagedserve.engine.request import build_request
+
+        build_request(None, "r", [1, 2], SamplingParams(structured_outputs={"regex": "a"}))
+
+
+# ---- through the server -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[ServerProcess]:
+    server = start_server("model=tiny-llama", "cache.num_blocks=256", "scheduler.max_num_seqs=8")
+    yield server
+    server.stop()
+
+
+def _infer(client, sampling: dict):
+    import tritonclient.grpc as grpcclient
+
+    inputs = []
+    for name, value in (
+        ("text_input", b"Describe a user:"),
+        ("sampling_parameters", json.dumps(sampling).encode()),
+    ):
+        tensor = grpcclient.InferInput(name, [1], "BYTES")
+        tensor.set_data_from_numpy(np.array([value], dtype=np.object_))
+        inputs.append(tensor)
+    flag = grpcclient.InferInput("exclude_input_in_output", [1], "BOOL")
+    flag.set_data_from_numpy(np.array([True]))
+    inputs.append(flag)
+    return client.infer("tiny-llama", inputs)
+
+
+def test_through_tritonclient(server):
+    jsonschema = pytest.importorskip("jsonschema")
+    from tritonclient.utils import InferenceServerException
+
+    with server.client() as client:
+        for seed in SEEDS:
+            # Triton's vLLM backend sends structured_outputs as a JSON string inside the JSON.
+            sampling = {
+                "temperature": 1,
+                "seed": seed,
+                "max_tokens": 200,
+                "structured_outputs": json.dumps({"json": SCHEMA}),
+            }
+            text = b"".join(_infer(client, sampling).as_numpy("text_output")).decode()
+            jsonschema.validate(json.loads(text), SCHEMA)
+        for bad in ({"regex": "(ab"}, {"json": {"type": "nonsense"}}, {"regex": "x", "json_object": True}):
+            with pytest.raises(InferenceServerException) as error:
+                _infer(client, {"structured_outputs": bad})
+            assert error.value.status() == "StatusCode.INVALID_ARGUMENT"
+            assert "structured_outputs" in error.value.message()
+        result = _infer(
+            client, {"temperature": 0, "max_tokens": 3, "prompt_logprobs": 1, "logit_bias": {"42": 100}}
+        )
+        assert b"".join(result.as_numpy("text_output")).decode() == client_text(42) * 3
+        entries = json.loads(result.as_numpy("prompt_logprobs")[0])
+        assert entries[0] is None and len(entries) > 2 and all(len(e) in (1, 2) for e in entries[1:])
+
+
+def client_text(token_id: int) -> str:
+    from pagedserve.models.tokenizer import Tokenizer
+
+    return Tokenizer.from_dir(ensure_tiny_llama()).decode([token_id])
