@@ -98,11 +98,14 @@ def _typed(cfg: DictConfig, kind: type) -> Any:
 
 
 @hydra.main(version_base=None, config_path="pkg://pagedserve.conf", config_name="bench")
-def _bench_main(cfg: DictConfig) -> None:
+def _bench_main(cfg: DictConfig) -> float:
+    """One benchmark run (one job of ``bench -m``); returns the sweep objective (Optuna maximises it)."""
     global _app_started
     _app_started = True
     from hydra.core.hydra_config import HydraConfig
-    from pagedserve.benchmarks.throughput import print_rows, run_bench, save_rows
+    from hydra.types import RunMode
+    from pagedserve.benchmarks import sweep
+    from pagedserve.benchmarks.throughput import print_rows, run_bench, save_rows, sweep_rows
 
     config = _typed(cfg, BenchConfig)
     setup_logging()
@@ -111,8 +114,16 @@ def _bench_main(cfg: DictConfig) -> None:
         _host.pm.set_blocked(name)
     rows = run_bench(config, _host.registries())
     print_rows(rows, config.bench.limit_output_tokens_per_s)
-    runtime = HydraConfig.get().runtime
-    save_rows(rows, Path(runtime.output_dir))
+    hydra_config = HydraConfig.get()
+    output_dir = Path(hydra_config.runtime.output_dir)
+    save_rows(rows, output_dir)
+    objective = sweep.objective(rows[0].output_tps, rows[0].ttft_p99_ms, config.bench.ttft_p99_bound_ms)
+    if hydra_config.mode == RunMode.MULTIRUN:
+        settings = sweep.job_settings(hydra_config.overrides.task)
+        sweep.save_job(output_dir, hydra_config.job.num, settings, sweep_rows(rows), objective)
+    # A sweep composes the next job's command line after this one: its errors are config errors.
+    _app_started = False
+    return objective
 
 
 @hydra.main(version_base=None, config_path="pkg://pagedserve.conf", config_name="config")

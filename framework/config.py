@@ -315,7 +315,7 @@ class EngineSettings:
 @dataclass
 class ServeConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
-    frontends: list[str] = field(default_factory=lambda: ["grpc"])
+    frontends: list[str] = field(default_factory=lambda: ["grpc", "http", "openai"])
     """Protocol front-ends to serve, by name (the ``pagedserve_frontends`` hook): ``grpc``, ``http``,
     ``openai``; all share the same models, statistics and metrics."""
     model_control_mode: ModelControlMode = ModelControlMode.none
@@ -378,8 +378,13 @@ class BenchSettings:
     hf_max_batch_tokens: int = 2048
     limit_output_tokens_per_s: float | None = None
     """The physical limit for this workload on this machine, to report a ratio against."""
+    ttft_p99_bound_ms: float | None = None
+    """A sweep's constraint: runs whose TTFT p99 exceeds it get a penalised objective
+    (pagedserve.benchmarks.sweep.objective)."""
 
     def __post_init__(self) -> None:
+        if self.ttft_p99_bound_ms is not None and not self.ttft_p99_bound_ms > 0:
+            raise ValueError(f"bench.ttft_p99_bound_ms must be > 0, got {self.ttft_p99_bound_ms}")
         for key in ("prompt_len", "output_len"):
             low_high = getattr(self, key)
             if len(low_high) != 2 or not 1 <= low_high[0] <= low_high[1]:

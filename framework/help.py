@@ -15,8 +15,9 @@ from omegaconf import OmegaConf
 from pagedserve.repository import ModelRepository
 
 _USAGE = """\
-serve: a Triton-compatible inference server (gRPC on server.grpc_port, Prometheus /metrics on
-server.metrics_port; both bind server.host, every interface by default).
+serve: a Triton-compatible inference server: gRPC on server.grpc_port (8001), HTTP/REST on
+server.http_port (8000), the OpenAI API on server.openai_port (9000), Prometheus /metrics on
+server.metrics_port (8002); all bind server.host, every interface by default.
 
 usage: serve [key=value ...] [group=option ...]
        serve -m key=a,b ...      one job per combination (Hydra multirun; use with check=true)
@@ -29,7 +30,8 @@ common command lines:
   serve model=llama3 engine.load_format=dummy    an LLM with random weights (no checkpoint needed)
   serve model=llama3 engine.weights=/path/to/hf  an LLM from a Hugging Face directory
   serve repository=/my/models model=mymodel      another model repository (a folder of YAML files)
-  serve server.grpc_port=0 server.metrics_port=0 free ports, printed at start
+  serve server.grpc_port=0 server.http_port=0     free ports, printed at start
+  serve frontends=[grpc]                         only the gRPC front-end (also: http, openai)
   serve check=true model=simple                  load, print the model table, exit (opens no port)
   serve model_control_mode=explicit              load and unload over gRPC (RepositoryModelLoad)
 

@@ -1,4 +1,5 @@
-"""Built-in model architectures: Llama (2/3/3.1), Qwen2 and Qwen3."""
+"""Built-in model architectures: Llama (2/3/3.1), Qwen2 and Qwen3, Mistral, Gemma 2 and 3, and the
+mixtures of experts."""
 
 from __future__ import annotations
 

@@ -197,3 +197,81 @@ def test_unsupported_activation_and_bidirectional_gemma_are_refused(checkpoints,
         (target / "config.json").write_text(json.dumps(config))
         with pytest.raises(ValueError, match=message):
             LLM(engine_config(target))
+
+
+def _servable(directory, **config_changes):  # noqa: ANN001, ANN202
+    """Give a checkpoint tiny-llama's tokenizer (vocab 512) so text goes in and out."""
+    from pagedserve.models.tiny import ensure_tiny_llama
+
+    for file in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(ensure_tiny_llama() / file, directory / file)
+    config = json.loads((directory / "config.json").read_text())
+    config.update(bos_token_id=0, eos_token_id=1, **config_changes)
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+def test_served_through_tritonclient_beside_a_checkpoint_with_a_bad_window(tmp_path):
+    """A Gemma 2 serves text equal to transformers' while a Mistral whose ``sliding_window`` is -8 is
+    UNAVAILABLE with the reason naming the key."""
+    import time
+
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+    from tokenizers import Tokenizer
+
+    from .conftest import start_server
+
+    gemma_dims = {"vocab_size": 512, "sliding_window": 4, "query_pre_attn_scalar": 24}
+    good = _servable(build_windowed_checkpoint(tmp_path / "good", "gemma2", seed=4, **gemma_dims))
+    bad = _servable(
+        build_windowed_checkpoint(tmp_path / "bad", "mistral", seed=5, vocab_size=512), sliding_window=-8
+    )
+    repository = tmp_path / "repo"
+    repository.mkdir()
+    for name, directory in (("tiny-gemma2", good), ("bad-window", bad)):
+        (repository / f"{name}.yaml").write_text(
+            f"backend: llm\nmax_batch_size: 0\nparameters:\n  weights: {directory}\n"
+        )
+    prompt = "The scheduler hands out tokens, and the model runner turns block tables into slots"
+    tokenizer = Tokenizer.from_file(str(good / "tokenizer.json"))
+    expected = hf_greedy(good, [tokenizer.encode(prompt).ids], 8)[0]
+
+    def tensor(name: str, value: object, datatype: str):  # noqa: ANN202
+        t = grpcclient.InferInput(name, [1], datatype)
+        t.set_data_from_numpy(np.array([value], dtype=np.object_ if datatype == "BYTES" else bool))
+        return t
+
+    sampling = json.dumps({"temperature": 0, "max_tokens": 8})
+    inputs = [
+        tensor("text_input", prompt.encode(), "BYTES"),
+        tensor("sampling_parameters", sampling.encode(), "BYTES"),
+        tensor("stream", False, "BOOL"),
+        tensor("exclude_input_in_output", True, "BOOL"),
+    ]
+    server = start_server(
+        f"repository={repository}", "server.exit_on_error=false", "cache.num_blocks=64", wait_ready=False
+    )
+    try:
+        with server.client() as client:
+            deadline = time.monotonic() + 120
+            while not _ready(client, "tiny-gemma2"):
+                assert time.monotonic() < deadline, "tiny-gemma2 never became ready"
+                time.sleep(0.5)
+            text = client.infer("tiny-gemma2", inputs).as_numpy("text_output")[0].decode()
+            assert text == tokenizer.decode(expected, skip_special_tokens=True)
+            assert not client.is_model_ready("bad-window")
+            index = {m.name: m for m in client.get_model_repository_index().models}
+            assert "sliding_window must be a positive integer or null, got -8" in index["bad-window"].reason
+            assert client.is_model_ready("tiny-gemma2")
+    finally:
+        assert server.stop() == 0
+
+
+def _ready(client, name: str) -> bool:  # noqa: ANN001
+    from tritonclient.utils import InferenceServerException
+
+    try:
+        return client.is_model_ready(name)
+    except InferenceServerException:  # UNAVAILABLE while the start-up models load
+        return False

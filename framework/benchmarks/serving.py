@@ -25,6 +25,11 @@ tokenizer (``engine.weights=<dir>``, same architecture, random weights): prompts
 < 512, valid in any larger vocabulary, and generated ids the borrowed tokenizer does not know
 detokenize to nothing (token counts, not text, are what is measured).
 
+Sweep syntax in ``--serve-args`` (``cache.block_size=8,16``, ``range(...)``, ``choice(...)``) runs the
+benchmark once per combination, as ``serve -m`` would (Hydra's basic sweeper), each with its own
+server, and gathers them under ``--sweep-dir``: results.csv, results.json and a PNG per swept key
+(pagedserve.benchmarks.sweep).
+
 In the same run the offline engine (``pagedserve.engine.llm.LLM``, the engine config the server
 builds from the same overrides) generates the same prompt ids and output lengths; the report ends
 with serving output tok/s at saturation ÷ offline output tok/s (issue 4's goal: ≥ 0.9).
@@ -42,7 +47,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +80,8 @@ class ServingBenchConfig:
     timeout_s: float = 1800.0
     json_path: str | None = None
     markdown: bool = False
+    sweep_dir: str | None = None
+    """Where a sweep (sweep syntax in ``serve_args``) writes its jobs and results."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -497,6 +504,7 @@ class Server:
                 "pagedserve",
                 f"model={self.model}",
                 "server.grpc_port=0",
+                "frontends=[grpc]",
                 "server.host=127.0.0.1",
                 "server.metrics_port=-1",
                 *self.overrides,
@@ -712,6 +720,91 @@ def print_report(results: dict[str, Any], console: Console, markdown: bool = Fal
         )
 
 
+# ---------------------------------------------------------------------------------------------------
+# sweeps
+
+
+def sweep_settings(serve_args: list[str]) -> list[list[str]]:
+    """Each combination of ``serve_args``' sweeps, expanded as Hydra's basic sweeper does; the
+    arguments themselves when they hold no sweep. Raises ValueError for a malformed override."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(serve_args))
+    except HydraException as error:
+        raise ValueError(str(error).strip().splitlines()[0]) from None
+    if not is_sweep(serve_args):
+        return [list(serve_args)]
+    return BasicSweeper.split_arguments(parsed, None)[0]
+
+
+def is_sweep(serve_args: list[str]) -> bool:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return any(o.is_sweep_override() for o in OverridesParser.create().parse_overrides(list(serve_args)))
+
+
+def check_combinations(model: str, combinations: list[list[str]]) -> None:
+    """Compose every combination's config before any server starts, so a bad key or value in the
+    last one does not cost the runs before it. Raises ValueError naming the combination."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if not combinations:
+        raise ValueError("the sweep has no combination to run")
+    for job, args in enumerate(combinations):
+        try:
+            _compose(model, args)
+        except (HydraException, OmegaConfBaseException, ValueError) as error:
+            raise ValueError(f"sweep job {job} ({' '.join(args)}): {str(error).strip()}") from None
+
+
+def sweep_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per request rate (and one for the offline engine), flat for a CSV."""
+    rows = []
+    for r in results["runs"]:
+        latency = {
+            f"{m}_{s}_ms": r[f"{m}_ms"][s] for m in ("ttft", "tpot", "itl", "e2el") for s in ("p50", "p99")
+        }
+        rows.append({
+            "rate": r["request_rate"], "completed": r["completed"], "failed": r["failed"],
+            "output_throughput": r["output_throughput"],
+            "total_token_throughput": r["total_token_throughput"], **latency,
+        })  # fmt: skip
+    offline = results.get("offline")
+    if offline:
+        rows.append({
+            "rate": "offline", "completed": offline["requests"], "failed": 0,
+            "output_throughput": offline["output_throughput"],
+            "total_token_throughput": offline["total_token_throughput"],
+        })  # fmt: skip
+    return rows
+
+
+def run_sweep(cfg: ServingBenchConfig, console: Console | None = None) -> Path:
+    """The benchmark once per combination of ``cfg.serve_args``' sweeps; returns the sweep directory."""
+    from pagedserve.benchmarks import sweep
+
+    console = console or Console(width=200)
+    combinations = sweep_settings(cfg.serve_args)
+    check_combinations(cfg.model, combinations)
+    sweep_dir = Path(cfg.sweep_dir or time.strftime("multirun/serving_%Y-%m-%d_%H-%M-%S"))
+    for job, args in enumerate(combinations):
+        job_dir = sweep_dir / str(job)
+        job_dir.mkdir(parents=True, exist_ok=True)
+        console.print(f"[bold]sweep job {job}[/]: {' '.join(args)}")
+        results = run(replace(cfg, serve_args=args, json_path=str(job_dir / "serving.json")), console)
+        sweep.save_job(job_dir, job, sweep.job_settings(args), sweep_rows(results))
+    records = sweep.load_jobs(sweep_dir)
+    swept = sweep.swept_keys(cfg.serve_args)
+    sweep.print_sweep(sweep.flatten(records, swept), swept, sweep.SERVING, console)
+    for path in sweep.write_sweep(sweep_dir, records, swept, sweep.SERVING):
+        console.print(f"sweep: wrote {path}")
+    return sweep_dir
+
+
 def parse_args(argv: list[str] | None = None) -> ServingBenchConfig:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -735,7 +828,12 @@ def parse_args(argv: list[str] | None = None) -> ServingBenchConfig:
     parser.add_argument("--timeout", type=float, default=1800.0, help="per-stream timeout, seconds")
     parser.add_argument("--json", dest="json_path", help="write the results to this JSON file")
     parser.add_argument("--markdown", action="store_true", help="also print the tables as Markdown")
+    parser.add_argument("--sweep-dir", help="a sweep's directory (default: multirun/serving_<date>_<time>)")
     a = parser.parse_args(argv)
+    try:
+        sweep_settings(a.serve_args)
+    except ValueError as error:
+        parser.error(f"--serve-args: {error}")
     return ServingBenchConfig(
         model=a.model,
         serve_args=a.serve_args,
@@ -752,11 +850,20 @@ def parse_args(argv: list[str] | None = None) -> ServingBenchConfig:
         timeout_s=a.timeout,
         json_path=a.json_path,
         markdown=a.markdown,
+        sweep_dir=a.sweep_dir,
     )
 
 
 def main(argv: list[str] | None = None) -> None:
-    run(parse_args(argv))
+    cfg = parse_args(argv)
+    if not is_sweep(cfg.serve_args):
+        run(cfg)
+        return
+    try:
+        run_sweep(cfg)
+    except ValueError as error:  # a bad combination, found before any server started
+        print(f"serving sweep: {error}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

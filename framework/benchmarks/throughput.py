@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from hydra.experimental.callback import Callback
 from pagedserve.benchmarks import hf_peers
 from pagedserve.benchmarks.workload import BenchRequest, standard_workload
 from pagedserve.config import BackendSettings, BenchConfig, ServeConfig
@@ -39,6 +39,12 @@ class Row:
     seconds: float
     total_tokens: int
     settings: str
+    # Per request, from the start of the timed run (every request arrives then): time to its first
+    # token and mean time per later token. Only our engine's row has them.
+    ttft_p50_ms: float | None = None
+    ttft_p99_ms: float | None = None
+    tpot_p50_ms: float | None = None
+    tpot_p99_ms: float | None = None
 
     @property
     def output_tps(self) -> float:
@@ -98,11 +104,12 @@ def run_bench(config: BenchConfig, registries: Registries) -> list[Row]:
     graph_steps, eager_steps = runner.num_graph_steps, runner.num_eager_steps
     hf_peers._sync(device)
     start = time.perf_counter()
-    outputs = llm.generate([r.prompt_token_ids for r in requests], params)
+    timings = timed_generate(engine, [r.prompt_token_ids for r in requests], params)
     hf_peers._sync(device)
     seconds = time.perf_counter() - start
-    produced = sum(len(o.outputs[0].token_ids) for o in outputs)
-    rows = [Row("pagedserve", len(requests), produced, seconds, produced + prompt_tokens, label)]
+    produced = sum(t.tokens for t in timings)
+    row = Row("pagedserve", len(requests), produced, seconds, produced + prompt_tokens, label)
+    rows = [latencies(row, timings, start)]
     log.info(
         "pagedserve: %d steps (%d decode steps as CUDA graphs, %d eager), %d preemptions, attention=%s",
         runner.num_graph_steps - graph_steps + runner.num_eager_steps - eager_steps,
@@ -112,7 +119,7 @@ def run_bench(config: BenchConfig, registries: Registries) -> list[Row]:
         engine.attention_backend,
     )
     dtype = next(engine.runner.model.parameters()).dtype
-    del llm, engine, runner, outputs  # free the KV cache and weights before the peers load theirs
+    del llm, engine, runner, timings  # free the KV cache and weights before the peers load theirs
     gc.collect()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
@@ -120,6 +127,44 @@ def run_bench(config: BenchConfig, registries: Registries) -> list[Row]:
         log.info("engine freed: %.1f GiB of GPU memory still allocated", still)
     rows += _run_peers(config, requests, source, device, dtype, prompt_tokens)
     return rows
+
+
+@dataclass
+class Timing:
+    """One request of the timed run: when its first token and its end reached the host."""
+
+    first_token: float = 0.0
+    finished: float = 0.0
+    tokens: int = 0
+
+
+def timed_generate(engine: Any, prompts: list[list[int]], params: list[Any]) -> list[Timing]:
+    """``LLM.generate``'s loop, noting when each request's first token and end come out of a step."""
+    ids = [f"bench-{i}" for i in range(len(prompts))]
+    for request_id, prompt, p in zip(ids, prompts, params, strict=True):
+        engine.add_request(request_id, prompt, p)
+    timings = {request_id: Timing() for request_id in ids}
+    while engine.has_unfinished_requests():
+        outputs = engine.step()
+        now = time.perf_counter()
+        for output in outputs:
+            timing = timings[output.request_id]
+            if not timing.first_token and output.outputs[0].num_new_tokens:
+                timing.first_token = now
+            if output.finished:
+                timing.finished, timing.tokens = now, len(output.outputs[0].token_ids)
+    return [timings[request_id] for request_id in ids]
+
+
+def latencies(row: Row, timings: list[Timing], start: float) -> Row:
+    """``row`` with TTFT and TPOT percentiles (ms); TPOT as vLLM's bench defines it."""
+    ttft = [t.first_token - start for t in timings if t.first_token]
+    tpot = [(t.finished - t.first_token) / (t.tokens - 1) for t in timings if t.first_token and t.tokens > 1]
+    if ttft:
+        row.ttft_p50_ms, row.ttft_p99_ms = (float(x) for x in np.percentile(ttft, [50, 99]) * 1000)
+    if tpot:
+        row.tpot_p50_ms, row.tpot_p99_ms = (float(x) for x in np.percentile(tpot, [50, 99]) * 1000)
+    return row
 
 
 def backend_module_registries(backend: Any, settings: BackendSettings) -> Any:
@@ -185,6 +230,8 @@ def print_rows(rows: list[Row], limit_tps: float | None, console: Console | None
         "seconds",
         "output tok/s",
         "total tok/s",
+        "TTFT p50/p99 ms",
+        "TPOT p50/p99 ms",
         "vs",
     ):
         table.add_column(column, justify="right" if column not in ("system", "settings") else "left")
@@ -203,9 +250,15 @@ def print_rows(rows: list[Row], limit_tps: float | None, console: Console | None
             f"{row.seconds:.1f}",
             f"{row.output_tps:,.0f}",
             f"{row.total_tps:,.0f}",
+            _pair(row.ttft_p50_ms, row.ttft_p99_ms),
+            _pair(row.tpot_p50_ms, row.tpot_p99_ms),
             ", ".join(ratios),
         )
     console.print(table)
+
+
+def _pair(p50: float | None, p99: float | None) -> str:
+    return "-" if p50 is None or p99 is None else f"{p50:,.1f} / {p99:,.1f}"
 
 
 def save_rows(rows: list[Row], directory: Path) -> None:
@@ -214,15 +267,6 @@ def save_rows(rows: list[Row], directory: Path) -> None:
             handle.write(json.dumps(asdict(row)) + "\n")
 
 
-class SweepTable(Callback):
-    """Hydra callback: after ``bench -m ...`` prints every job's rows as one table."""
-
-    def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
-        # Each job writes into its own sub-directory (0/, 1/, ...); gather them in job order.
-        files = sorted(
-            Path(config.hydra.sweep.dir).glob(f"**/{RESULTS_FILE}"),
-            key=lambda p: [int(part) if part.isdigit() else part for part in p.parts],
-        )
-        rows = [Row(**json.loads(line)) for path in files for line in path.read_text().splitlines() if line]
-        if rows:
-            print_rows(rows, config.bench.get("limit_output_tokens_per_s"))
+def sweep_rows(rows: list[Row]) -> list[dict[str, Any]]:
+    """The rows as a sweep gathers them (pagedserve.benchmarks.sweep): the throughputs included."""
+    return [asdict(row) | {"output_tps": row.output_tps, "total_tps": row.total_tps} for row in rows]

@@ -145,6 +145,7 @@ class BlockManager:
             return None
         if cached_blocks or seq.num_computed_tokens == 0:
             self._take_cached(seq, cached_blocks, len(seq))
+            self.free_out_of_window(seq)  # a long cached prefix may reach far behind the window
         copies = [self._copy_on_write(seq, computed)] if needs_copy else []
         for _ in range(num_new_blocks):
             seq.block_table.append(self._pop_free().block_id)

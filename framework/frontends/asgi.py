@@ -11,7 +11,6 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
-import json
 import socket
 import ssl
 from collections.abc import Iterator
@@ -20,7 +19,6 @@ from typing import Any, ClassVar
 import uvicorn
 from pagedserve.config import TlsConfig
 from pagedserve.frontends import Frontend, bind_error, bind_problem
-from starlette.requests import Request
 
 
 class _EmbeddedServer(uvicorn.Server):
@@ -106,37 +104,3 @@ def _tls_options(tls: TlsConfig) -> dict[str, Any]:
         "ssl_ca_certs": tls.root_ca or None,
         "ssl_cert_reqs": ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_NONE,
     }
-
-
-class BodyError(Exception):
-    """A request body the front-end will not take: too large, or not JSON."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status, self.message = status, message
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, refused (413) as soon as it passes ``limit`` bytes: a client cannot make the
-    server buffer more than that, whatever Content-Length says."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise BodyError(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes")
-    parts: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BodyError(413, f"request body exceeds the limit of {limit} bytes")
-        parts.append(chunk)
-    return b"".join(parts)
-
-
-async def read_json(request: Request, limit: int) -> Any:
-    body = await read_body(request, limit)
-    try:
-        return json.loads(body)
-    except RecursionError:
-        raise BodyError(400, "the JSON body is nested too deeply") from None
-    except (ValueError, UnicodeDecodeError) as error:
-        raise BodyError(400, f"the body is not valid JSON: {error}") from None

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import hmac
 import logging
 import re
 from collections.abc import Awaitable, Callable
@@ -34,6 +33,8 @@ from pagedserve.frontends.http_body import (
     json_response,
     parse_json,
     read_body,
+    restricted_groups,
+    restriction_refusal,
     status_of,
 )
 from pagedserve.frontends.http_inference import generate, infer
@@ -87,12 +88,7 @@ class HttpApp:
 
     def __init__(self, core: ServerCore, server: ServerConfig) -> None:
         self.core = core
-        # group -> (header, value); HTTP sends the key itself as the header (no gRPC prefix).
-        self.restricted = {
-            group: (entry.key, entry.value)
-            for entry in server.restricted_protocols
-            for group in entry.protocols
-        }
+        self.restricted = restricted_groups(server)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -143,12 +139,9 @@ class HttpApp:
     async def _route(
         self, request: HttpRequest, group: str, methods: tuple[str, ...], handler: Handler, *args: str
     ) -> Any:
-        required = self.restricted.get(group)
-        if required is not None:
-            header, value = required
-            sent = request.headers.get(header.lower())
-            if sent is None or not hmac.compare_digest(sent.encode(), value.encode()):
-                return error_response(f"This API is restricted, expecting header '{header}'", 403)
+        refusal = restriction_refusal(self.restricted, group, request.headers)
+        if refusal is not None:
+            return error_response(refusal, 403)
         if request.method not in methods:
             return error_response("Method Not Allowed", 405)
         return await handler(request, *args)

@@ -7,12 +7,14 @@ is ever held in memory; Triton's ``--http-max-input-size`` does the same job.
 
 from __future__ import annotations
 
+import hmac
 import json
 import zlib
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import grpc
+from pagedserve.config import ServerConfig
 from pagedserve.errors import InferenceError
 from starlette.responses import Response
 
@@ -39,6 +41,10 @@ class HttpError(Exception):
     @classmethod
     def of(cls, error: InferenceError) -> HttpError:
         return cls(error.message, status_of(error))
+
+
+class BodyTooLarge(HttpError):
+    """The body (or what it inflates to) passed the limit: Triton answers 400, OpenAI's API 413."""
 
 
 class ClientGone(Exception):
@@ -82,7 +88,7 @@ async def read_body(
     bytes either way (checked while reading: a larger body is never held whole)."""
     declared = headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise HttpError(_too_large(int(declared), limit))
+        raise BodyTooLarge(_too_large(int(declared), limit))
     inflater = _inflater(headers.get("content-encoding", ""), compressed_ok)
     chunks: list[bytes] = []
     size = 0
@@ -95,7 +101,7 @@ async def read_body(
             chunk = _inflate(inflater, chunk, limit - size, limit)
         size += len(chunk)
         if size > limit:
-            raise HttpError(_too_large(size, limit))
+            raise BodyTooLarge(_too_large(size, limit))
         if chunk:
             chunks.append(chunk)
         if not message.get("more_body", False):
@@ -130,7 +136,29 @@ def _inflate(inflater: Any, chunk: bytes, room: int, limit: int) -> bytes:
     except zlib.error as error:
         raise HttpError(f"failed to decompress the request body: {error}") from None
     if len(out) > room or inflater.unconsumed_tail:
-        raise HttpError(
+        raise BodyTooLarge(
             f"Decompressed data size exceeds the maximum allowed value of {limit} bytes. " + _LIMIT_HINT
         )
     return out
+
+
+def restricted_groups(server: ServerConfig) -> dict[str, tuple[str, str]]:
+    """``server.restricted_protocols`` as HTTP applies them (Triton's ``--http-restricted-api``):
+    group -> (header, value), the key itself being the header (gRPC prefixes it)."""
+    return {
+        group: (entry.key, entry.value) for entry in server.restricted_protocols for group in entry.protocols
+    }
+
+
+def restriction_refusal(
+    restricted: Mapping[str, tuple[str, str]], group: str, headers: Mapping[str, str]
+) -> str | None:
+    """Why a request of ``group`` with these headers is refused (403), or None if it may go on."""
+    required = restricted.get(group)
+    if required is None:
+        return None
+    header, value = required
+    sent = headers.get(header.lower())
+    if sent is not None and hmac.compare_digest(sent.encode(), value.encode()):
+        return None
+    return f"This API is restricted, expecting header '{header}'"

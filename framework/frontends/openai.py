@@ -19,7 +19,16 @@ from typing import Any
 
 from pagedserve.chat_template import ChatTemplateError
 from pagedserve.errors import InferenceError
-from pagedserve.frontends.asgi import AsgiFrontend, BodyError, read_json
+from pagedserve.frontends.asgi import AsgiFrontend
+from pagedserve.frontends.http_body import (
+    BodyTooLarge,
+    ClientGone,
+    HttpError,
+    parse_json,
+    read_body,
+    restricted_groups,
+    restriction_refusal,
+)
 from pagedserve.frontends.llm_call import LLMCall, Piece
 from pagedserve.frontends.openai_schema import ChatCompletionRequest, CompletionRequest
 from pagedserve.model_manager import LoadedVersion
@@ -54,6 +63,7 @@ _PASS_THROUGH = (
     "best_of",
 )
 _STATUS_TYPE = {
+    403: "PermissionDeniedError",
     400: "BadRequestError",
     404: "NotFoundError",
     413: "BadRequestError",
@@ -95,17 +105,19 @@ class OpenAIFrontend(AsgiFrontend):
     service = "OpenAI API"
 
     def app(self) -> Starlette:
+        # (path, method) -> (restricted-API group, handler); the groups are Triton's (docs/security.md).
         handlers = {
-            ("/v1/models", "GET"): self.list_models,
-            ("/v1/models/{model:path}", "GET"): self.get_model,
-            ("/v1/completions", "POST"): self.completions,
-            ("/v1/chat/completions", "POST"): self.chat_completions,
-            ("/health", "GET"): self.health,
-            ("/health/ready", "GET"): self.health,
+            ("/v1/models", "GET"): ("model-repository", self.list_models),
+            ("/v1/models/{model:path}", "GET"): ("model-repository", self.get_model),
+            ("/v1/completions", "POST"): ("inference", self.completions),
+            ("/v1/chat/completions", "POST"): ("inference", self.chat_completions),
+            ("/health", "GET"): ("health", self.health),
+            ("/health/ready", "GET"): ("health", self.health),
         }
+        restricted = restricted_groups(self.config.server)
         routes = [
-            Route(path, _answering_errors(handler), methods=[method])
-            for (path, method), handler in handlers.items()
+            Route(path, _answering_errors(handler, group, restricted), methods=[method])
+            for (path, method), (group, handler) in handlers.items()
         ]
         return Starlette(routes=routes)
 
@@ -229,9 +241,14 @@ class OpenAIFrontend(AsgiFrontend):
 
     async def _json(self, request: Request) -> Any:
         try:
-            return await read_json(request, self.config.server.max_message_bytes)
-        except BodyError as error:
-            raise OpenAIError(error.status, error.message) from error
+            body = await read_body(request.receive, request.headers, self.config.server.max_message_bytes)
+            return parse_json(body)
+        except HttpError as error:
+            raise OpenAIError(
+                413 if isinstance(error, BodyTooLarge) else error.status, error.message
+            ) from error
+        except ClientGone:
+            raise OpenAIError(499, "the client closed the connection") from None
 
     async def _answer(self, request: Request, calls: list[LLMCall], reply: _Reply, form: _Format) -> Response:
         try:
@@ -476,9 +493,12 @@ async def _disconnect(request: Request) -> None:
 
 
 def _answering_errors(
-    handler: Callable[[Request], Awaitable[Response]],
+    handler: Callable[[Request], Awaitable[Response]], group: str, restricted: dict[str, tuple[str, str]]
 ) -> Callable[[Request], Awaitable[Response]]:
     async def answer(request: Request) -> Response:
+        refusal = restriction_refusal(restricted, group, request.headers)
+        if refusal is not None:
+            return OpenAIError(403, refusal).response()
         try:
             return await handler(request)
         except OpenAIError as error:
