@@ -297,6 +297,9 @@ class EngineSettings:
     OpenMP threads sleep while they wait instead of spinning, so they never take a core the server or
     another process needs. With ``separate_process=false`` it sets the whole server process's threads.
     Several LLM models each get this many: share the cores with an explicit number."""
+    tensor_parallel_size: int = 1
+    """Split each LLM engine over this many ranks (heads, weights and KV cache; vLLM's
+    ``tensor_parallel_size``): one GPU per rank on CUDA, gloo between processes on the CPU."""
 
     def __post_init__(self) -> None:
         check_choice("engine.dtype", self.dtype, DTYPES)
@@ -309,6 +312,10 @@ class EngineSettings:
         if self.cpu_threads is not None and self.cpu_threads < 1:
             raise ValueError(
                 f"engine.cpu_threads must be a positive integer (or null: automatic), got {self.cpu_threads}"
+            )
+        if self.tensor_parallel_size < 1:
+            raise ValueError(
+                f"engine.tensor_parallel_size must be a positive integer, got {self.tensor_parallel_size}"
             )
 
 

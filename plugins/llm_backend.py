@@ -192,6 +192,7 @@ class LLMBackend(ModelBackend):
             quantization=engine.quantization,
             seed=engine.seed,
             cpu_threads=engine.cpu_threads,
+            tensor_parallel_size=engine.tensor_parallel_size,
             cache=settings.cache,
             scheduler=settings.scheduler,
         )

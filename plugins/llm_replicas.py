@@ -82,6 +82,12 @@ def replica_configs(
         return [config]
     num_gpus = _visible_gpus() if num_gpus is None else num_gpus
     devices = _devices(groups, kinds, config.device, num_gpus)
+    if len(devices) > 1 and config.tensor_parallel_size > 1 and any(d.startswith("cuda") for d in devices):
+        # Each replica here takes one GPU; a tensor-parallel engine takes several, from device 0 on.
+        raise ValueError(
+            f"instance_group: {len(devices)} GPU replicas with engine.tensor_parallel_size="
+            f"{config.tensor_parallel_size} would share GPUs; run one replica per server for now"
+        )
     if len(devices) > 1 and not engine.separate_process:
         raise ValueError(
             f"instance_group: {len(devices)} replicas need engine.separate_process=true (each replica is "

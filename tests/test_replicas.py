@@ -82,6 +82,15 @@ def test_gpu_replicas_each_get_a_gpu() -> None:
     assert [c.device for c in mixed] == ["cuda:1", "cuda:2", "cuda:0"]
 
 
+def test_gpu_replicas_of_a_tensor_parallel_engine_are_refused() -> None:
+    import dataclasses
+
+    tp2 = dataclasses.replace(BASE, tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="instance_group: 2 GPU replicas with engine.tensor_parallel_size=2"):
+        configs({"kind": "KIND_GPU", "count": 2}, num_gpus=4, base=tp2)
+    assert len(configs({"kind": "KIND_CPU", "count": 2}, base=tp2)) == 2  # CPU replicas share no device
+
+
 @pytest.mark.parametrize(
     ("groups", "num_gpus", "engine", "message"),
     [

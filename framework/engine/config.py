@@ -85,6 +85,9 @@ class EngineConfig:
     """``fp8``: the linear layers' weights in e4m3 with per-output-feature scales, activations
     quantized per token (pagedserve.models.layers.quantization); embedding and LM head unchanged."""
     seed: int = 0
+    tensor_parallel_size: int = 1
+    """Ranks that split the model's heads and weights (pagedserve.engine.tensor_parallel): this process
+    and ``tensor_parallel_size - 1`` worker processes, one GPU each on CUDA."""
     cpu_threads: int | None = None
     """torch's intra-op CPU threads; ``None``: automatic (pagedserve.engine.process_setup). Thread counts
     are process-wide, so whoever owns the process applies this (the engine process, ``bench``, the server
@@ -104,3 +107,4 @@ class EngineConfig:
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
         _check_positive("max_model_len", self.max_model_len)
         _check_positive("cpu_threads", self.cpu_threads)
+        _check_positive("engine.tensor_parallel_size", self.tensor_parallel_size)

@@ -27,6 +27,7 @@ from pagedserve.engine.sampling_params import SamplingParams
 from pagedserve.engine.scheduler import ScheduledBatch, Scheduler
 from pagedserve.engine.sequence import Sequence
 from pagedserve.engine.structured_output import GrammarBackend, XGrammarBackend
+from pagedserve.engine.tensor_parallel import TensorParallelRunner
 from pagedserve.models.tokenizer import Tokenizer, read_eos_token_ids
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ class LLMEngine:
             kv_cache_dtype=setup.kv_cache_dtype,
         )
         self.device = setup.device
+        self.workers = setup.workers  # tensor-parallel ranks 1..N-1 (None: one rank)
         self.attention_backend = backend_cls.name
         num_blocks = self._num_blocks(setup, backend_cls)
         self.block_manager = BlockManager(
@@ -179,6 +181,8 @@ class LLMEngine:
     def device_failed(self) -> bool:
         """A CUDA error (a device-side assert...) is sticky: nothing more runs on the device in this
         process, whichever request it ran for."""
+        if self.workers is not None and self.workers.broken is not None:
+            return True  # a tensor-parallel rank is gone: no step can run until all start again
         if self.device.type != "cuda":
             return False
         try:
@@ -256,7 +260,8 @@ class LLMEngine:
         cuda_graphs: bool,
     ) -> ModelRunner:
         scheduler = self.config.scheduler
-        return ModelRunner(
+        runner_cls = ModelRunner if setup.workers is None else TensorParallelRunner
+        return runner_cls(
             setup.model,
             backend_cls(),
             sampler,

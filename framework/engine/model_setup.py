@@ -1,7 +1,8 @@
 """Start-up decisions for one engine: device, dtypes, context length, model weights, KV cache size.
 
 Everything here runs once; the results live in :class:`ModelSetup`, never written back into the
-config.
+config. With ``tensor_parallel_size > 1`` :func:`build_model` first starts the worker ranks
+(:mod:`pagedserve.engine.tensor_parallel`), and every rank builds its shard with :func:`build_shard`.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
 import torch
@@ -16,8 +18,12 @@ from pagedserve.engine.config import CacheConfig, EngineConfig
 from pagedserve.models.hf_config import ModelArchConfig
 from pagedserve.models.layers.quantization import Fp8Checkpoint, building_for
 from pagedserve.models.loader import init_dummy_weights, load_weights
+from pagedserve.models.parallel import kv_heads_per_rank, tp_world_size
 from pagedserve.models.presets import resolve_model_source
 from pagedserve.models.registry import ModelArchitecture, resolve_architecture
+
+if TYPE_CHECKING:
+    from pagedserve.engine.tensor_parallel import TensorParallelWorkers
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _KV_CACHE_DTYPES = {
@@ -36,6 +42,7 @@ class ModelSetup:
     dtype: torch.dtype
     kv_cache_dtype: torch.dtype
     max_model_len: int
+    workers: TensorParallelWorkers | None = None  # rank 0's, under tensor parallelism
 
 
 def resolve_device(name: str) -> torch.device:
@@ -74,6 +81,33 @@ def resolve_max_model_len(requested: int | None, arch: ModelArchConfig) -> int:
 
 
 def build_model(config: EngineConfig, architectures: Mapping[str, type[ModelArchitecture]]) -> ModelSetup:
+    """The engine's model: one shard, or under tensor parallelism rank 0's, its workers started."""
+    if config.tensor_parallel_size == 1:
+        return build_shard(config, architectures)
+    from pagedserve.engine.tensor_parallel import (
+        TensorParallelModel,
+        TensorParallelWorkers,
+        check_tensor_parallel,
+    )
+
+    source = resolve_model_source(config.model, config.load_format)
+    device = resolve_device(config.device)
+    check_tensor_parallel(ModelArchConfig.from_hf(source.hf_config), config.tensor_parallel_size, device)
+    workers = TensorParallelWorkers.start(config, architectures, device)
+    try:
+        try:
+            setup = build_shard(replace(config, device=str(device)), architectures)
+        except ValueError as exc:  # a size a layer cannot split (intermediate size, experts...)
+            raise ValueError(f"engine.tensor_parallel_size={config.tensor_parallel_size}: {exc}") from None
+        workers.wait_ready()
+    except BaseException:
+        workers.close()
+        raise
+    return replace(setup, model=TensorParallelModel(setup.model, workers).eval(), workers=workers)
+
+
+def build_shard(config: EngineConfig, architectures: Mapping[str, type[ModelArchitecture]]) -> ModelSetup:
+    """This rank's model, with its share of the weights (all of them without tensor parallelism)."""
     source = resolve_model_source(config.model, config.load_format)
     arch = ModelArchConfig.from_hf(source.hf_config)
     model_cls = resolve_architecture(architectures, arch)
@@ -124,12 +158,15 @@ def _instantiate(
 
 
 def kv_bytes_per_block(arch: ModelArchConfig, block_size: int, kv_cache_dtype: torch.dtype) -> int:
-    return 2 * arch.num_layers * block_size * arch.num_kv_heads * arch.head_dim * kv_cache_dtype.itemsize
+    """One rank's bytes: its share of the key/value heads (under tensor parallelism)."""
+    kv_heads = kv_heads_per_rank(arch.num_kv_heads, tp_world_size())
+    return 2 * arch.num_layers * block_size * kv_heads * arch.head_dim * kv_cache_dtype.itemsize
 
 
 def cpu_num_blocks(cache: CacheConfig, setup: ModelSetup, max_tokens_in_flight: int) -> int:
     """Blocks from a fraction of free RAM, capped at what ``max_num_seqs`` full contexts could use."""
-    per_block = kv_bytes_per_block(setup.arch, cache.block_size, setup.kv_cache_dtype)
+    # the ranks' caches all come out of this machine's RAM
+    per_block = kv_bytes_per_block(setup.arch, cache.block_size, setup.kv_cache_dtype) * tp_world_size()
     by_memory = int(psutil.virtual_memory().available * cache.memory_fraction) // per_block
     by_demand = -(-max_tokens_in_flight // cache.block_size)
     return max(1, min(by_memory, by_demand))

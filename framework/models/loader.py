@@ -5,7 +5,8 @@ parameter on its device), so loading never holds a second full copy of the model
 such as ``...self_attn.q_proj.weight`` are mapped onto merged parameters through the architecture's
 ``packed_modules_mapping``. A float8 checkpoint (:class:`Fp8Checkpoint`) loads its weights and scales
 into linears built for it; its scale names (``weight_scale_inv`` or ``weight_scale``) both land in the
-layer's ``weight_scale``.
+layer's ``weight_scale``. Each tensor arrives as a :class:`CheckpointSlice`, so a tensor-parallel rank
+reads only the slices its weight loaders narrow it to.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from pagedserve.models.checkpoint_slice import CheckpointSlice
 from pagedserve.models.layers.quantization import ACTIVATION_SCALE_SUFFIXES, FP8, Fp8Checkpoint
 from pagedserve.models.registry import ModelArchitecture
 from rich.progress import Progress
@@ -83,18 +85,19 @@ def _count_tensors(files: list[Path]) -> int:
     return total
 
 
-def _iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+def _iter_tensors(files: list[Path]) -> Iterator[tuple[str, CheckpointSlice]]:
+    """Each tensor as a lazy slice: a tensor-parallel rank reads only the rows it keeps."""
     for path in files:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for name in f.keys():  # noqa: SIM118 - safe_open handles are not iterable
-                yield name, f.get_tensor(name)
+                yield name, CheckpointSlice(f.get_slice(name))
 
 
 def _load_one(
     model: ModelArchitecture,
     params: dict[str, nn.Parameter],
     name: str,
-    tensor: torch.Tensor,
+    tensor: CheckpointSlice,
     checkpoint: Fp8Checkpoint | None,
 ) -> list[str]:
     """The parameters ``name`` filled (a full-precision weight of a float8 layer fills its scale too)."""
@@ -130,7 +133,7 @@ def _scale_name(name: str, checkpoint: Fp8Checkpoint) -> str:
     return name
 
 
-def _check_float8(name: str, tensor: torch.Tensor, param: nn.Parameter) -> None:
+def _check_float8(name: str, tensor: CheckpointSlice, param: nn.Parameter) -> None:
     if tensor.dtype.is_floating_point and tensor.dtype.itemsize == 1 and tensor.dtype != param.dtype:
         raise ValueError(
             f"checkpoint tensor {name!r} is {tensor.dtype} but the model expects {param.dtype}: "

@@ -1,13 +1,20 @@
-"""Tensor-parallel process-group helpers. With no process group (today) the world size is 1.
+"""Tensor-parallel process-group helpers. Without a process group the world size is 1.
 
-Layers ask for their rank and world size here and call the collectives below, so adding tensor
-parallelism means initialising ``torch.distributed``, not rewriting layers.
+Layers ask for their rank and world size here and call the collectives below, so the same layer code
+runs unsharded (world size 1) and as one rank of ``engine.tensor_parallel_size`` (see
+:mod:`pagedserve.engine.tensor_parallel`, which joins the group before the model is built).
 """
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import torch
 import torch.distributed as dist
+
+COLLECTIVE_TIMEOUT = timedelta(seconds=120)
+"""How long a rank waits in one collective for the others. A rank that dies closes its sockets and
+the others fail at once (gloo); this bound is for a rank that hangs, so a step never waits forever."""
 
 
 def _initialized() -> bool:
@@ -22,18 +29,44 @@ def tp_world_size() -> int:
     return dist.get_world_size() if _initialized() else 1
 
 
+def init_tensor_parallel(rank: int, world_size: int, store: dist.Store, device: torch.device) -> None:
+    """Join the group: NCCL between GPUs (one per rank), gloo on the CPU."""
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(
+        backend, store=store, rank=rank, world_size=world_size, timeout=COLLECTIVE_TIMEOUT
+    )
+
+
+def destroy_tensor_parallel() -> None:
+    if _initialized():
+        dist.destroy_process_group()
+
+
 def all_reduce(x: torch.Tensor) -> torch.Tensor:
     if tp_world_size() > 1:
         dist.all_reduce(x)
     return x
 
 
-def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
+def broadcast_from_first(x: torch.Tensor) -> torch.Tensor:
+    """Rank 0's ``x`` on every rank (in place)."""
+    if tp_world_size() > 1:
+        dist.broadcast(x, src=0)
+    return x
+
+
+def gather_last_dim(x: torch.Tensor) -> torch.Tensor:
+    """The ranks' ``x`` joined along the last dimension, on rank 0 only (the sampler runs there);
+    the other ranks get their own part back, which they do not use."""
     world = tp_world_size()
     if world == 1:
         return x
+    x = x.contiguous()
+    if tp_rank() != 0:
+        dist.gather(x, None, dst=0)
+        return x
     parts = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(parts, x.contiguous())
+    dist.gather(x, parts, dst=0)
     return torch.cat(parts, dim=-1)
 
 
@@ -41,3 +74,24 @@ def divide(numerator: int, denominator: int, what: str) -> int:
     if numerator % denominator:
         raise ValueError(f"{what} ({numerator}) is not divisible by the tensor-parallel size {denominator}")
     return numerator // denominator
+
+
+def kv_heads_per_rank(num_kv_heads: int, world_size: int) -> int:
+    """Key/value heads each rank holds: a share of them, or one replicated head when there are more
+    ranks than heads (as vLLM does; the ranks then split the query heads of each KV head)."""
+    if world_size <= num_kv_heads:
+        return divide(num_kv_heads, world_size, "key/value heads")
+    if world_size % num_kv_heads:
+        raise ValueError(
+            f"the tensor-parallel size {world_size} is larger than the key/value heads ({num_kv_heads}) "
+            f"and not a multiple of them, so the heads cannot be replicated evenly"
+        )
+    return 1
+
+
+def kv_head_rank(num_kv_heads: int, world_size: int, rank: int) -> int:
+    """Which share of the checkpoint's key/value heads ``rank`` holds (its index in units of
+    :func:`kv_heads_per_rank`)."""
+    if world_size <= num_kv_heads:
+        return rank
+    return rank // (world_size // num_kv_heads)

@@ -1,10 +1,14 @@
-"""Vocabulary-parallel token embedding and LM head (each rank owns a slice of the vocabulary)."""
+"""Vocabulary-parallel token embedding and LM head (each rank owns a slice of the vocabulary).
+
+A vocabulary that does not divide by the tensor-parallel size is padded: the last rank's slice has
+rows past the vocabulary that no token id reaches and whose logits are cut off after the gather.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pagedserve.models.parallel import all_gather_last_dim, all_reduce, tp_rank, tp_world_size
+from pagedserve.models.parallel import all_reduce, gather_last_dim, tp_rank, tp_world_size
 from torch import nn
 
 
@@ -19,8 +23,9 @@ class VocabParallelEmbedding(nn.Module):
         self.weight.weight_loader = self.weight_loader
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
-        size = min(self.shard_size, self.vocab_size - self.vocab_start)
+        size = max(0, min(self.shard_size, self.vocab_size - self.vocab_start))
         param.data[:size].copy_(loaded.narrow(0, self.vocab_start, size))
+        param.data[size:].zero_()  # padding past the vocabulary
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
@@ -32,8 +37,10 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(VocabParallelEmbedding):
-    """Projects hidden states to logits over the whole vocabulary (gathered across ranks)."""
+    """Projects hidden states to logits over the whole vocabulary, on rank 0 (where the sampler runs):
+    each rank multiplies by its slice of the vocabulary and rank 0 gathers the slices. The other ranks
+    get their own slice back, which they do not use."""
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = all_gather_last_dim(F.linear(hidden, self.weight))
+        logits = gather_last_dim(F.linear(hidden, self.weight))
         return logits[:, : self.vocab_size]

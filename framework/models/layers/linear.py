@@ -21,7 +21,14 @@ from pagedserve.models.layers.quantization import (
     fp8_linear,
     quantize_rows,
 )
-from pagedserve.models.parallel import all_reduce, divide, tp_rank, tp_world_size
+from pagedserve.models.parallel import (
+    all_reduce,
+    divide,
+    kv_head_rank,
+    kv_heads_per_rank,
+    tp_rank,
+    tp_world_size,
+)
 from torch import nn
 
 
@@ -72,11 +79,11 @@ class ParallelLinear(nn.Module):
             return
         offset, size = self.output_slot(shard_id)
         if param is self.weight_scale:
-            self._load_scale(loaded, offset, size)
+            self._load_scale(loaded, offset, size, shard_id)
         elif param is self.weight and param.dtype == FP8 and loaded.dtype != FP8:
-            self._load_unquantized(loaded, offset, size)
+            self._load_unquantized(loaded, offset, size, shard_id)
         else:
-            param.data.narrow(0, offset, size).copy_(self._this_rank(loaded, size))
+            param.data.narrow(0, offset, size).copy_(self._this_rank(loaded, size, shard_id))
 
     def _load_fused(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
         """Split a fused checkpoint tensor into its shards, so each rank takes its slice of each."""
@@ -97,23 +104,28 @@ class ParallelLinear(nn.Module):
             self.weight_loader(param, piece, shard_id)
             start += full
 
-    def _this_rank(self, loaded: torch.Tensor, rows: int) -> torch.Tensor:
+    def output_part(self, shard_id: object) -> tuple[int, int]:
+        """Which part of checkpoint tensor ``shard_id``'s output rows this rank holds, and of how many
+        equal parts (a key/value head replicated over several ranks is one part for all of them)."""
+        return self.tp_rank, self.tp_size
+
+    def _this_rank(self, loaded: torch.Tensor, rows: int, shard_id: object = None) -> torch.Tensor:
         """This rank's part of a full checkpoint tensor whose ``rows`` output rows go to this rank."""
         if not self.splits_input:
-            return loaded.narrow(0, self.tp_rank * rows, rows)
+            return loaded.narrow(0, self.output_part(shard_id)[0] * rows, rows)
         if loaded.dim() == 1:  # a bias (added once, after the reduction) or per-row scales
             return loaded
         cols = self.weight.shape[1]
         return loaded.narrow(1, self.tp_rank * cols, cols)
 
-    def _load_scale(self, loaded: torch.Tensor, offset: int, size: int) -> None:
+    def _load_scale(self, loaded: torch.Tensor, offset: int, size: int, shard_id: object) -> None:
         loaded = loaded.float()
         if self.block_size is not None:
-            self._load_block_scales(loaded, offset, size)
+            self._load_block_scales(loaded, offset, size, shard_id)
         elif loaded.numel() == 1:  # one scale per tensor: the same for each of its rows
             self.weight_scale.data.view(-1).narrow(0, offset, size).fill_(loaded.item())
-        elif loaded.numel() == size * (1 if self.splits_input else self.tp_size):  # per output feature
-            rows = self._this_rank(loaded.reshape(-1), size)
+        elif loaded.numel() == size * (1 if self.splits_input else self.output_part(shard_id)[1]):
+            rows = self._this_rank(loaded.reshape(-1), size, shard_id)  # one per output feature
             self.weight_scale.data.view(-1).narrow(0, offset, size).copy_(rows)
         else:
             raise ValueError(
@@ -121,7 +133,7 @@ class ParallelLinear(nn.Module):
                 f"per output feature"
             )
 
-    def _load_block_scales(self, loaded: torch.Tensor, offset: int, size: int) -> None:
+    def _load_block_scales(self, loaded: torch.Tensor, offset: int, size: int, shard_id: object) -> None:
         block_n = self.block_size[0]
         if offset % block_n or loaded.dim() != 2:
             raise ValueError(
@@ -133,14 +145,14 @@ class ParallelLinear(nn.Module):
             cols = self.weight_scale.shape[1]
             part = loaded.narrow(1, self.tp_rank * cols, cols)
         else:
-            part = loaded.narrow(0, self.tp_rank * blocks, blocks)
+            part = loaded.narrow(0, self.output_part(shard_id)[0] * blocks, blocks)
         self.weight_scale.data.narrow(0, offset // block_n, blocks).copy_(part)
 
-    def _load_unquantized(self, loaded: torch.Tensor, offset: int, size: int) -> None:
+    def _load_unquantized(self, loaded: torch.Tensor, offset: int, size: int, shard_id: object) -> None:
         """A layer the checkpoint left in full precision (its ``ignore`` list): quantized per row."""
         if self.block_size is not None:
             raise ValueError("a full-precision weight in a block-scaled float8 checkpoint is not supported")
-        weight, scale = quantize_rows(self._this_rank(loaded, size).float())
+        weight, scale = quantize_rows(self._this_rank(loaded, size, shard_id).float())
         self.weight.data.narrow(0, offset, size).copy_(weight)
         self.weight_scale.data.view(-1).narrow(0, offset, size).copy_(scale.view(-1))
 
@@ -200,17 +212,26 @@ class QKVParallelLinear(ColumnParallelLinear):
         world = tp_world_size()
         self.head_dim = head_dim
         self.num_heads = divide(num_heads, world, "attention heads")
-        self.num_kv_heads = divide(num_kv_heads, world, "key/value heads")
-        super().__init__(hidden_size, (num_heads + 2 * num_kv_heads) * head_dim, bias)
+        self.num_kv_heads = kv_heads_per_rank(num_kv_heads, world)
+        self.total_kv_heads = num_kv_heads
+        # Each rank's rows are its query heads and its (possibly replicated) key/value heads.
+        rows = (self.num_heads + 2 * self.num_kv_heads) * world * head_dim
+        super().__init__(hidden_size, rows, bias)
 
     def output_slot(self, shard_id: object) -> tuple[int, int]:
         q_size = self.num_heads * self.head_dim
         kv_size = self.num_kv_heads * self.head_dim
         return {"q": (0, q_size), "k": (q_size, kv_size), "v": (q_size + kv_size, kv_size)}[shard_id]
 
+    def output_part(self, shard_id: object) -> tuple[int, int]:
+        if shard_id not in ("k", "v"):
+            return super().output_part(shard_id)
+        parts = self.total_kv_heads // self.num_kv_heads
+        return kv_head_rank(self.total_kv_heads, self.tp_size, self.tp_rank), parts
+
     def fused_shards(self) -> list[tuple[object, int]]:
         q_size = self.num_heads * self.tp_size * self.head_dim
-        kv_size = self.num_kv_heads * self.tp_size * self.head_dim
+        kv_size = self.total_kv_heads * self.head_dim
         return [("q", q_size), ("k", kv_size), ("v", kv_size)]
 
 
