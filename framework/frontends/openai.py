@@ -10,11 +10,13 @@ disconnects cancels its requests, which frees their KV blocks.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from pagedserve.chat_template import ChatTemplateError
@@ -307,7 +309,21 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
-class _Format:
+@dataclass
+class _Part:
+    """One choice's share of an answer: ``index`` among all choices, ``prompt`` its prompt's index,
+    ``first`` for the choice's first appearance, ``whole`` for a non-streamed answer."""
+
+    index: int
+    prompt: int
+    text: str
+    reason: str | None
+    logprobs: list[dict[str, Any]]
+    first: bool
+    whole: bool
+
+
+class _Format(abc.ABC):
     """How one API shapes choices; ``stream`` and the usage rule come from the request."""
 
     chunk_object = ""
@@ -333,22 +349,12 @@ class _Format:
                 completion_tokens += sum(
                     piece.num_output_tokens[i] for piece in pieces if i < len(piece.num_output_tokens)
                 )
-                choices.append(
-                    self.choice(p * reply.n + i, p, text, reason, logprobs, first=True, whole=True)
-                )
+                choices.append(self.choice(_Part(p * reply.n + i, p, text, reason, logprobs, True, True)))
         return reply.envelope(choices=choices, usage=_usage(prompt_tokens, completion_tokens))
 
-    def choice(
-        self,
-        index: int,
-        prompt: int,
-        text: str,
-        reason: str | None,
-        logprobs: list[dict[str, Any]],
-        first: bool,
-        whole: bool,
-    ) -> dict[str, Any]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def choice(self, part: _Part) -> dict[str, Any]:
+        """One choice of a response (``part.whole``) or of a stream chunk."""
 
 
 class _CompletionFormat(_Format):
@@ -360,23 +366,14 @@ class _CompletionFormat(_Format):
         self.echo = body.echo
         self.top = body.logprobs
 
-    def choice(
-        self,
-        index: int,
-        prompt: int,
-        text: str,
-        reason: str | None,
-        logprobs: list[dict[str, Any]],
-        first: bool,
-        whole: bool,
-    ) -> dict[str, Any]:
-        if self.echo and first:
-            text = self.prompts[prompt] + text
+    def choice(self, part: _Part) -> dict[str, Any]:
+        text = self.prompts[part.prompt] + part.text if self.echo and part.first else part.text
+        logprobs = _completion_logprobs(part.logprobs, self.top) if self.top is not None else None
         return {
-            "index": index,
+            "index": part.index,
             "text": text,
-            "logprobs": _completion_logprobs(logprobs, self.top) if self.top is not None else None,
-            "finish_reason": reason,
+            "logprobs": logprobs,
+            "finish_reason": part.reason,
             "stop_reason": None,
         }
 
@@ -388,28 +385,17 @@ class _ChatFormat(_Format):
         super().__init__(body)
         self.top = (body.top_logprobs or 0) if body.logprobs else None
 
-    def choice(
-        self,
-        index: int,
-        prompt: int,
-        text: str,
-        reason: str | None,
-        logprobs: list[dict[str, Any]],
-        first: bool,
-        whole: bool,
-    ) -> dict[str, Any]:
-        chat_logprobs = {"content": _chat_logprobs(logprobs, self.top)} if self.top is not None else None
-        if whole:
-            message = {"role": "assistant", "content": text, "tool_calls": []}
-            return {
-                "index": index,
-                "message": message,
-                "logprobs": chat_logprobs,
-                "finish_reason": reason,
-                "stop_reason": None,
-            }
-        delta: dict[str, Any] = {"role": "assistant", "content": text} if first else {"content": text}
-        return {"index": index, "delta": delta, "logprobs": chat_logprobs, "finish_reason": reason}
+    def choice(self, part: _Part) -> dict[str, Any]:
+        logprobs = {"content": _chat_logprobs(part.logprobs, self.top)} if self.top is not None else None
+        choice: dict[str, Any] = {"index": part.index, "logprobs": logprobs, "finish_reason": part.reason}
+        if part.whole:
+            choice["message"] = {"role": "assistant", "content": part.text, "tool_calls": []}
+            choice["stop_reason"] = None
+        elif part.first:
+            choice["delta"] = {"role": "assistant", "content": part.text}
+        else:
+            choice["delta"] = {"content": part.text}
+        return choice
 
 
 async def _collect(calls: list[LLMCall]) -> list[list[Piece]]:
@@ -459,9 +445,8 @@ async def _events(calls: list[LLMCall], reply: _Reply, form: _Format) -> AsyncIt
                 if not text and reason is None and index in started:
                     continue
                 logprobs = item.logprobs[i] if i < len(item.logprobs) else None
-                choices.append(
-                    form.choice(index, p, text, reason, logprobs or [], index not in started, whole=False)
-                )
+                part = _Part(index, p, text, reason, logprobs or [], index not in started, False)
+                choices.append(form.choice(part))
                 started.add(index)
             if choices:
                 chunk = reply.envelope(form.chunk_object, choices=choices)
