@@ -123,3 +123,19 @@ def test_engine_process_sets_its_threads_before_torch_loads(
 def test_engine_settings_refuse_zero_directly() -> None:
     with pytest.raises(ValueError, match=r"engine\.cpu_threads"):
         EngineSettings(cpu_threads=0)
+
+
+def test_tensor_parallel_ranks_share_the_automatic_cpu_threads(monkeypatch) -> None:
+    import dataclasses
+
+    from pagedserve.engine import process_setup
+    from pagedserve.engine.config import EngineConfig
+
+    monkeypatch.setattr(process_setup, "usable_cores", lambda: 9)
+    base = EngineConfig(model="tiny-llama", device="cpu")
+    assert process_setup.rank_cpu_threads(base) is None  # one rank: the automatic count (8)
+    tp4 = dataclasses.replace(base, tensor_parallel_size=4)
+    assert process_setup.rank_cpu_threads(tp4) == 2  # 8 threads over 4 ranks
+    assert (
+        process_setup.rank_cpu_threads(dataclasses.replace(tp4, cpu_threads=3)) == 3
+    )  # an explicit count stays

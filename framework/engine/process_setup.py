@@ -58,6 +58,14 @@ def resolve_cpu_threads(configured: int | None) -> int:
     return configured if configured is not None else max(1, usable_cores() - 1)
 
 
+def rank_cpu_threads(config: EngineConfig) -> int | None:
+    """One tensor-parallel rank's ``engine.cpu_threads``: on the CPU the ranks share the automatic
+    count (N ranks of ``cores - 1`` threads each would oversubscribe the machine N times)."""
+    if config.cpu_threads is not None or config.tensor_parallel_size == 1 or config.device.startswith("cuda"):
+        return config.cpu_threads
+    return max(1, resolve_cpu_threads(None) // config.tensor_parallel_size)
+
+
 def openmp_environment(threads: int) -> dict[str, str]:
     """What OpenMP (and MKL's OpenMP layer) must see when torch loads."""
     return {"OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": _WAIT_POLICY}
@@ -97,7 +105,7 @@ def engine_process_main(
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's to handle; it stops us
     logging_setup.install(tag="(engine) ")
     loaded_early = "torch" in sys.modules  # a parent __main__ that imports torch is re-run in a child
-    threads = use_cpu_threads(config.cpu_threads)
+    threads = use_cpu_threads(rank_cpu_threads(config))
     log.info(
         "CPU threads: %d intra-op (engine.cpu_threads=%s; %d usable cores), 1 inter-op; OpenMP wait: %s",
         threads,

@@ -42,9 +42,9 @@ def main(argv: list[str]) -> int:
     except EOFError:
         return 0  # rank 0 went away before we started
     setup.logging.install(tag=f"(tp rank {setup.rank}) ")
-    from pagedserve.engine.process_setup import use_cpu_threads
+    from pagedserve.engine.process_setup import rank_cpu_threads, use_cpu_threads
 
-    use_cpu_threads(setup.config.cpu_threads)
+    use_cpu_threads(rank_cpu_threads(setup.config))
     from pagedserve.engine.tp_follower import follow
 
     return follow(setup, pickle.loads(setup.architectures), link)
