@@ -6,12 +6,18 @@ from __future__ import annotations
 
 import json
 import re
+import threading
+import time
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
 import torch
+from pagedserve.engine.engine_core import EngineCore
+from pagedserve.engine.grammar_compiles import GrammarCompiles
 from pagedserve.engine.llm import LLM
+from pagedserve.engine.llm_engine import LLMEngine
+from pagedserve.engine.request import EngineRequest
 from pagedserve.engine.sampler import Sampler
 from pagedserve.engine.sampling_params import SamplingParams
 from pagedserve.engine.sequence import Sequence
@@ -19,7 +25,7 @@ from pagedserve.engine.structured_output import StructuredOutputsParams, XGramma
 from pagedserve.models.tiny import ensure_tiny_llama
 
 from .conftest import ServerProcess, start_server
-from .engine_helpers import assert_pool_free, engine_config
+from .engine_helpers import ENGINE_MODES, assert_pool_free, engine_config
 
 SCHEMA = {
     "type": "object",
@@ -217,6 +223,279 @@ def test_structured_outputs_need_a_tokenizer():
         from pagedserve.engine.request import build_request
 
         build_request(None, "r", [1, 2], SamplingParams(structured_outputs={"regex": "a"}))
+
+
+# ---- grammars compile off the step loop ---------------------------------------------------------
+
+
+class HeldCompiles:
+    """The engine's grammar compiles, each held until :meth:`release` (or 2 s: a compile on the
+    engine's own thread then stalls the test without hanging it)."""
+
+    def __init__(
+        self, engine: LLMEngine, monkeypatch: pytest.MonkeyPatch, fail: Exception | None = None
+    ) -> None:
+        backend = engine.grammars
+        real = backend.grammar_for
+        self.released = threading.Event()
+        self.started: list[str] = []  # the constraints' kinds, in the order their compiles began
+        self.num_started = threading.Semaphore(0)
+        self.finished: list[str] = []
+
+        def held(params: StructuredOutputsParams):
+            self.started.append(params.kind)
+            self.num_started.release()
+            self.released.wait(2.0)
+            try:
+                if fail is not None:
+                    raise fail
+                return real(params)
+            finally:
+                self.finished.append(params.kind)
+
+        monkeypatch.setattr(backend, "grammar_for", held)
+
+    def wait_started(self, count: int) -> None:
+        for _ in range(count):
+            assert self.num_started.acquire(timeout=5), "a compile never started"
+
+    def release(self) -> None:
+        self.released.set()
+
+
+# The CPU engine also with async scheduling's overlap (a step's outputs come with the next step), as
+# on CUDA.
+ENGINES = [
+    *(m for m in ENGINE_MODES if m.id != "cuda-triton"),  # no Triton kernel for tiny-llama's head size
+    pytest.param({"device": "cpu", "overlap": True}, id="cpu-overlap"),
+]
+
+
+@pytest.fixture(scope="module", params=ENGINES)
+def engine(request, tiny_path) -> LLMEngine:
+    mode = dict(request.param)
+    overlap = mode.pop("overlap", None)
+    engine = LLMEngine(engine_config(tiny_path, block_size=8, num_blocks=256, **mode))
+    if overlap is not None:
+        engine.overlap = overlap
+    return engine
+
+
+@pytest.fixture
+def core(engine) -> Iterator[EngineCore]:
+    core = EngineCore(engine)
+    yield core
+    core.abort_all()  # what a failed test left behind must not fail the next ones
+    assert_pool_free(engine.block_manager)
+
+
+def _request(request_id: str, structured: dict | None = None, max_tokens: int = 200) -> EngineRequest:
+    if structured is None:  # a plain request of exactly max_tokens tokens
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    else:
+        params = SamplingParams(temperature=1.0, seed=3, max_tokens=max_tokens, structured_outputs=structured)
+    return EngineRequest(request_id, [2, 40, 41, 42], params)
+
+
+def _step_until_finished(core: EngineCore, request_ids: set[str]) -> dict[str, list]:
+    """Each request's outputs, stepping until all of ``request_ids`` have finished."""
+    outputs: dict[str, list] = {}
+    for _ in range(2000):
+        for output in core.step():
+            outputs.setdefault(output.request_id, []).append(output)
+        if all(rid in outputs and outputs[rid][-1].finished for rid in request_ids):
+            return outputs
+    raise AssertionError(f"{request_ids} did not finish")
+
+
+def test_a_compiling_grammar_holds_up_no_other_request(engine, monkeypatch, core):
+    """A plain request added with a schema whose compile is held generates all its tokens, one per
+    step, while the compile is still held; the schema's request then runs and its output parses."""
+    jsonschema = pytest.importorskip("jsonschema")
+    held = HeldCompiles(engine, monkeypatch)
+    try:
+        assert core.add(_request("json", {"json": SCHEMA})) is None
+        assert core.add(_request("plain", max_tokens=8)) is None
+        steps = 0
+        while "plain" not in (o.request_id for o in core.step() if o.finished):
+            steps += 1
+        assert not held.finished, "the plain request waited for the compile"
+        assert steps + 1 <= 8 + int(engine.overlap)  # one token a step: no step waited either
+        assert core.stats.num_waiting == 1  # the compiling request counts as waiting
+        assert engine.scheduler.waiting == [] and engine.scheduler.running == []
+    finally:
+        held.release()
+    final = _step_until_finished(core, {"json"})["json"][-1]
+    assert final.error is None and final.outputs[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(final.outputs[0].text), SCHEMA)
+
+
+def test_abort_while_compiling_drops_the_request(engine, monkeypatch, core):
+    """One aborted while its compile runs, one aborted while queued behind it (never compiled): both
+    end at once with "abort"; the finished compile is dropped and the engine goes on."""
+    monkeypatch.setattr(engine, "compiles", GrammarCompiles(engine.grammars, num_threads=1), raising=False)
+    held = HeldCompiles(engine, monkeypatch)
+    try:
+        assert core.add(_request("running", {"json": SCHEMA})) is None
+        assert core.add(_request("queued", {"regex": REGEX})) is None
+        held.wait_started(1)
+        for rid in ("queued", "running"):
+            final = core.abort(rid)
+            assert final is not None and final.finished and final.error is None
+            assert [c.finish_reason for c in final.outputs] == ["abort"]
+        assert not engine.has_unfinished_requests() and core.stats.num_waiting == 0
+    finally:
+        held.release()
+    for _ in range(500):  # until the held compile has ended and its result been dropped
+        if held.finished:
+            break
+        threading.Event().wait(0.01)
+    assert core.step() == [] and not engine.has_unfinished_requests()
+    assert held.started == ["json"], "the queued compile ran after its request was aborted"
+    assert core.abort("running") is None
+    assert core.add(_request("plain", max_tokens=4)) is None
+    plain = _step_until_finished(core, {"plain"})["plain"][-1]
+    assert len(plain.outputs[0].token_ids) == 4
+
+
+def test_an_engine_waiting_only_for_a_compile_sleeps(engine, monkeypatch, core):
+    """Its steps wait for the compile a few ms at a time instead of spinning (a spinning loop would
+    take thousands of steps in 0.3 s, and a CPU with them)."""
+    held = HeldCompiles(engine, monkeypatch)
+    try:
+        assert core.add(_request("json", {"regex": REGEX})) is None
+        steps, deadline = 0, time.monotonic() + 0.3
+        while time.monotonic() < deadline:
+            assert core.step() == []
+            steps += 1
+        assert 0 < steps < 150 and core.has_work()
+    finally:
+        held.release()
+    final = _step_until_finished(core, {"json"})["json"][-1].outputs[0]
+    assert re.fullmatch(REGEX, final.text), final.text
+
+
+def test_xgrammar_compiles_without_holding_the_gil():
+    """Why a thread pool is enough: while a pool thread compiles a schema against a large vocabulary
+    (~100+ ms), a Python loop on this thread keeps running, its longest pause far shorter than the
+    compile. (An xgrammar that held the GIL would pause it for the whole compile.)"""
+    import random
+    import string
+
+    import xgrammar as xgr
+
+    rng = random.Random(0)
+    alphabet = string.ascii_letters + string.digits + ' {}":,[]'
+    vocab = ["<s>", "</s>"] + ["".join(rng.choices(alphabet, k=rng.randint(1, 8))) for _ in range(128_000)]
+    compiler = xgr.GrammarCompiler(
+        xgr.TokenizerInfo(vocab, xgr.VocabType.RAW, stop_token_ids=[1]), max_threads=1, cache_enabled=False
+    )
+    field = {"type": ["string", "integer", "array"], "items": {"type": "string"}}
+    grammars = [
+        xgr.Grammar.from_json_schema(
+            json.dumps({"title": f"t{k}", "properties": {f"f{i}": field for i in range(80)}})
+        )
+        for k in range(3)
+    ]
+    durations: list[float] = []
+
+    def compile_all() -> None:
+        for grammar in grammars:
+            start = time.perf_counter()
+            compiler.compile_grammar(grammar)
+            durations.append(time.perf_counter() - start)
+
+    worker = threading.Thread(target=compile_all)
+    longest, last = 0.0, time.perf_counter()
+    worker.start()
+    while worker.is_alive():
+        now = time.perf_counter()
+        longest, last = max(longest, now - last), now
+    if min(durations) < 0.05:
+        pytest.skip(f"compiles took {min(durations):.3f} s: too quick to tell a pause from one")
+    assert longest < min(durations) / 2, (longest, durations)
+
+
+@pytest.mark.parametrize(
+    ("error", "code", "message"),
+    [
+        (
+            ValueError("structured_outputs.json does not compile: boom"),
+            "INVALID_ARGUMENT",
+            "does not compile: boom",
+        ),
+        (RuntimeError("out of memory"), "INTERNAL", "the grammar compiler failed: RuntimeError"),
+    ],
+    ids=["bad-constraint", "compiler-crash"],
+)
+def test_a_failing_compile_fails_its_request_alone(engine, monkeypatch, core, error, code, message):
+    held = HeldCompiles(engine, monkeypatch, fail=error)
+    held.release()
+    results = {}
+    for request in (_request("bad", {"json": SCHEMA}), _request("plain", max_tokens=6)):
+        if (refused := core.add(request)) is not None:
+            results[request.request_id] = [refused]
+    results |= _step_until_finished(core, {"bad", "plain"} - set(results))
+    bad = results["bad"][-1]
+    assert bad.finished and bad.error_code == code and message in bad.error and bad.outputs == []
+    assert len(results["bad"]) == 1
+    plain = results["plain"][-1]
+    assert plain.error is None and len(plain.outputs[0].token_ids) == 6
+    assert not engine.has_unfinished_requests()
+
+
+def test_the_compile_queue_is_bounded(engine, monkeypatch, core):
+    """Beyond max_queued compiles in flight a structured request is UNAVAILABLE; aborting a request
+    whose compile runs does not free its place until the compile ends (it still holds a thread);
+    plain requests are served throughout."""
+    jsonschema = pytest.importorskip("jsonschema")
+    compiles = GrammarCompiles(engine.grammars, max_queued=2, num_threads=2)
+    monkeypatch.setattr(engine, "compiles", compiles, raising=False)
+    held = HeldCompiles(engine, monkeypatch)
+    try:
+        assert core.add(_request("a", {"json": SCHEMA})) is None
+        assert core.add(_request("b", {"json": SCHEMA})) is None
+        held.wait_started(2)
+        refused = core.add(_request("c", {"regex": REGEX}))
+        assert refused is not None and refused.finished and refused.error_code == "UNAVAILABLE"
+        assert refused.error == (
+            "Exceeds maximum queue size: 2 structured-output grammars are compiling for this model "
+            "(at most 2); retry later"
+        )
+        core.abort("a")
+        assert core.add(_request("d", {"regex": REGEX})).error_code == "UNAVAILABLE"
+        assert core.add(_request("plain", max_tokens=5)) is None
+        plain = _step_until_finished(core, {"plain"})["plain"][-1]
+        assert len(plain.outputs[0].token_ids) == 5 and not held.finished
+    finally:
+        held.release()
+    outputs = _step_until_finished(core, {"b"})
+    jsonschema.validate(json.loads(outputs["b"][-1].outputs[0].text), SCHEMA)
+    assert core.add(_request("e", {"regex": REGEX})) is None  # room again
+    e = _step_until_finished(core, {"e"})["e"][-1].outputs[0]
+    assert re.fullmatch(REGEX, e.text), e.text
+
+
+def test_preempted_constrained_requests_still_parse(tiny_path):
+    """A pool too small for all of them preempts constrained sequences (recomputed later, their
+    grammar state kept); every output still parses."""
+    jsonschema = pytest.importorskip("jsonschema")
+    llm = LLM(engine_config(tiny_path, block_size=8, num_blocks=40, device="cpu", max_num_seqs=8))
+    params = [
+        SamplingParams(
+            temperature=1.0,
+            seed=seed,
+            max_tokens=120,
+            structured_outputs={"json": SCHEMA, "disable_any_whitespace": True},
+        )
+        for seed in range(8)
+    ]
+    outputs = llm.generate([[2, 40, 41, 42]] * len(params), params)
+    assert llm.engine.scheduler.num_preemptions > 0
+    for output in outputs:
+        assert output.outputs[0].finish_reason == "stop", output.outputs[0].text
+        jsonschema.validate(json.loads(output.outputs[0].text), SCHEMA)
+    assert_pool_free(llm.engine.block_manager)
 
 
 # ---- through the server -------------------------------------------------------------------------

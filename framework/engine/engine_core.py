@@ -19,6 +19,7 @@ import logging
 from dataclasses import dataclass
 
 from pagedserve.engine.block_manager import BlockUsage
+from pagedserve.engine.grammar_compiles import CompileQueueFull
 from pagedserve.engine.llm_engine import LLMEngine
 from pagedserve.engine.outputs import RequestOutput
 from pagedserve.engine.request import EngineRequest
@@ -53,6 +54,8 @@ class EngineCore:
             self.engine.add(request)
         except ValueError as exc:
             return failed_output(request, str(exc))
+        except CompileQueueFull as exc:  # busy, not wrong: the client may retry
+            return failed_output(request, str(exc), "UNAVAILABLE")
         self._live.add(request.request_id)
         self.stats = self._stats()
         return None
@@ -116,7 +119,8 @@ class EngineCore:
     def _stats(self) -> EngineStats:
         scheduler = self.engine.scheduler
         usage = self.engine.block_usage()
-        return EngineStats(len(scheduler.running), len(scheduler.waiting), usage, scheduler.num_preemptions)
+        num_waiting = len(scheduler.waiting) + len(self.engine.compiles)  # compiling: waiting too
+        return EngineStats(len(scheduler.running), num_waiting, usage, scheduler.num_preemptions)
 
 
 def failed_output(request: EngineRequest, message: str, code: str = "INVALID_ARGUMENT") -> RequestOutput:

@@ -15,6 +15,7 @@ import torch
 from pagedserve.engine.attention import AttentionBackend, select_attention_backend
 from pagedserve.engine.block_manager import BlockManager, BlockUsage
 from pagedserve.engine.config import EngineConfig
+from pagedserve.engine.grammar_compiles import GrammarCompiles
 from pagedserve.engine.model_runner import ModelRunner, StepHandle
 from pagedserve.engine.model_setup import ModelSetup, build_model, cpu_num_blocks, cuda_num_blocks
 from pagedserve.engine.output_processor import OutputProcessor
@@ -31,6 +32,10 @@ from pagedserve.engine.tensor_parallel import TensorParallelRunner
 from pagedserve.models.tokenizer import Tokenizer, read_eos_token_ids
 
 log = logging.getLogger(__name__)
+
+# How long an engine whose only requests wait for their grammar sleeps in a step: a command that
+# arrives meanwhile (a new request, an abort) waits at most this long.
+_IDLE_COMPILE_WAIT_S = 0.005
 
 
 class LLMEngine:
@@ -71,6 +76,7 @@ class LLMEngine:
             vocab_size=setup.arch.vocab_size,
         )
         self.grammars = self._grammar_backend(setup)
+        self.compiles = GrammarCompiles(self.grammars)
         sampler = Sampler(setup.arch.vocab_size, self.eos_token_ids, config.seed)
         self.runner = self._runner(setup, backend_cls, sampler, num_blocks, config.cuda_graphs)
         self.runner.capture_graphs()
@@ -121,21 +127,21 @@ class LLMEngine:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         params = request.params
         seq = Sequence(request.request_id, request.prompt_token_ids, params, priority=request.priority)
-        structured = params.structured_outputs
-        if structured is not None:
-            if self.grammars is None:
-                raise ValueError("structured_outputs need a tokenizer, and this model has no tokenizer.json")
-            seq.grammar = self.grammars.grammar_for(structured)  # compiled once, then from the cache
+        if params.structured_outputs is not None:
+            # Scheduled once its grammar has compiled on the pool (a step never waits for a compile).
+            self.compiles.submit(seq, params.structured_outputs)
+        else:
+            self.scheduler.add(seq)
         self.outputs.add(request)
-        self.scheduler.add(seq)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request now and free its blocks; returns its final output (``None`` if unknown)."""
-        self.scheduler.abort(request_id)
+        if not self.compiles.abort(request_id):
+            self.scheduler.abort(request_id)
         return self.outputs.abort(request_id)
 
     def has_unfinished_requests(self) -> bool:
-        if self.scheduler.has_unfinished():
+        if self.scheduler.has_unfinished() or self.compiles:
             return True
         # A launched step whose sequences all ended meanwhile (abort) has nothing left to report.
         return self._inflight is not None and any(not s.is_finished for s, _ in self._inflight[0].sample_rows)
@@ -153,6 +159,7 @@ class LLMEngine:
             raise
 
     def _step(self) -> list[RequestOutput]:
+        self._admit_compiled()
         outputs: list[RequestOutput] = []
         if self._inflight is not None and _needs_full_history(self._inflight[0]):
             # Penalties, bad words and grammars read every earlier token on the host: land the
@@ -168,7 +175,7 @@ class LLMEngine:
         if not self.overlap and self._inflight is not None:
             outputs += self._complete(*self._inflight)
             self._inflight = None
-        return outputs
+        return outputs + self._fail_compiles()
 
     # ---- after a step that raised ------------------------------------------------------------------
 
@@ -206,6 +213,27 @@ class LLMEngine:
             raise RuntimeError(f"request {request_id} made no progress when run alone")
         finally:
             self.overlap, self.scheduler.only = overlap, None
+
+    def _admit_compiled(self) -> None:
+        """Hand the sequences whose grammar is ready to the scheduler."""
+        if not self.compiles:
+            return
+        if not self.scheduler.has_unfinished() and self._inflight is None:
+            self.compiles.wait(_IDLE_COMPILE_WAIT_S)  # nothing else to run: sleep rather than spin
+        for seq in self.compiles.take_ready():
+            self.scheduler.add(seq)
+
+    def _fail_compiles(self) -> list[RequestOutput]:
+        """End the requests whose grammar did not compile (after the step, so that a step that raises
+        leaves them for the next one rather than losing their outputs)."""
+        outputs = []
+        for failure in self.compiles.take_failed():
+            seq = failure.seq
+            self.outputs.abort(seq.request_id)  # forgets it: the request produced nothing
+            outputs.append(
+                RequestOutput(seq.request_id, seq.token_ids, [], True, failure.message, failure.code)
+            )
+        return outputs
 
     def _complete(self, batch: ScheduledBatch, handle: StepHandle) -> list[RequestOutput]:
         samples = self.runner.collect(handle)

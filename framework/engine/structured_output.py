@@ -3,8 +3,9 @@
 A request's constraint (a JSON schema, a regex, a list of choices, an EBNF grammar, or any JSON
 object) is checked and converted to a grammar when its parameters are parsed, so a bad one is the
 client's INVALID_ARGUMENT before it reaches the engine. The engine compiles it against the model's
-vocabulary (:class:`GrammarBackend`, compiled grammars kept in a bounded cache) and gives each
-sequence a :class:`SequenceGrammar`. Each step the sampler has every constrained sequence fill its row
+vocabulary (:class:`GrammarBackend`, compiled grammars kept in a bounded cache) on the threads of
+:mod:`pagedserve.engine.grammar_compiles`, never its step loop, and gives each sequence a
+:class:`SequenceGrammar`. Each step the sampler has every constrained sequence fill its row
 of a token bitmask (``[B, ceil(V / 32)]`` int32, a set bit = allowed), copies it to the logits'
 device and applies it there in one call; the grammar then accepts the sampled token. A sequence ends
 ("stop") once its grammar has terminated.
@@ -243,7 +244,8 @@ class XGrammarSequence:
 
 class XGrammarBackend:
     """xgrammar's compiler over the model's ``tokenizer.json``; its cache keeps compiled grammars up
-    to :data:`GRAMMAR_CACHE_BYTES` (least recently used go first)."""
+    to :data:`GRAMMAR_CACHE_BYTES` (least recently used go first). :meth:`grammar_for` is called from
+    several threads at once, which xgrammar's compiler and its cache allow (vLLM does the same)."""
 
     def __init__(self, tokenizer_json: Path, vocab_size: int, stop_token_ids: frozenset[int]) -> None:
         self.tokenizer_json = tokenizer_json
