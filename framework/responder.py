@@ -38,11 +38,13 @@ class LoopMailbox:
 
     ``call_soon_threadsafe`` writes to the loop's self-pipe every time; under load a batch of
     responses would wake the loop once each. Posts that arrive while a drain is already scheduled
-    ride along with it.
+    ride along with it; a post from the loop's own thread (a model run on the loop) needs no wake-up.
+    Must be made on the loop's thread.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
+        self._thread = threading.get_ident()
         self._items: list[tuple[Callable[[Delivery], None], Delivery]] = []
         self._lock = threading.Lock()
         self._scheduled = False
@@ -53,6 +55,9 @@ class LoopMailbox:
             if self._scheduled:
                 return
             self._scheduled = True
+        if threading.get_ident() == self._thread:
+            self.loop.call_soon(self._drain)
+            return
         # RuntimeError: the loop is gone (server stopped) and nobody is left to read it.
         with contextlib.suppress(RuntimeError):
             self.loop.call_soon_threadsafe(self._drain)
@@ -119,6 +124,11 @@ class ServerResponder(Responder):
         self._output_ns = 0
         self._responses = 0
         self._last_ns = time.monotonic_ns()
+
+    @property
+    def event_loop(self) -> asyncio.AbstractEventLoop:
+        """The server loop the responses go to (a batching policy may run cheap models on it)."""
+        return self.mailbox.loop
 
     @property
     def cancelled(self) -> bool:

@@ -8,14 +8,15 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 
-@dataclass
+@dataclass(slots=True)
 class Duration:
     count: int = 0
     ns: int = 0
 
     def add(self, ns: int, count: int = 1) -> None:
         self.count += count
-        self.ns += max(ns, 0)
+        if ns > 0:
+            self.ns += ns
 
 
 @dataclass
@@ -74,8 +75,9 @@ class ModelStats:
     def record_success(
         self, *, total_ns: int, queue_ns: int, input_ns: int, infer_ns: int, output_ns: int, batch_size: int
     ) -> None:
+        last_ms = time.time_ns() // 1_000_000
         with self._lock:
-            self._last_inference_ms = time.time_ns() // 1_000_000
+            self._last_inference_ms = last_ms
             self._inference_count += batch_size
             self._success.add(total_ns)
             self._queue.add(queue_ns)

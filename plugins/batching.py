@@ -5,18 +5,26 @@ Every policy runs one worker thread per model instance (``instance_group`` count
 own batches under one condition variable, so a request goes from ``submit`` to ``execute`` without an
 extra thread hop. This module knows nothing about the wire: it only sees decoded requests and answers
 errors through each request's responder.
+
+A model whose ``execute`` takes microseconds may say so with the config parameter
+``execute_on_loop: "true"`` (direct and dynamic policies, no queue delay): it then has no worker
+thread; the batches of requests from the server's event loop run on that loop, those of requests
+from other threads (BLS calls, ensemble steps) in the submitting thread, one batch at a time.
+Waking a worker and waking the loop again for its answer cost more than such a model's whole
+execute (see docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
 import abc
+import asyncio
 import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import grpc
 from pagedserve.backend import Model, ModelSpec, instance_count
@@ -25,9 +33,6 @@ from pagedserve.errors import InferenceError
 from pagedserve.hookspecs import hookimpl
 from pagedserve.inference import InferenceRequest
 from pagedserve.statistics import ModelStats
-
-if TYPE_CHECKING:
-    pass
 
 log = logging.getLogger(__name__)
 
@@ -59,14 +64,26 @@ class Take:
 class WorkerPolicy(BatchingPolicy, abc.ABC):
     """Worker threads plus the shared bookkeeping; subclasses decide what a worker runs next."""
 
+    runs_on_loop_ok: ClassVar[bool] = False
+    """Whether ``execute_on_loop`` may drive this policy (it never waits for more requests)."""
+
     def __init__(self, model: Model, spec: ModelSpec, stats: ModelStats) -> None:
         super().__init__(model, spec, stats)
-        self._cond = threading.Condition()
+        # Hot paths take the lock itself: ``with`` on the Condition adds two Python calls.
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._closing = False
         self._workers: list[threading.Thread] = []
+        self._on_loop = spec.parameter("execute_on_loop", "false") == "true"
+        if self._on_loop and not self.runs_on_loop_ok:
+            raise ValueError(f"execute_on_loop is not supported by the '{self.name}' batching policy")
+        self._draining = False
+        """A drain is scheduled or running (loop mode): it alone executes, until the queue is empty."""
 
     def _start(self) -> None:
         """Called by subclasses once their queue state exists."""
+        if self._on_loop:
+            return
         for index in range(instance_count(self.spec)):
             thread = threading.Thread(
                 target=self._work, args=(index,), name=f"{self.spec.name}-{self.name}-{index}", daemon=True
@@ -90,17 +107,37 @@ class WorkerPolicy(BatchingPolicy, abc.ABC):
     def _prepare(self, batch: list[InferenceRequest]) -> None:
         """Last changes to the requests before execute, outside the lock (control tensors...)."""
 
+    def _has_queued(self) -> bool:
+        """Whether requests wait in the queue (loop mode stops draining when none do)."""
+        return True
+
     # -- public API -------------------------------------------------------------------------------
 
     def submit(self, request: InferenceRequest) -> None:
-        with self._cond:
+        with self._lock:
             if self._closing:
                 raise InferenceError.unavailable(
                     f"Request for unknown model: '{self.spec.name}' version {request.model_version} "
                     "is not at ready state"
                 )
             self._enqueue(request, time.monotonic_ns())
-            self._cond.notify_all()
+            if not self._on_loop:
+                self._cond.notify_all()
+                return
+            if self._draining:
+                return  # the drain under way takes it
+            self._draining = True
+        loop = _serving_loop(request)
+        if loop is not None:
+            loop.call_soon(self._drain_step, loop)
+            return
+        try:
+            while self._drain_step(None):
+                pass
+        except BaseException:
+            with self._lock:
+                self._draining = False  # let the next submit drain what is left
+            raise
 
     def close(self) -> None:
         with self._cond:
@@ -108,6 +145,45 @@ class WorkerPolicy(BatchingPolicy, abc.ABC):
             self._cond.notify_all()
         for thread in self._workers:
             thread.join()
+        if self._on_loop:
+            self._close_loop_mode()
+
+    # -- loop mode --------------------------------------------------------------------------------
+
+    def _drain_step(self, loop: asyncio.AbstractEventLoop | None) -> bool:
+        """Run one batch. On ``loop``, schedule the next one there while work is left (the loop
+        serves other calls in between, and what they submit joins the next batch); elsewhere,
+        return whether work is left for the caller to go on."""
+        with self._lock:
+            take = self._take(0, time.monotonic_ns())
+            if not take.batch and not take.rejected:
+                self._draining = False
+                self._cond.notify_all()  # close() may be waiting for this drain
+                return False
+        for request, error in take.rejected:
+            fail_requests([request], error)
+        if take.batch:
+            self._run(take.batch)
+        with self._lock:
+            self._finished(0, take.batch)
+            if not self._has_queued():
+                self._draining = False
+                self._cond.notify_all()
+                return False
+        if loop is not None:
+            loop.call_soon(self._drain_step, loop)
+            return False
+        return True
+
+    def _close_loop_mode(self) -> None:
+        """Let a drain under way elsewhere finish (one scheduled on this thread's own loop cannot),
+        then run what is left here."""
+        with self._cond:
+            if _running_loop() is None:
+                self._cond.wait_for(lambda: not self._draining, timeout=10)
+            self._draining = True
+        while self._drain_step(None):
+            pass
 
     # -- workers ----------------------------------------------------------------------------------
 
@@ -180,6 +256,7 @@ class DirectPolicy(WorkerPolicy):
     """No batching: each request is executed alone, in arrival order, by the next free instance."""
 
     name: ClassVar[str] = "direct"
+    runs_on_loop_ok: ClassVar[bool] = True
 
     def __init__(self, model: Model, spec: ModelSpec, stats: ModelStats) -> None:
         super().__init__(model, spec, stats)
@@ -193,6 +270,9 @@ class DirectPolicy(WorkerPolicy):
         if self._queue:
             return Take(batch=[self._queue.popleft()])
         return Take(done=self._closing)
+
+    def _has_queued(self) -> bool:
+        return bool(self._queue)
 
 
 @dataclass
@@ -229,6 +309,7 @@ class DynamicPolicy(WorkerPolicy):
     priority levels and per-level queue policies (size limit, timeouts)."""
 
     name: ClassVar[str] = "dynamic"
+    runs_on_loop_ok: ClassVar[bool] = True
 
     def __init__(self, model: Model, spec: ModelSpec, stats: ModelStats) -> None:
         super().__init__(model, spec, stats)
@@ -245,6 +326,8 @@ class DynamicPolicy(WorkerPolicy):
         # after that level's other requests and still count towards its max_queue_size.
         self._delayed: list[deque[_QueuedRequest]] = [deque() for _ in range(self._levels)]
         self._with_deadline = 0
+        if self._on_loop and self._delay_ns:
+            raise ValueError("execute_on_loop needs dynamic_batching.max_queue_delay_microseconds 0")
         self._start()
 
     @staticmethod
@@ -312,6 +395,9 @@ class DynamicPolicy(WorkerPolicy):
             queue.extend(keep)
         return rejected
 
+    def _has_queued(self) -> bool:
+        return any(self._queues) or any(self._delayed)
+
     def _next_deadline(self) -> int | None:
         if not self._with_deadline:
             return None
@@ -362,6 +448,20 @@ class DynamicPolicy(WorkerPolicy):
                     self._with_deadline -= bool(entry.deadline_ns)
                     batch.append(entry.request)
         return batch
+
+
+def _serving_loop(request: InferenceRequest) -> asyncio.AbstractEventLoop | None:
+    """The server's event loop, when ``request`` was submitted on it (its batch then runs there);
+    None for a request from any other thread (BLS, ensemble steps), whose batch runs in that thread."""
+    loop = getattr(request.responder, "event_loop", None)
+    return loop if loop is not None and _running_loop() is loop else None
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 @hookimpl
