@@ -24,10 +24,9 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 from pagedserve.models.hf_config import ModelArchConfig
-from pagedserve.models.layers.attention import Attention
 from pagedserve.models.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from pagedserve.models.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
-from pagedserve.models.layers.rotary import RotaryEmbedding
+from pagedserve.models.layers.linear import MergedColumnParallelLinear, RowParallelLinear
+from pagedserve.models.llama import DecoderAttention
 from pagedserve.models.registry import ModelArchitecture
 from torch import nn
 
@@ -48,48 +47,20 @@ class GemmaRMSNorm(nn.Module):
         return (x32 * (1.0 + self.weight.float())).to(x.dtype)
 
 
-class GemmaAttention(nn.Module):
+class GemmaAttention(DecoderAttention):
     def __init__(self, config: ModelArchConfig, layer_index: int, qk_norm: bool, softcap: bool) -> None:
-        super().__init__()
-        pattern, hd = config.attention, config.head_dim
-        self.qkv_proj = QKVParallelLinear(
-            config.hidden_size, hd, config.num_heads, config.num_kv_heads, bias=config.attention_bias
-        )
-        self.num_heads, self.num_kv_heads, self.head_dim = (
-            self.qkv_proj.num_heads,
-            self.qkv_proj.num_kv_heads,
-            hd,
-        )
-        self.o_proj = RowParallelLinear(config.num_heads * hd, config.hidden_size, bias=config.attention_bias)
+        pattern = config.attention
         local = pattern.is_local(layer_index)
-        rope = pattern.local_rope if local and pattern.local_rope is not None else config.rope
-        self.rotary_emb = RotaryEmbedding(hd, config.max_position_embeddings, rope)
-        self.attn = Attention(
-            self.num_heads,
-            hd,
-            self.num_kv_heads,
-            scale=(pattern.query_pre_attn_scalar or hd) ** -0.5,
+        super().__init__(
+            config,
+            qkv_bias=config.attention_bias,
+            qk_norm=qk_norm,
             sliding_window=pattern.window_of(layer_index),
+            rope=pattern.local_rope if local and pattern.local_rope is not None else None,
+            scale=(pattern.query_pre_attn_scalar or config.head_dim) ** -0.5,
             softcap=pattern.attn_logit_softcapping if softcap else None,
+            norm=GemmaRMSNorm,
         )
-        self.qk_norm = qk_norm
-        if qk_norm:
-            self.q_norm = GemmaRMSNorm(hd, config.rms_norm_eps)
-            self.k_norm = GemmaRMSNorm(hd, config.rms_norm_eps)
-
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        qkv = self.qkv_proj(hidden)
-        num_tokens = qkv.shape[0]
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-        q = q.reshape(num_tokens, self.num_heads, self.head_dim)
-        k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)
-        v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary_emb(positions, q, k)
-        out = self.attn(q, k, v)
-        return self.o_proj(out.reshape(num_tokens, q_size))
 
 
 class GeGLU(nn.Module):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-from pagedserve.models.hf_config import ModelArchConfig
+from pagedserve.models.hf_config import ModelArchConfig, RopeConfig
 from pagedserve.models.layers.activation import SiluAndMul
 from pagedserve.models.layers.attention import Attention
 from pagedserve.models.layers.embedding import ParallelLMHead, VocabParallelEmbedding
@@ -23,8 +23,20 @@ from torch import nn
 
 
 class DecoderAttention(nn.Module):
+    """Self-attention of the Llama family; Gemma's differs only in the options after ``*``: its own
+    rope (local layers), scale (``query_pre_attn_scalar``), logit soft-cap and RMSNorm."""
+
     def __init__(
-        self, config: ModelArchConfig, qkv_bias: bool, qk_norm: bool, sliding_window: int | None = None
+        self,
+        config: ModelArchConfig,
+        qkv_bias: bool,
+        qk_norm: bool,
+        sliding_window: int | None = None,
+        *,
+        rope: RopeConfig | None = None,
+        scale: float | None = None,
+        softcap: float | None = None,
+        norm: type[nn.Module] = RMSNorm,
     ) -> None:
         super().__init__()
         hd = config.head_dim
@@ -37,14 +49,19 @@ class DecoderAttention(nn.Module):
             hd,
         )
         self.o_proj = RowParallelLinear(config.num_heads * hd, config.hidden_size, bias=config.attention_bias)
-        self.rotary_emb = RotaryEmbedding(hd, config.max_position_embeddings, config.rope)
+        self.rotary_emb = RotaryEmbedding(hd, config.max_position_embeddings, rope or config.rope)
         self.attn = Attention(
-            self.num_heads, hd, self.num_kv_heads, scale=hd**-0.5, sliding_window=sliding_window
+            self.num_heads,
+            hd,
+            self.num_kv_heads,
+            scale=hd**-0.5 if scale is None else scale,
+            sliding_window=sliding_window,
+            softcap=softcap,
         )
         self.qk_norm = qk_norm
         if qk_norm:
-            self.q_norm = RMSNorm(hd, config.rms_norm_eps)
-            self.k_norm = RMSNorm(hd, config.rms_norm_eps)
+            self.q_norm = norm(hd, config.rms_norm_eps)
+            self.k_norm = norm(hd, config.rms_norm_eps)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor | Fp8Rows) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)
