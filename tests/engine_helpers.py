@@ -26,6 +26,13 @@ ENGINE_MODES = [
     pytest.param({"device": "cuda", "kernel": "triton"}, id="cuda-triton", marks=gpu),
     pytest.param({"device": "cuda", "kernel": "torch"}, id="cuda-torch", marks=gpu),
 ]
+# Placements for token-exact model tests: overlapped scheduling on the CPU, CUDA graphs and eager on CUDA.
+MODEL_MODES = [
+    pytest.param({"device": "cpu"}, id="cpu"),
+    pytest.param({"device": "cpu", "overlap": True}, id="cpu-overlap"),
+    pytest.param({"device": "cuda"}, id="cuda-graphs", marks=gpu),
+    pytest.param({"device": "cuda", "cuda_graphs": False}, id="cuda-eager", marks=gpu),
+]
 # head_dim 32: on a GPU, kernel=auto takes the Triton kernels for it
 D32_DIMS = dict(hidden_size=128, num_attention_heads=4, head_dim=32)
 TINY_DIMS = dict(

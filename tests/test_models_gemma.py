@@ -17,7 +17,7 @@ import torch
 from pagedserve.engine.llm import LLM
 from pagedserve.engine.sampling_params import SamplingParams
 
-from .engine_helpers import assert_pool_free, engine_config, gpu, hf_greedy, random_prompts
+from .engine_helpers import MODEL_MODES, assert_pool_free, engine_config, hf_greedy, random_prompts
 from .windowed_checkpoints import build_windowed_checkpoint
 
 MAX_NEW = 12
@@ -76,12 +76,7 @@ CHECKPOINTS = {
     ),
 }
 TRITON_READY = {"gemma2-d32", "gemma3-d64"}
-MODES = [
-    pytest.param({"device": "cpu"}, id="cpu"),
-    pytest.param({"device": "cpu", "overlap": True}, id="cpu-overlap"),
-    pytest.param({"device": "cuda"}, id="cuda-graphs", marks=gpu),
-    pytest.param({"device": "cuda", "cuda_graphs": False}, id="cuda-eager", marks=gpu),
-]
+MODES = MODEL_MODES
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,10 @@ from pagedserve.engine.llm import LLM
 from pagedserve.engine.sampling_params import SamplingParams
 
 from .engine_helpers import (
+    MODEL_MODES,
     assert_pool_free,
     build_hf_checkpoint,
     engine_config,
-    gpu,
     hf_greedy,
     random_prompts,
 )
@@ -60,12 +60,7 @@ CHECKPOINTS = {
     ),
 }
 TRITON_READY = {"llama-gqa-d32", "qwen3-d64"}
-MODES = [
-    pytest.param({"device": "cpu"}, id="cpu"),
-    pytest.param({"device": "cpu", "overlap": True}, id="cpu-overlap"),
-    pytest.param({"device": "cuda"}, id="cuda-graphs", marks=gpu),
-    pytest.param({"device": "cuda", "cuda_graphs": False}, id="cuda-eager", marks=gpu),
-]
+MODES = MODEL_MODES
 
 
 @pytest.fixture(scope="module")

@@ -26,10 +26,10 @@ from safetensors.torch import load_file, save_file
 from .conftest import start_server
 from .engine_helpers import (
     D32_DIMS,
+    MODEL_MODES,
     assert_pool_free,
     build_hf_checkpoint,
     engine_config,
-    gpu,
     hf_greedy,
     random_prompts,
 )
@@ -89,12 +89,7 @@ CHECKPOINTS = {
         },
     ),
 }
-MODES = [
-    pytest.param({"device": "cpu"}, id="cpu"),
-    pytest.param({"device": "cpu", "overlap": True}, id="cpu-overlap"),
-    pytest.param({"device": "cuda"}, id="cuda-graphs", marks=gpu),
-    pytest.param({"device": "cuda", "cuda_graphs": False}, id="cuda-eager", marks=gpu),
-]
+MODES = MODEL_MODES
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from pagedserve.engine.llm import LLM
 from pagedserve.engine.sampling_params import SamplingParams
 from pagedserve.models.attention_config import FULL, SLIDING, AttentionPattern
 
-from .engine_helpers import assert_pool_free, engine_config, gpu, hf_greedy, random_prompts
+from .engine_helpers import MODEL_MODES, assert_pool_free, engine_config, hf_greedy, random_prompts
 from .windowed_checkpoints import build_windowed_checkpoint
 
 MAX_NEW = 12
@@ -33,12 +33,7 @@ CHECKPOINTS = {
     # layer 0 global, layer 1 windowed: nothing can be freed
     "qwen2-mixed": ("qwen2", {"use_sliding_window": True, "sliding_window": 6, "max_window_layers": 1}),
 }
-MODES = [
-    pytest.param({"device": "cpu"}, id="cpu"),
-    pytest.param({"device": "cpu", "overlap": True}, id="cpu-overlap"),
-    pytest.param({"device": "cuda"}, id="cuda-graphs", marks=gpu),
-    pytest.param({"device": "cuda", "cuda_graphs": False}, id="cuda-eager", marks=gpu),
-]
+MODES = MODEL_MODES
 
 
 @pytest.fixture(scope="module")
