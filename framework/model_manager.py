@@ -282,12 +282,12 @@ class ModelManager:
                     )
                 raise InferenceError.not_found(f"Request for unknown model: '{name}' is not found")
             if number is None:
-                ready = [r.loaded for v, r in sorted(entry.versions.items()) if r.serving]
-                if not ready:
-                    raise InferenceError.not_found(
-                        f"Request for unknown model: '{name}' has no available versions"
-                    )
-                return ready[-1]  # type: ignore[return-value]
+                for record in _newest_first(entry.versions):
+                    if record.serving:
+                        return record.loaded  # type: ignore[return-value]
+                raise InferenceError.not_found(
+                    f"Request for unknown model: '{name}' has no available versions"
+                )
             record = entry.versions.get(number)
             if record is None:
                 raise InferenceError.not_found(
@@ -348,6 +348,12 @@ class ModelManager:
                         continue
                     rows.append(IndexEntry(name, str(version) if version else "", state.value, reason))
             return rows
+
+
+def _newest_first(versions: dict[int, VersionRecord]) -> list[VersionRecord]:
+    if len(versions) == 1:  # the usual model: no sort per request
+        return list(versions.values())
+    return [versions[number] for number in sorted(versions, reverse=True)]
 
 
 def parse_version(version: str) -> int | None:

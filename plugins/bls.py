@@ -169,6 +169,8 @@ class BlsCaller:
 _current: contextvars.ContextVar[BlsCaller | None] = contextvars.ContextVar(
     "pagedserve_bls_caller", default=None
 )
+current_caller = _current
+"""For a hot path that sets the caller itself (the python backend, per batch); else ``calling_as``."""
 _fallback: BlsCaller | None = None
 
 

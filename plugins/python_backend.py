@@ -23,7 +23,6 @@ know about batching or the wire.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import importlib
 import importlib.util
@@ -38,7 +37,7 @@ import numpy as np
 from pagedserve.backend import LoadContext, Model, ModelBackend, ModelSpec, enum_name, instance_count
 from pagedserve.errors import InferenceError
 from pagedserve.hookspecs import hookimpl
-from pagedserve.in_process import InProcessClient, chain_of
+from pagedserve.in_process import InProcessClient, ModelKey, chain_of
 from pagedserve.inference import InferenceRequest, InferenceResponse
 from pagedserve_plugins import bls
 
@@ -128,6 +127,7 @@ class PythonModel(Model):
         self._lock = threading.Lock()
         self._next = 0
         self._loops: list[asyncio.AbstractEventLoop] = []
+        self._callers: dict[tuple[ModelKey, ...], bls.BlsCaller] = {}
 
     def _instance(self) -> Any:
         instance = getattr(self._bound, "instance", None)
@@ -139,10 +139,16 @@ class PythonModel(Model):
         return instance
 
     def execute(self, requests: list[InferenceRequest]) -> None:
-        with self._bls_scope(requests):
+        # The BLS caller is set by hand, not through ``bls.calling_as``: a generator context manager
+        # per batch is a measurable share of a cheap model's request (docs/benchmarks.md).
+        token = bls.current_caller.set(self._bls_caller(requests)) if self.client is not None else None
+        try:
             responses = self._instance().execute(requests)
             if inspect.iscoroutine(responses):
                 responses = self._loop().run_until_complete(responses)
+        finally:
+            if token is not None:
+                bls.current_caller.reset(token)
         if self.spec.decoupled:
             if responses is not None:
                 raise InferenceError.internal(
@@ -152,12 +158,20 @@ class PythonModel(Model):
             return
         self._deliver(requests, responses)
 
-    def _bls_scope(self, requests: list[InferenceRequest]) -> Any:
+    def _bls_caller(self, requests: list[InferenceRequest]) -> bls.BlsCaller:
         """BLS calls made by this batch extend the longest caller chain among its requests."""
-        if self.client is None:
-            return contextlib.nullcontext()
-        chain = max((chain_of(request) for request in requests), key=len, default=())
-        return bls.calling_as(bls.BlsCaller(self.client, chain))
+        assert self.client is not None
+        if len(requests) == 1:
+            chain = chain_of(requests[0])
+        else:
+            chain = max(map(chain_of, requests), key=len, default=())
+        caller = self._callers.get(chain)
+        if caller is None:
+            # Requests from the front-ends share one chain (this model): one caller serves them all.
+            caller = bls.BlsCaller(self.client, chain)
+            if len(chain) == 1 and len(self._callers) < 64:
+                self._callers[chain] = caller
+        return caller
 
     def _loop(self) -> asyncio.AbstractEventLoop:
         """This worker thread's event loop for ``async def execute``."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
 import re
 import socket
 import subprocess
@@ -18,10 +19,13 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
+from pagedserve.benchmarks.grpc_overhead import Variant, _cpu_seconds, _span, _variant
 from rich.console import Console
 from rich.table import Table
 
+BARE = "bare uvicorn+starlette"
 _PORT = re.compile(r"(?:HTTPService|bare app) listening on [^:]+:(\d+)")
 ROUTE = "/v2/models/simple/infer"
 REQUEST = json.dumps(
@@ -67,8 +71,8 @@ def bare_app() -> None:
     uvicorn.Server(config).run(sockets=[sock])
 
 
-def start(command: list[str]) -> tuple[subprocess.Popen[str], int]:
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def start(command: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], int]:
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     assert process.stdout is not None
     for line in process.stdout:
         match = _PORT.search(line)
@@ -118,51 +122,108 @@ def measure(port: int, concurrency: int, seconds: float) -> float:
     return sum(counts) / (time.monotonic() - start_time)
 
 
+@dataclass
+class Server:
+    name: str
+    process: subprocess.Popen[str]
+    port: int
+    rates: dict[int, list[float]] = field(default_factory=dict)
+    cpu_us: dict[int, list[float]] = field(default_factory=dict)
+
+    def cell(self, concurrency: int, seconds: float) -> None:
+        before = _cpu_seconds(self.process.pid)
+        rate = measure(self.port, concurrency, seconds)
+        used = _cpu_seconds(self.process.pid) - before
+        self.rates.setdefault(concurrency, []).append(rate)
+        self.cpu_us.setdefault(concurrency, []).append(used / max(rate * seconds, 1) * 1e6)
+
+
+def _start_servers(variants: dict[str, Variant]) -> list[Server]:
+    servers = []
+    for name, variant in variants.items():
+        env = None
+        if variant.path is not None:
+            paths = [variant.path, os.environ.get("PYTHONPATH")]
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, paths)))
+        servers.append(Server(name, *start(_pagedserve_command(variant.overrides), env)))
+    servers.append(Server(BARE, *start([sys.executable, "-m", "pagedserve.benchmarks.http_infer", "--bare"])))
+    for server in servers:
+        wait_ready(server.port)
+    return servers
+
+
+def _pagedserve_command(overrides: list[str]) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "pagedserve",
+        "model=simple",
+        "frontends=[http]",
+        "server.http_port=0",
+        "server.metrics_port=-1",
+        "server.host=127.0.0.1",
+        *overrides,
+    ]
+
+
 def run(
-    concurrencies: list[int], seconds: float, print_table: Callable[[Table], None]
-) -> list[tuple[int, float, float]]:
-    ours, our_port = start(
-        [
-            sys.executable,
-            "-m",
-            "pagedserve",
-            "model=simple",
-            "frontends=[http]",
-            "server.http_port=0",
-            "server.metrics_port=-1",
-            "server.host=127.0.0.1",
-        ]
-    )
-    bare, bare_port = start([sys.executable, "-m", "pagedserve.benchmarks.http_infer", "--bare"])
+    concurrencies: list[int],
+    seconds: float,
+    print_table: Callable[[Table], None],
+    rounds: int = 1,
+    variants: dict[str, Variant] | None = None,
+) -> list[Server]:
+    """Cells alternate round after round, the servers' order rotating each round; each pagedserve
+    figure is a ratio to the bare app's figure of the same round."""
+    servers = _start_servers(variants or {"pagedserve": Variant(None)})
     try:
-        wait_ready(our_port)
-        wait_ready(bare_port)
-        rows = [(c, measure(our_port, c, seconds), measure(bare_port, c, seconds)) for c in concurrencies]
+        for round_index in range(rounds):
+            for concurrency in concurrencies:
+                shift = round_index % len(servers)
+                for server in servers[shift:] + servers[:shift]:
+                    server.cell(concurrency, seconds)
     finally:
-        for process in (ours, bare):
-            process.terminate()
-            process.wait(10)
+        for server in servers:
+            server.process.terminate()
+            server.process.wait(10)
+    print_table(_table(servers, concurrencies, seconds, rounds))
+    return servers
+
+
+def _table(servers: list[Server], concurrencies: list[int], seconds: float, rounds: int) -> Table:
+    bare = next(s for s in servers if s.name == BARE)
     table = Table(
-        title=f"HTTP /infer on 'simple', JSON tensors, keep-alive http.client ({seconds:.0f} s per cell)"
+        title=f"HTTP /infer on 'simple', JSON tensors, keep-alive http.client ({seconds:g} s per cell, "
+        f"{rounds} round(s); median (min–max))"
     )
-    for column in ("concurrency", "pagedserve req/s", "bare uvicorn+starlette req/s", "ratio"):
+    for column in ("concurrency", "server", "req/s", "ratio to bare", "server CPU µs/request"):
         table.add_column(column, justify="right")
-    for concurrency, mine, peer in rows:
-        table.add_row(str(concurrency), f"{mine:,.0f}", f"{peer:,.0f}", f"{mine / peer:.2f}")
-    print_table(table)
-    return rows
+    for concurrency in concurrencies:
+        for server in servers:
+            ratios = [
+                mine / peer
+                for mine, peer in zip(server.rates[concurrency], bare.rates[concurrency], strict=True)
+            ]
+            ratio = "" if server is bare else _span(ratios, 2)
+            row = (str(concurrency), server.name, _span(server.rates[concurrency]), ratio)
+            table.add_row(*row, _span(server.cpu_us[concurrency]))
+    return table
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--variant", type=_variant, action="append", default=[], metavar='"NAME=PATH ..."')
     parser.add_argument("--bare", action="store_true", help="run only the bare peer app")
     args = parser.parse_args()
     if args.bare:
         bare_app()
         return
-    run(args.concurrency, args.seconds, Console().print)
+    variants = {"pagedserve": Variant(None)}
+    variants.update(args.variant)
+    run(args.concurrency, args.seconds, Console(width=160).print, args.rounds, variants)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,10 @@ _EVENT_STREAM = "text/event-stream; charset=utf-8"
 
 
 class Inbox:
-    """The deliveries of one request, awaited on the loop while the connection is watched."""
+    """The deliveries of one request, awaited on the loop while the connection is watched.
+
+    One future is awaited, woken by a delivery or by the watch ending (the client left), rather than
+    ``asyncio.wait`` over both: that takes two more loop turns and a set per wait."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -51,16 +54,19 @@ class Inbox:
 
     def deliver(self, delivery: Delivery) -> None:
         self.deliveries.append(delivery)
+        self.wake()
+
+    def wake(self, _: object = None) -> None:
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)
 
     async def next(self, gone: asyncio.Future[Any]) -> Delivery:
         """The next delivery; raises ClientGone if the client disconnects first."""
         while not self.deliveries:
-            self.waiter = self.loop.create_future()
-            await asyncio.wait((self.waiter, gone), return_when=asyncio.FIRST_COMPLETED)
-            if gone.done() and not self.deliveries:
+            if gone.done():
                 raise ClientGone
+            self.waiter = self.loop.create_future()
+            await self.waiter
         return self.deliveries.popleft()
 
 
@@ -70,12 +76,30 @@ async def _disconnected(receive: Receive) -> None:
 
 
 class Running:
-    """One started request: its responder, inbox and the watch on its connection."""
+    """One started request: its responder, inbox and the watch on its connection.
+
+    The watch (a task reading the connection until it closes) starts one loop turn after the
+    request, and only if the final answer was not sent by then: a model run on the loop answers
+    within that turn, and creating and cancelling a task per request cost more than the model."""
 
     def __init__(self, responder: ServerResponder, inbox: Inbox, receive: Receive) -> None:
         self.responder = responder
         self.inbox = inbox
-        self.gone = asyncio.ensure_future(_disconnected(receive))
+        self.receive = receive
+        self.gone: asyncio.Future[None] = inbox.loop.create_future()  # done: the client left
+        self._watch: asyncio.Task[None] | None = None
+        self._start = inbox.loop.call_soon(self._start_watch)
+
+    def _start_watch(self) -> None:
+        if self.responder.finished:  # the final answer is out: nothing left to cancel
+            return
+        self._watch = asyncio.ensure_future(_disconnected(self.receive))
+        self._watch.add_done_callback(self._left)
+
+    def _left(self, _: object) -> None:
+        if not self.gone.done():
+            self.gone.set_result(None)
+        self.inbox.wake()
 
     async def next(self) -> Delivery:
         try:
@@ -85,7 +109,10 @@ class Running:
             raise
 
     def close(self) -> None:
-        self.gone.cancel()
+        self._start.cancel()
+        if self._watch is not None:
+            self._watch.remove_done_callback(self._left)
+            self._watch.cancel()
         if not self.responder.finished:
             self.responder.cancel()
         trace = self.responder.trace

@@ -12,11 +12,13 @@ class AddSubModel:
     original models' arithmetic does)."""
 
     def execute(self, requests: list[InferenceRequest]) -> list[InferenceResponse]:
+        # Inputs are arrays (never numpy scalars), whose integer ufuncs wrap without a warning: no
+        # np.errstate needed (it cost a fifth of this model's execute).
         responses = []
         for request in requests:
             a, b = request.inputs["INPUT0"], request.inputs["INPUT1"]
-            with np.errstate(over="ignore"):
-                outputs = {"OUTPUT0": (a + b).astype(a.dtype), "OUTPUT1": (a - b).astype(a.dtype)}
+            total, difference = (a + b).astype(a.dtype, copy=False), (a - b).astype(a.dtype, copy=False)
+            outputs = {"OUTPUT0": total, "OUTPUT1": difference}
             responses.append(InferenceResponse(outputs=outputs))
         return responses
 

@@ -1,0 +1,42 @@
+"""The request path's loop turns: what a cheap model's answer costs between the model and the client."""
+
+from __future__ import annotations
+
+import asyncio
+
+from pagedserve.responder import Delivery, LoopMailbox
+
+
+def test_a_post_from_a_plain_loop_callback_is_delivered_at_once() -> None:
+    """A batch run by a loop callback (``execute_on_loop``) hands its answers over without a turn."""
+    seen: list[str] = []
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        mailbox = LoopMailbox(loop)
+
+        def batch() -> None:
+            mailbox.post(lambda _: seen.append("delivered"), Delivery(None, None, True))
+            seen.append("after post")
+
+        loop.call_soon(batch)
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+
+    asyncio.run(scenario())
+    assert seen == ["delivered", "after post"]
+
+
+def test_a_post_behind_queued_ones_keeps_their_order() -> None:
+    seen: list[int] = []
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        mailbox = LoopMailbox(loop)
+        mailbox.post(lambda _: seen.append(1), Delivery(None, None, False))  # from the task: queued
+        loop.call_soon(mailbox.post, lambda _: seen.append(2), Delivery(None, None, True))
+        for _ in range(3):
+            await asyncio.sleep(0)
+
+    asyncio.run(scenario())
+    assert seen == [1, 2]
