@@ -129,6 +129,13 @@ class Variant:
     """Where its ``pagedserve`` packages come from; None: this code."""
     overrides: list[str] = field(default_factory=list)
 
+    def environment(self) -> dict[str, str] | None:
+        """The server's environment: its ``path`` first on PYTHONPATH (None: inherit ours)."""
+        if self.path is None:
+            return None
+        paths = [self.path, os.environ.get("PYTHONPATH")]
+        return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, paths)))
+
 
 def _pagedserve_command(serve_args: list[str]) -> list[str]:
     return [
@@ -145,12 +152,8 @@ def _pagedserve_command(serve_args: list[str]) -> list[str]:
 def _start_servers(variants: dict[str, Variant], serve_args: list[str]) -> list[Server]:
     servers = []
     for name, variant in variants.items():
-        env = None
-        if variant.path is not None:
-            paths = [variant.path, os.environ.get("PYTHONPATH")]
-            env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, paths)))
         command = _pagedserve_command(serve_args + variant.overrides)
-        servers.append(Server(name, *start(command, env)))
+        servers.append(Server(name, *start(command, variant.environment())))
     servers.append(Server(BARE, *start([sys.executable, "-m", "pagedserve.benchmarks.bare_server", "0"])))
     for server in servers:
         wait_ready(server.url, ready=server.name != BARE)

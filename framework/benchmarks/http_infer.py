@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import os
 import re
 import socket
 import subprocess
@@ -141,11 +140,7 @@ class Server:
 def _start_servers(variants: dict[str, Variant]) -> list[Server]:
     servers = []
     for name, variant in variants.items():
-        env = None
-        if variant.path is not None:
-            paths = [variant.path, os.environ.get("PYTHONPATH")]
-            env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, paths)))
-        servers.append(Server(name, *start(_pagedserve_command(variant.overrides), env)))
+        servers.append(Server(name, *start(_pagedserve_command(variant.overrides), variant.environment())))
     servers.append(Server(BARE, *start([sys.executable, "-m", "pagedserve.benchmarks.http_infer", "--bare"])))
     for server in servers:
         wait_ready(server.port)
