@@ -91,8 +91,9 @@ def test_generate_stream_events_add_up(llm_server: ServerProcess) -> None:
 
 
 def test_generate_errors(llm_server: ServerProcess) -> None:
-    # Several responses are not one: Triton's message, on the non-streaming route only.
-    request = {"text_input": PROMPT, "parameters": {"stream": True, "max_tokens": 4, "ignore_eos": True}}
+    # Several responses are not one: Triton's message, on the non-streaming route only. Enough tokens
+    # that a busy machine's output thread cannot fold them all into one response.
+    request = {"text_input": PROMPT, "parameters": {"stream": True, "max_tokens": 64, "ignore_eos": True}}
     status, _, body = generate(llm_server, request)
     assert (
         status == 400 and "generate expects model to produce exactly 1 response" in json.loads(body)["error"]

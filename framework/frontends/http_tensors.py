@@ -6,6 +6,11 @@ parameters HTTP gives its own meaning (``binary_data_size``, ``binary_data``,
 ``binary_data_output``) are taken out. Everything a gRPC request is checked for (datatypes,
 shapes, byte sizes, shared memory) is then checked by :mod:`pagedserve.codec` with Triton's texts;
 this module only adds the checks of Triton's HTTP parser (``ParseJsonTritonIO``), with its texts.
+
+Only what still has parameters is built in protobuf: the rest are plain objects with the same
+attributes (:class:`JsonInferRequest`, :class:`JsonTensor`) that the same
+:class:`~pagedserve.codec.RequestDecoder` reads, so the checks and their texts are shared, without
+paying for building a protobuf message and reading it back.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -28,13 +34,50 @@ _LIMIT_HINT = "Set server.max_message_bytes to increase the limit."
 # numpy kinds a JSON array may arrive as, per protocol datatype (ints read as floats, as C casts do).
 _ACCEPTED_KINDS = {"BOOL": "b", "FP32": "iuf", "FP64": "iuf"}
 _INTEGER_KINDS = "iu"
+_NO_PARAMETERS: MappingProxyType[str, pb.InferParameter] = MappingProxyType({})
+
+
+class JsonTensor:
+    """An input or requested output without parameters, read in place of its protobuf message (a
+    ``ModelInferRequest.InferInputTensor`` or ``InferRequestedOutputTensor`` with no parameters and
+    no typed contents)."""
+
+    __slots__ = ("name", "datatype", "shape")
+    parameters = _NO_PARAMETERS
+
+    def __init__(self, name: str, datatype: str = "", shape: list[int] | None = None) -> None:
+        self.name = name
+        self.datatype = datatype
+        self.shape = shape if shape is not None else []
+
+    def HasField(self, name: str) -> bool:  # noqa: N802 - protobuf's name, as RequestDecoder calls it
+        return False
+
+
+class JsonInferRequest:
+    """A decoded ``/infer`` body with the attributes of the ``ModelInferRequest`` it stands for.
+
+    Building the protobuf and reading it back cost more per request than the model ``simple``; a
+    tensor with parameters left (shared memory, custom ones) is still a protobuf message, and so is
+    ``parameters`` when the request has any."""
+
+    __slots__ = ("model_name", "model_version", "id", "parameters", "inputs", "outputs", "raw_input_contents")
+
+    def __init__(self, model_name: str, model_version: str) -> None:
+        self.model_name = model_name
+        self.model_version = model_version
+        self.id = ""
+        self.parameters: Any = _NO_PARAMETERS
+        self.inputs: list[JsonTensor | pb.ModelInferRequest.InferInputTensor] = []
+        self.outputs: list[JsonTensor | pb.ModelInferRequest.InferRequestedOutputTensor] = []
+        self.raw_input_contents: list[memoryview | bytes] = []
 
 
 @dataclass
 class InferCall:
     """A decoded ``/infer`` request: the protobuf message and how each output goes back."""
 
-    message: pb.ModelInferRequest | InferRequestMessage
+    message: pb.ModelInferRequest | InferRequestMessage | JsonInferRequest
     binary_default: bool = False
     """``binary_data_output``: outputs not listed in the request come back as binary data."""
     binary_outputs: dict[str, bool] = field(default_factory=dict)
@@ -58,20 +101,23 @@ def decode_infer(
     document = parse_json(memoryview(body)[:split])
     if not isinstance(document, dict):
         raise HttpError("Unable to parse 'inputs': the request JSON must be an object")
-    message = pb.ModelInferRequest(model_name=name, model_version=version)
+    message = JsonInferRequest(name, version)
     if "id" in document:
         message.id = _string(document["id"], "id")
     call = InferCall(message)
     call.binary_default = _parameters(document.get("parameters"), message)
-    raw = _inputs(document.get("inputs"), message, memoryview(body)[split:], name, limit)
+    message.raw_input_contents = _inputs(
+        document.get("inputs"), message, memoryview(body)[split:], name, limit
+    )
     _outputs(document.get("outputs"), message, call)
-    call.message = InferRequestMessage(message, raw)
     return call
 
 
 def _string(value: Any, key: str) -> str:
     if not isinstance(value, str):
         raise HttpError(f"Unable to parse '{key}': expected a string")
+    if not value.isascii():
+        value.encode()  # refuses lone surrogates, as a protobuf string field does
     return value
 
 
@@ -87,7 +133,7 @@ def _bool(value: Any, key: str) -> bool:
     return value
 
 
-def _parameters(params: Any, message: pb.ModelInferRequest) -> bool:
+def _parameters(params: Any, message: JsonInferRequest) -> bool:
     """Copy the request parameters into ``message`` as Triton's HTTP parser reads them; returns
     ``binary_data_output``."""
     if params is None:
@@ -95,6 +141,8 @@ def _parameters(params: Any, message: pb.ModelInferRequest) -> bool:
     if not isinstance(params, dict):
         raise HttpError("failed to get request params.")
     binary = False
+    if params:
+        message.parameters = pb.ModelInferRequest().parameters
     for key, value in params.items():
         target = message.parameters[key]
         if key == "sequence_id":
@@ -143,7 +191,7 @@ def set_json_parameter(target: pb.InferParameter, key: str, value: Any) -> None:
 
 
 def _inputs(
-    inputs: Any, message: pb.ModelInferRequest, binary: memoryview, model: str, limit: int
+    inputs: Any, message: JsonInferRequest, binary: memoryview, model: str, limit: int
 ) -> list[memoryview | bytes]:
     if not isinstance(inputs, list):
         raise HttpError("Unable to parse 'inputs': expected an array")
@@ -159,10 +207,7 @@ def _inputs(
         name = _string(item.get("name"), "name")
         datatype = _string(item.get("datatype"), "datatype")
         shape = _shape(item.get("shape"), name)
-        tensor = message.inputs.add(name=name, datatype=datatype, shape=shape)
-        for key, value in params.items():
-            if key != "binary_data_size":
-                set_json_parameter(tensor.parameters[key], key, value)
+        message.inputs.append(_input_tensor(name, datatype, shape, params))
         if "binary_data_size" in params:
             size = _uint(params["binary_data_size"], "binary_data_size")
             if offset + size > len(binary):
@@ -177,6 +222,18 @@ def _inputs(
     if offset != len(binary):
         raise HttpError(f"unexpected additional input data for model '{model}'")
     return raw
+
+
+def _input_tensor(
+    name: str, datatype: str, shape: list[int], params: dict[str, Any]
+) -> JsonTensor | pb.ModelInferRequest.InferInputTensor:
+    if not params or params.keys() == {"binary_data_size"}:
+        return JsonTensor(name, datatype, shape)
+    tensor = pb.ModelInferRequest.InferInputTensor(name=name, datatype=datatype, shape=shape)
+    for key, value in params.items():
+        if key != "binary_data_size":
+            set_json_parameter(tensor.parameters[key], key, value)
+    return tensor
 
 
 def _check_input_content(item: dict[str, Any], params: dict[str, Any]) -> None:
@@ -274,7 +331,7 @@ def _serialize_strings(items: list[str]) -> bytes:
     return b"".join(parts)
 
 
-def _outputs(outputs: Any, message: pb.ModelInferRequest, call: InferCall) -> None:
+def _outputs(outputs: Any, message: JsonInferRequest, call: InferCall) -> None:
     if outputs is None:
         return
     if not isinstance(outputs, list):
@@ -294,11 +351,20 @@ def _outputs(outputs: Any, message: pb.ModelInferRequest, call: InferCall) -> No
                 raise HttpError("Output can't set both 'shared_memory_region' and 'binary_data'")
         if "classification" in params:
             _uint(params["classification"], "classification")
-        tensor = message.outputs.add(name=name)
-        for key, value in params.items():
-            if key != "binary_data":
-                set_json_parameter(tensor.parameters[key], key, value)
+        message.outputs.append(_output_tensor(name, params))
         call.binary_outputs[name] = binary
+
+
+def _output_tensor(
+    name: str, params: dict[str, Any]
+) -> JsonTensor | pb.ModelInferRequest.InferRequestedOutputTensor:
+    if not params or params.keys() == {"binary_data"}:
+        return JsonTensor(name)
+    tensor = pb.ModelInferRequest.InferRequestedOutputTensor(name=name)
+    for key, value in params.items():
+        if key != "binary_data":
+            set_json_parameter(tensor.parameters[key], key, value)
+    return tensor
 
 
 def _raw_binary_call(body: bytes, name: str, version: str, spec: ModelSpec) -> InferCall:
@@ -343,7 +409,7 @@ def _raw_shape(dims: list[int], datatype: str, size: int, name: str) -> list[int
 
 def encode_infer_response(
     response: pb.ModelInferResponse | InferResponseMessage | None,
-    request: pb.ModelInferRequest | InferRequestMessage,
+    request: pb.ModelInferRequest | InferRequestMessage | JsonInferRequest,
     call: InferCall,
     shm_outputs: Iterable[str],
 ) -> tuple[list[bytes | memoryview], int | None]:
@@ -382,7 +448,7 @@ def encode_infer_response(
 
 def _full_message(
     response: pb.ModelInferResponse | InferResponseMessage | None,
-    request: pb.ModelInferRequest | InferRequestMessage,
+    request: pb.ModelInferRequest | InferRequestMessage | JsonInferRequest,
 ) -> pb.ModelInferResponse:
     if response is None:  # a model that sent only a flags-only final
         return pb.ModelInferResponse(

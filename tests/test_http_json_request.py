@@ -1,0 +1,129 @@
+"""An ``/infer`` JSON body is decoded without building protobuf where nothing needs it, and
+RequestDecoder reads the result exactly as it reads the protobuf message it stands for: the same
+arrays for good bodies, the same Triton texts for bad ones."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from pagedserve.codec import RequestDecoder
+from pagedserve.errors import InferenceError
+from pagedserve.frontends.http_body import HttpError
+from pagedserve.frontends.http_tensors import JsonInferRequest, JsonTensor, decode_infer
+from pagedserve.protocol import grpc_service_pb2 as pb
+from pagedserve.repository import spec_from_document
+
+from .recorder import Recorder
+
+SPEC = spec_from_document(
+    "m",
+    {
+        "name": "m",
+        "backend": "python",
+        "max_batch_size": 8,
+        "input": [{"name": n, "data_type": "TYPE_INT32", "dims": [4]} for n in ("A", "B")],
+        "output": [{"name": n, "data_type": "TYPE_INT32", "dims": [4]} for n in ("X", "Y")],
+    },
+)
+
+
+def _input(name: str, shape: list[int], data: Any, **extra: Any) -> dict[str, Any]:
+    return {"name": name, "datatype": "INT32", "shape": shape, "data": data, **extra}
+
+
+BODIES = {
+    "plain": {"inputs": [_input("A", [1, 4], [1, 2, 3, 4]), _input("B", [1, 4], [5, 6, 7, 8])]},
+    "id and outputs": {
+        "id": "r7",
+        "inputs": [_input("A", [2, 4], list(range(8))), _input("B", [2, 4], [0] * 8)],
+        "outputs": [{"name": "Y", "parameters": {"binary_data": True}}, {"name": "X"}],
+    },
+    "parameters": {
+        "parameters": {"priority": 3, "custom": "x"},
+        "inputs": [_input("A", [1, 4], [1] * 4, parameters={"k": 1}), _input("B", [1, 4], [2] * 4)],
+    },
+    "wrong shape": {"inputs": [_input("A", [1, 3], [1] * 3), _input("B", [1, 4], [2] * 4)]},
+    "unknown input": {"inputs": [_input("C", [1, 4], [1] * 4)]},
+    "missing input": {"inputs": [_input("A", [1, 4], [1] * 4)]},
+    "repeated input": {"inputs": [_input("A", [1, 4], [1] * 4)] * 2},
+    "batch mismatch": {"inputs": [_input("A", [1, 4], [1] * 4), _input("B", [2, 4], [2] * 8)]},
+    "wrong datatype": {"inputs": [{**_input("A", [1, 4], [1.5] * 4), "datatype": "FP32"}]},
+    "unknown output": {"inputs": [_input("A", [1, 4], [1] * 4)], "outputs": [{"name": "Z"}]},
+    "repeated output": {"inputs": [_input("A", [1, 4], [1] * 4)], "outputs": [{"name": "X"}] * 2},
+    "uint64 timeout": {"parameters": {"timeout": 2**63}, "inputs": []},
+}
+
+
+def _protobuf(message: JsonInferRequest) -> pb.ModelInferRequest:
+    """The protobuf ``message`` stands for."""
+    out = pb.ModelInferRequest(
+        model_name=message.model_name, model_version=message.model_version, id=message.id
+    )
+    for key, param in message.parameters.items():
+        out.parameters[key].CopyFrom(param)
+    for tensor in message.inputs:
+        added = out.inputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
+        for key, param in tensor.parameters.items():
+            added.parameters[key].CopyFrom(param)
+    for output in message.outputs:
+        added_output = out.outputs.add(name=output.name)
+        for key, param in output.parameters.items():
+            added_output.parameters[key].CopyFrom(param)
+    out.raw_input_contents.extend(bytes(raw) for raw in message.raw_input_contents)
+    return out
+
+
+def _outcome(message: Any) -> Any:
+    try:
+        target, options = RequestDecoder(SPEC, 1).decode(message, Recorder())
+    except InferenceError as error:
+        return ("error", error.code, error.message)
+    arrays = {name: (a.dtype, a.shape, a.tolist()) for name, a in target.inputs.items()}
+    return (
+        arrays,
+        target.requested_outputs,
+        target.id,
+        target.priority,
+        target.parameters,
+        target.batch_size,
+    )
+
+
+@pytest.mark.parametrize("case", sorted(BODIES))
+def test_decoded_as_its_protobuf(case: str) -> None:
+    body = json.dumps(BODIES[case]).encode()
+    message = decode_infer(body, None, "m", "", SPEC, 2**20).message
+    assert isinstance(message, JsonInferRequest)
+    expected = _outcome(_protobuf(message))
+    assert _outcome(decode_infer(body, None, "m", "", SPEC, 2**20).message) == expected
+
+
+def test_protobuf_only_where_parameters_remain() -> None:
+    message = decode_infer(json.dumps(BODIES["parameters"]).encode(), None, "m", "", SPEC, 2**20).message
+    assert isinstance(message, JsonInferRequest)
+    assert isinstance(message.inputs[0], pb.ModelInferRequest.InferInputTensor)
+    assert isinstance(message.inputs[1], JsonTensor)
+    assert dict(message.parameters) == {
+        "priority": pb.InferParameter(int64_param=3),
+        "custom": pb.InferParameter(string_param="x"),
+    }
+    plain = decode_infer(json.dumps(BODIES["id and outputs"]).encode(), None, "m", "", SPEC, 2**20).message
+    assert all(isinstance(t, JsonTensor) for t in [*plain.inputs, *plain.outputs])
+    assert not plain.parameters
+
+
+@pytest.mark.parametrize("field", ["id", "name", "datatype"])
+def test_lone_surrogate_refused_as_protobuf_refuses_it(field: str) -> None:
+    """A protobuf string field refuses what UTF-8 cannot encode; the plain objects must too."""
+    document: dict[str, Any] = {"inputs": [_input("A", [1, 4], [1] * 4)]}
+    target = document if field == "id" else document["inputs"][0]
+    target[field] = "\ud800"
+    with pytest.raises(UnicodeEncodeError):
+        decode_infer(json.dumps(document).encode(), None, "m", "", SPEC, 2**20)
+
+
+def test_bad_json_still_http_error() -> None:
+    with pytest.raises(HttpError):
+        decode_infer(b'{"inputs": [', None, "m", "", SPEC, 2**20)
