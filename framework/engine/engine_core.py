@@ -43,6 +43,7 @@ class EngineCore:
         self._live: set[str] = set()
         self.stats = self._stats()
         self.broken = False
+        self.broken_reason: str | None = None
 
     def has_work(self) -> bool:
         return self.engine.has_unfinished_requests()
@@ -79,7 +80,8 @@ class EngineCore:
             if self.engine.device_failed():
                 log.exception("engine step failed and the device with it; failing every request")
                 self.broken = True
-                return self._fail_all(f"the engine's device failed: {exc!r}")
+                self.broken_reason = self._broken_reason(exc)
+                return self._fail_all(self.broken_reason, "UNAVAILABLE" if self._rank_lost() else "INTERNAL")
             log.exception("engine step failed; running its requests one at a time to find the cause")
             try:
                 outputs = self._isolate_failure()
@@ -93,10 +95,21 @@ class EngineCore:
         self.stats = self._stats()
         return outputs
 
-    def _fail_all(self, message: str) -> list[RequestOutput]:
+    def _rank_lost(self) -> bool:
+        workers = getattr(self.engine, "workers", None)
+        return workers is not None and workers.broken is not None
+
+    def _broken_reason(self, exc: Exception) -> str:
+        if self._rank_lost():
+            # Not the device's fault and not the request's: a worker process is gone; the engine
+            # process restarts with new ones (UNAVAILABLE, as for any engine restart).
+            return f"a tensor-parallel rank failed: {self.engine.workers.broken}"
+        return f"the engine's device failed: {exc!r}"
+
+    def _fail_all(self, message: str, code: str = "INTERNAL") -> list[RequestOutput]:
         outputs = self.abort_all()
         for output in outputs:
-            output.error, output.error_code = message, "INTERNAL"
+            output.error, output.error_code = message, code
         self.stats = self._stats()
         return outputs
 

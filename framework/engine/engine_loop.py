@@ -80,7 +80,10 @@ class EngineLoop:
     def failure(self) -> str | None:
         # A failed step fails only its culprits; a failed device takes this whole process's CUDA
         # context with it, and a thread cannot be restarted with a new one: load the model again.
-        return _DEVICE_FAILED if self._core.broken else None
+        if not self._core.broken:
+            return None
+        reason = self._core.broken_reason
+        return f"{reason}; load the model again" if reason and "tensor-parallel" in reason else _DEVICE_FAILED
 
     # ---- caller side (any thread) ----------------------------------------------------------------
 
