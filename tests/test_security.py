@@ -5,11 +5,13 @@ INVALID_ARGUMENT (in-band on a stream), and SIGTERM draining."""
 from __future__ import annotations
 
 import contextlib
+import http.client
 import queue
 import signal
 import ssl
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -210,6 +212,13 @@ def test_tls_serves_tls_clients_only(certs: Path) -> None:
         context = ssl.create_default_context(cafile=str(certs / "ca.pem"))
         with urllib.request.urlopen(f"https://127.0.0.1:{port}/metrics", context=context, timeout=10) as page:
             assert b"nv_inference_count" in page.read()
+        # so are the HTTP and OpenAI front-ends; plain HTTP gets no answer from them
+        for service, path in (("HTTPService", "/v2/health/live"), ("OpenAI API", "/v1/models")):
+            base = f"127.0.0.1:{server.port_of(service)}"
+            with urllib.request.urlopen(f"https://{base}{path}", context=context, timeout=10) as page:
+                assert page.status == 200
+            with pytest.raises((urllib.error.URLError, ConnectionError, http.client.HTTPException)):
+                urllib.request.urlopen(f"http://{base}{path}", timeout=10)
     finally:
         server.stop()
 
@@ -230,6 +239,18 @@ def test_mutual_tls_requires_a_certificate_from_the_root_ca(certs: Path) -> None
         for who in (None, "rogue"):
             with _tls_client(server, certs, who) as client, pytest.raises(InferenceServerException):
                 client.is_server_live(client_timeout=5)
+        # the HTTP front-end asks for the same client certificate
+        url = f"https://127.0.0.1:{server.port_of('HTTPService')}/v2/health/live"
+        for who, accepted in (("client", True), (None, False), ("rogue", False)):
+            context = ssl.create_default_context(cafile=str(certs / "ca.pem"))
+            if who:
+                context.load_cert_chain(str(certs / f"{who}.pem"), str(certs / f"{who}.key"))
+            if accepted:
+                with urllib.request.urlopen(url, context=context, timeout=10) as page:
+                    assert page.status == 200
+            else:
+                with pytest.raises((urllib.error.URLError, ssl.SSLError, ConnectionError)):
+                    urllib.request.urlopen(url, context=context, timeout=10).read()
     finally:
         server.stop()
 
