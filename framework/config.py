@@ -23,6 +23,8 @@ from pagedserve.engine.config import (
     CacheConfig,
     SchedulerConfig,
     check_choice,
+    check_compile_cache_dir,
+    default_compile_cache_dir,
 )
 
 # Triton's extension names (ServerMetadata.extensions), the ones our server implements.
@@ -300,6 +302,10 @@ class EngineSettings:
     tensor_parallel_size: int = 1
     """Split each LLM engine over this many ranks (heads, weights and KV cache; vLLM's
     ``tensor_parallel_size``): one GPU per rank on CUDA, gloo between processes on the CPU."""
+    compile_cache_dir: str = field(default_factory=default_compile_cache_dir)
+    """Folder where Triton keeps the kernels it compiles, so the next server on this machine loads them
+    instead of compiling again (the engine's processes get it as ``TRITON_CACHE_DIR``). Default
+    ``~/.cache/pagedserve/triton``; ``""`` leaves Triton's own default (``~/.triton/cache``)."""
 
     def __post_init__(self) -> None:
         check_choice("engine.dtype", self.dtype, DTYPES)
@@ -317,6 +323,7 @@ class EngineSettings:
             raise ValueError(
                 f"engine.tensor_parallel_size must be a positive integer, got {self.tensor_parallel_size}"
             )
+        check_compile_cache_dir("engine.compile_cache_dir", self.compile_cache_dir)
 
 
 @dataclass

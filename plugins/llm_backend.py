@@ -148,9 +148,10 @@ class LLMBackend(ModelBackend):
             config = configs[0]  # a single replica: several need separate processes
             from pagedserve.engine.engine_loop import EngineLoop
             from pagedserve.engine.llm_engine import LLMEngine
-            from pagedserve.engine.process_setup import use_cpu_threads
+            from pagedserve.engine.process_setup import use_compile_cache, use_cpu_threads
 
             use_cpu_threads(config.cpu_threads)  # process-wide: the server's threads too
+            use_compile_cache(config.compile_cache_dir)
             loop = EngineLoop(LLMEngine(config, registries))
         loop.start()
         settings = context.settings
@@ -193,6 +194,7 @@ class LLMBackend(ModelBackend):
             seed=engine.seed,
             cpu_threads=engine.cpu_threads,
             tensor_parallel_size=engine.tensor_parallel_size,
+            compile_cache_dir=engine.compile_cache_dir,
             cache=settings.cache,
             scheduler=settings.scheduler,
         )

@@ -20,7 +20,7 @@ import torch
 from pagedserve.benchmarks import hf_peers
 from pagedserve.benchmarks.workload import BenchRequest, standard_workload
 from pagedserve.config import BackendSettings, BenchConfig, ServeConfig
-from pagedserve.engine.process_setup import use_cpu_threads, wait_policy
+from pagedserve.engine.process_setup import use_compile_cache, use_cpu_threads, wait_policy
 from pagedserve.models.presets import resolve_model_source
 from pagedserve.plugin_manager import Registries
 from pagedserve.repository import ModelRepository
@@ -81,6 +81,7 @@ def run_bench(config: BenchConfig, registries: Registries) -> list[Row]:
     source = resolve_model_source(engine_config.model, engine_config.load_format)
     # The server's engine process runs with these threads; the peers below run with them too.
     threads = use_cpu_threads(engine_config.cpu_threads)
+    use_compile_cache(engine_config.compile_cache_dir)
     log.info("CPU threads: %d intra-op, 1 inter-op; OpenMP wait: %s", threads, wait_policy())
     llm = LLM(engine_config, backend_module_registries(backend, settings))
     engine = llm.engine

@@ -8,7 +8,9 @@ objects; the engine keeps them in its own state.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 BLOCK_SIZES = [1, 8, 16, 32, 64, 128]
 DTYPES = ["auto", "float32", "float16", "bfloat16"]
@@ -20,6 +22,24 @@ QUANTIZATIONS = [None, "fp8"]
 def check_choice(key: str, value: object, choices: list) -> None:
     if value not in choices:
         raise ValueError(f"{key} must be one of {choices}, got {value!r}")
+
+
+def default_compile_cache_dir() -> str:
+    """Compiled Triton kernels kept across server starts, beside the user's other caches."""
+    return str(Path.home() / ".cache" / "pagedserve" / "triton")
+
+
+def check_compile_cache_dir(key: str, value: str) -> None:
+    """The folder must be one we can create or write: checked without creating it, so a bad override
+    fails while the config is read, before a process starts. Empty = Triton's own default."""
+    if not value:
+        return
+    path = Path(value).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{key} must be a folder for compiled kernels, but {value!r} is a file")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{key}={value!r} cannot be created: {str(existing)!r} is not a writable folder")
 
 
 def _check_positive(key: str, value: int | None) -> None:
@@ -92,6 +112,9 @@ class EngineConfig:
     """torch's intra-op CPU threads; ``None``: automatic (pagedserve.engine.process_setup). Thread counts
     are process-wide, so whoever owns the process applies this (the engine process, ``bench``, the server
     for an engine on its thread), never :class:`LLMEngine` itself."""
+    compile_cache_dir: str = field(default_factory=default_compile_cache_dir)
+    """Where Triton keeps compiled kernels (``TRITON_CACHE_DIR`` in the engine's processes), so a fresh
+    server reuses the last one's; ``""``: Triton's own default."""
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
@@ -108,3 +131,4 @@ class EngineConfig:
         _check_positive("max_model_len", self.max_model_len)
         _check_positive("cpu_threads", self.cpu_threads)
         _check_positive("engine.tensor_parallel_size", self.tensor_parallel_size)
+        check_compile_cache_dir("engine.compile_cache_dir", self.compile_cache_dir)

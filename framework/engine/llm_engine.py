@@ -27,6 +27,7 @@ from pagedserve.engine.sampler import Sampler
 from pagedserve.engine.sampling_params import SamplingParams
 from pagedserve.engine.scheduler import ScheduledBatch, Scheduler
 from pagedserve.engine.sequence import Sequence
+from pagedserve.engine.startup import StartupClock
 from pagedserve.engine.structured_output import GrammarBackend, XGrammarBackend
 from pagedserve.engine.tensor_parallel import TensorParallelRunner
 from pagedserve.models.tokenizer import Tokenizer, read_eos_token_ids
@@ -41,8 +42,10 @@ _IDLE_COMPILE_WAIT_S = 0.005
 class LLMEngine:
     def __init__(self, config: EngineConfig, registries: EngineRegistries | None = None) -> None:
         self.config = config
+        clock = StartupClock()
         registries = registries or EngineRegistries.builtin()
-        setup = build_model(config, registries.architectures)
+        with clock.phase("weights"):
+            setup = build_model(config, registries.architectures)
         self.max_model_len = setup.max_model_len
         self.directory = setup.directory  # where config.json and the tokenizer live (None: built in)
         self.tokenizer = Tokenizer.from_dir(setup.directory) if setup.directory else None
@@ -60,7 +63,8 @@ class LLMEngine:
         self.device = setup.device
         self.workers = setup.workers  # tensor-parallel ranks 1..N-1 (None: one rank)
         self.attention_backend = backend_cls.name
-        num_blocks = self._num_blocks(setup, backend_cls)
+        with clock.phase("warmup"):  # CUDA: the profiling prefill, the only kernels run at start
+            num_blocks = self._num_blocks(setup, backend_cls)
         self.block_manager = BlockManager(
             num_blocks,
             config.cache.block_size,
@@ -78,8 +82,10 @@ class LLMEngine:
         self.grammars = self._grammar_backend(setup)
         self.compiles = GrammarCompiles(self.grammars)
         sampler = Sampler(setup.arch.vocab_size, self.eos_token_ids, config.seed)
-        self.runner = self._runner(setup, backend_cls, sampler, num_blocks, config.cuda_graphs)
-        self.runner.capture_graphs()
+        with clock.phase("kv_cache"):
+            self.runner = self._runner(setup, backend_cls, sampler, num_blocks, config.cuda_graphs)
+        with clock.phase("cuda_graphs"):
+            self.runner.capture_graphs()
         self.overlap = config.async_scheduling and setup.device.type == "cuda"
         self._inflight: tuple[ScheduledBatch, StepHandle] | None = None
         self.outputs = OutputProcessor(self.tokenizer)
@@ -94,6 +100,8 @@ class LLMEngine:
             setup.kv_cache_dtype,
             backend_cls.name,
         )
+        self.startup = clock.finish()
+        log.info("%s", self.startup.describe())
 
     # ---- requests (make_request is safe to call from any thread) ---------------------------------
 

@@ -89,6 +89,17 @@ def use_cpu_threads(configured: int | None) -> int:
     return torch.get_num_threads()
 
 
+def use_compile_cache(folder: str) -> None:
+    """Point Triton's kernel cache at ``engine.compile_cache_dir`` in this process, before anything
+    imports triton: a fresh server then loads the kernels an earlier one compiled. ``""``: Triton's
+    default. The folder was checked with the config; it is created here, where it is used."""
+    if not folder:
+        return
+    path = Path(folder).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    os.environ["TRITON_CACHE_DIR"] = str(path)
+
+
 def wait_policy() -> str:
     return os.environ.get("OMP_WAIT_POLICY", "default (spin, then sleep)")
 
@@ -105,6 +116,7 @@ def engine_process_main(
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's to handle; it stops us
     logging_setup.install(tag="(engine) ")
     loaded_early = "torch" in sys.modules  # a parent __main__ that imports torch is re-run in a child
+    use_compile_cache(config.compile_cache_dir)
     threads = use_cpu_threads(rank_cpu_threads(config))
     log.info(
         "CPU threads: %d intra-op (engine.cpu_threads=%s; %d usable cores), 1 inter-op; OpenMP wait: %s",

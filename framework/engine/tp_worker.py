@@ -42,8 +42,9 @@ def main(argv: list[str]) -> int:
     except EOFError:
         return 0  # rank 0 went away before we started
     setup.logging.install(tag=f"(tp rank {setup.rank}) ")
-    from pagedserve.engine.process_setup import rank_cpu_threads, use_cpu_threads
+    from pagedserve.engine.process_setup import rank_cpu_threads, use_compile_cache, use_cpu_threads
 
+    use_compile_cache(setup.config.compile_cache_dir)
     use_cpu_threads(rank_cpu_threads(setup.config))
     from pagedserve.engine.tp_follower import follow
 
