@@ -157,7 +157,7 @@ class ServerCore:
         responder.request = request
         responder.options, responder.lease = options, lease
         responder.trace = self._start_trace(loaded, message, request)
-        _submit(loaded, request, responder)
+        loaded.submit(request)
         return responder, options
 
     def _start_trace(
@@ -185,16 +185,6 @@ class ServerCore:
         if changes:
             self.logs.update(changes)
         return self.logs.render()
-
-
-def _submit(loaded: LoadedVersion, request: InferenceRequest, responder: ServerResponder) -> None:
-    request.timing.queued_ns = time.monotonic_ns()
-    try:
-        loaded.policy.submit(request)
-    except InferenceError as error:
-        responder.fail(error)
-    except Exception as error:  # noqa: BLE001 - a broken policy must not take the server down
-        responder.fail(InferenceError.internal(str(error)))
 
 
 def allows_unary(spec: Any) -> bool:

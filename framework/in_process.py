@@ -236,13 +236,7 @@ class InProcessClient:
         request.timing.arrival_ns = arrival
         request.timing.compute_input_ns = time.monotonic_ns() - arrival
         responder.request = request
-        request.timing.queued_ns = time.monotonic_ns()
-        try:
-            loaded.policy.submit(request)
-        except InferenceError as error:
-            responder.fail(error)
-        except Exception as error:  # noqa: BLE001 - a broken policy must not take the caller down
-            responder.fail(InferenceError.internal(str(error)))
+        loaded.submit(request)
         return responder
 
     def call(

@@ -20,6 +20,7 @@ from pagedserve.batching import BatchingPolicy, policy_name_for
 from pagedserve.config import BackendSettings
 from pagedserve.errors import InferenceError
 from pagedserve.in_process import InProcessClient
+from pagedserve.inference import InferenceRequest
 from pagedserve.model_config_check import check_model_config
 from pagedserve.plugin_manager import Registry
 from pagedserve.repository import ModelRepository, check_model_name
@@ -49,6 +50,18 @@ class LoadedVersion:
         self.stats = stats
         self._inflight = 0
         self._idle = threading.Condition()
+
+    def submit(self, request: InferenceRequest) -> None:
+        """Queue ``request`` with this version's batching policy. A policy that refuses it (a full
+        queue...) or breaks answers the request's responder, never the caller: the request is
+        admitted and counted either way."""
+        request.timing.queued_ns = time.monotonic_ns()
+        try:
+            self.policy.submit(request)
+        except InferenceError as error:
+            request.responder.fail(error)
+        except Exception as error:  # noqa: BLE001 - a broken policy must not take the server down
+            request.responder.fail(InferenceError.internal(str(error)))
 
     @property
     def inflight(self) -> int:
