@@ -88,7 +88,10 @@ def test_a_broken_autoloaded_model_fails_the_start(tmp_path: Path, text: str, re
     assert "failed to load 'broken'" in check.stderr and reason in check.stderr
     # Triton's --exit-on-error: serving refuses to start too, unless told to serve the rest
     result = _serve(
-        f"repository={repository}", "server.host=127.0.0.1", "server.grpc_port=0", "server.metrics_port=-1",
+        f"repository={repository}",
+        "server.host=127.0.0.1",
+        "server.grpc_port=0",
+        "server.metrics_port=-1",
         "frontends=[grpc]",
     )
     assert result.returncode == 1 and "server.exit_on_error=false" in result.stderr

@@ -108,7 +108,8 @@ def steps(
             300,
         ),
         "decode_gemm": (
-            f"{here} framework/benchmarks/kernels/decode_gemm_check.py --out {shlex.quote(str(out / 'gemm'))}",
+            f"{here} framework/benchmarks/kernels/decode_gemm_check.py "
+            f"--out {shlex.quote(str(out / 'gemm'))}",
             180,
         ),
         "bench": (f"{bench} bench.num_requests=512 bench.peers=[] {extra}", 240),

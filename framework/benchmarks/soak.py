@@ -78,8 +78,9 @@ class Server:
 
 def start_server(extra: list[str]) -> Server:
     command = [sys.executable, "-m", "pagedserve", "server.host=127.0.0.1", "server.grpc_port=0",
-               "frontends=[grpc]", "server.metrics_port=0", "model_control_mode=explicit", "server.allow_client_shm=true",
-               "server.exit_timeout_s=30", f"model=[{','.join(STOCK)}]", *extra]  # fmt: skip
+               "frontends=[grpc]", "server.metrics_port=0", "model_control_mode=explicit",
+               "server.allow_client_shm=true", "server.exit_timeout_s=30", f"model=[{','.join(STOCK)}]",
+               *extra]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     ports: dict[str, int] = {}
