@@ -1,10 +1,7 @@
 """ModelInfer requests/s on ``simple`` through tritonclient: pagedserve vs a bare grpcio server.
 
-All servers run as subprocesses on this machine; the same client code drives each at every
-concurrency for the same time. Cells alternate (round after round, the order of the servers rotating
-each round), and each pagedserve figure is a ratio to the bare server's figure of the same round, so a
-busy machine slows both sides alike. Besides req/s, the table gives each server's CPU time per
-request (its process's user + system time over the cell), which moves less with the machine's load.
+All servers run as subprocesses on this machine, measured in alternating rounds with their CPU time
+per request (:mod:`pagedserve.benchmarks.ab_rounds`).
 
 ``--variant "NAME=PATH [override ...]"`` adds a pagedserve whose ``pagedserve`` and
 ``pagedserve_plugins`` packages are imported from PATH (empty: this code), started with the extra
@@ -15,34 +12,33 @@ Run: ``python -m pagedserve.benchmarks.grpc_overhead``.
 from __future__ import annotations
 
 import argparse
-import os
+import functools
 import re
-import statistics
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import numpy as np
+from pagedserve.benchmarks.ab_rounds import (
+    Server,
+    Variant,
+    alternate,
+    parse_variant,
+    ratio_table,
+    start_process,
+)
 from rich.console import Console
 from rich.table import Table
 
 _PORT = re.compile(r"listening on [^:]+:(\d+)")
-_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 BARE = "bare grpcio"
 
 
 def start(command: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], str]:
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    assert process.stdout is not None
-    for line in process.stdout:
-        match = _PORT.search(line)
-        if match:
-            threading.Thread(target=lambda: process.stdout.read(), daemon=True).start()  # type: ignore[union-attr]
-            return process, f"127.0.0.1:{match.group(1)}"
-    raise RuntimeError(f"{command[0]} did not start")
+    process, port = start_process(command, _PORT, env)
+    return process, f"127.0.0.1:{port}"
 
 
 def wait_ready(url: str, ready: bool) -> None:
@@ -100,43 +96,6 @@ def _measure(url: str, concurrency: int, seconds: float) -> tuple[float, int]:
     return sum(counts) / (time.monotonic() - start_time), sum(counts)
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (its threads included)."""
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / _TICKS_PER_S
-
-
-@dataclass
-class Server:
-    name: str
-    process: subprocess.Popen[str]
-    url: str
-    rates: dict[int, list[float]] = field(default_factory=dict)
-    cpu_us: dict[int, list[float]] = field(default_factory=dict)
-
-    def cell(self, concurrency: int, seconds: float) -> None:
-        before = _cpu_seconds(self.process.pid)
-        rate, requests = _measure(self.url, concurrency, seconds)
-        used = _cpu_seconds(self.process.pid) - before
-        self.rates.setdefault(concurrency, []).append(rate)
-        self.cpu_us.setdefault(concurrency, []).append(used / max(requests, 1) * 1e6)
-
-
-@dataclass
-class Variant:
-    path: str | None
-    """Where its ``pagedserve`` packages come from; None: this code."""
-    overrides: list[str] = field(default_factory=list)
-
-    def environment(self) -> dict[str, str] | None:
-        """The server's environment: its ``path`` first on PYTHONPATH (None: inherit ours)."""
-        if self.path is None:
-            return None
-        paths = [self.path, os.environ.get("PYTHONPATH")]
-        return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, paths)))
-
-
 def _pagedserve_command(serve_args: list[str]) -> list[str]:
     return [
         sys.executable,
@@ -150,14 +109,14 @@ def _pagedserve_command(serve_args: list[str]) -> list[str]:
 
 
 def _start_servers(variants: dict[str, Variant], serve_args: list[str]) -> list[Server]:
-    servers = []
-    for name, variant in variants.items():
-        command = _pagedserve_command(serve_args + variant.overrides)
-        servers.append(Server(name, *start(command, variant.environment())))
-    servers.append(Server(BARE, *start([sys.executable, "-m", "pagedserve.benchmarks.bare_server", "0"])))
-    for server in servers:
-        wait_ready(server.url, ready=server.name != BARE)
-    return servers
+    started = [
+        (name, *start(_pagedserve_command(serve_args + variant.overrides), variant.environment()))
+        for name, variant in variants.items()
+    ]
+    started.append((BARE, *start([sys.executable, "-m", "pagedserve.benchmarks.bare_server", "0"])))
+    for name, _, url in started:
+        wait_ready(url, ready=name != BARE)
+    return [Server(name, process, functools.partial(_measure, url)) for name, process, url in started]
 
 
 def run(
@@ -169,53 +128,13 @@ def run(
     serve_args: list[str] | None = None,
 ) -> list[Server]:
     servers = _start_servers(variants or {"pagedserve": Variant(None)}, serve_args or [])
-    try:
-        for round_index in range(rounds):
-            for concurrency in concurrencies:
-                shift = round_index % len(servers)
-                for server in servers[shift:] + servers[:shift]:
-                    server.cell(concurrency, seconds)
-    finally:
-        for server in servers:
-            server.process.terminate()
-            server.process.wait(10)
-    print_table(_table(servers, concurrencies, seconds, rounds))
-    return servers
-
-
-def _span(values: list[float], digits: int = 0) -> str:
-    low, mid, high = min(values), statistics.median(values), max(values)
-    if len(values) == 1:
-        return f"{mid:,.{digits}f}"
-    return f"{mid:,.{digits}f} ({low:,.{digits}f}–{high:,.{digits}f})"
-
-
-def _table(servers: list[Server], concurrencies: list[int], seconds: float, rounds: int) -> Table:
-    bare = next(s for s in servers if s.name == BARE)
-    table = Table(
-        title=f"ModelInfer on 'simple' via tritonclient ({seconds:g} s per cell, {rounds} round(s); "
+    alternate(servers, concurrencies, seconds, rounds)
+    title = (
+        f"ModelInfer on 'simple' via tritonclient ({seconds:g} s per cell, {rounds} round(s); "
         "median (min–max))"
     )
-    for column in ("concurrency", "server", "req/s", "ratio to bare", "server CPU µs/request"):
-        table.add_column(column, justify="right")
-    for concurrency in concurrencies:
-        for server in servers:
-            ratios = [
-                mine / peer
-                for mine, peer in zip(server.rates[concurrency], bare.rates[concurrency], strict=True)
-            ]
-            ratio = "" if server is bare else _span(ratios, 2)
-            row = (str(concurrency), server.name, _span(server.rates[concurrency]), ratio)
-            table.add_row(*row, _span(server.cpu_us[concurrency]))
-    return table
-
-
-def _variant(text: str) -> tuple[str, Variant]:
-    head, *overrides = text.split()
-    name, sep, path = head.partition("=")
-    if not sep or not name:
-        raise argparse.ArgumentTypeError(f"expected NAME=PATH [override ...], got {text!r}")
-    return name, Variant(path or None, overrides)
+    print_table(ratio_table(title, servers, BARE, concurrencies))
+    return servers
 
 
 def main() -> None:
@@ -223,7 +142,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--variant", type=_variant, action="append", default=[], metavar='"NAME=PATH ..."')
+    parser.add_argument(
+        "--variant", type=parse_variant, action="append", default=[], metavar='"NAME=PATH ..."'
+    )
     parser.add_argument("--serve-args", nargs="*", default=[], help="extra overrides for every pagedserve")
     args = parser.parse_args()
     variants = {"pagedserve": Variant(None)}

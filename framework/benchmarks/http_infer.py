@@ -9,6 +9,7 @@ Run: ``python -m pagedserve.benchmarks.http_infer`` (``--bare`` runs the peer al
 from __future__ import annotations
 
 import argparse
+import functools
 import http.client
 import json
 import re
@@ -18,9 +19,15 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
-from pagedserve.benchmarks.grpc_overhead import Variant, _cpu_seconds, _span, _variant
+from pagedserve.benchmarks.ab_rounds import (
+    Server,
+    Variant,
+    alternate,
+    parse_variant,
+    ratio_table,
+    start_process,
+)
 from rich.console import Console
 from rich.table import Table
 
@@ -71,14 +78,7 @@ def bare_app() -> None:
 
 
 def start(command: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], int]:
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    assert process.stdout is not None
-    for line in process.stdout:
-        match = _PORT.search(line)
-        if match:
-            threading.Thread(target=lambda: process.stdout.read(), daemon=True).start()  # type: ignore[union-attr]
-            return process, int(match.group(1))
-    raise RuntimeError(f"{command} did not start")
+    return start_process(command, _PORT, env)
 
 
 def post(connection: http.client.HTTPConnection) -> None:
@@ -121,30 +121,20 @@ def measure(port: int, concurrency: int, seconds: float) -> float:
     return sum(counts) / (time.monotonic() - start_time)
 
 
-@dataclass
-class Server:
-    name: str
-    process: subprocess.Popen[str]
-    port: int
-    rates: dict[int, list[float]] = field(default_factory=dict)
-    cpu_us: dict[int, list[float]] = field(default_factory=dict)
-
-    def cell(self, concurrency: int, seconds: float) -> None:
-        before = _cpu_seconds(self.process.pid)
-        rate = measure(self.port, concurrency, seconds)
-        used = _cpu_seconds(self.process.pid) - before
-        self.rates.setdefault(concurrency, []).append(rate)
-        self.cpu_us.setdefault(concurrency, []).append(used / max(rate * seconds, 1) * 1e6)
-
-
 def _start_servers(variants: dict[str, Variant]) -> list[Server]:
-    servers = []
-    for name, variant in variants.items():
-        servers.append(Server(name, *start(_pagedserve_command(variant.overrides), variant.environment())))
-    servers.append(Server(BARE, *start([sys.executable, "-m", "pagedserve.benchmarks.http_infer", "--bare"])))
-    for server in servers:
-        wait_ready(server.port)
-    return servers
+    started = [
+        (name, *start(_pagedserve_command(variant.overrides), variant.environment()))
+        for name, variant in variants.items()
+    ]
+    started.append((BARE, *start([sys.executable, "-m", "pagedserve.benchmarks.http_infer", "--bare"])))
+    for _, _, port in started:
+        wait_ready(port)
+    return [Server(name, process, functools.partial(_measure, port)) for name, process, port in started]
+
+
+def _measure(port: int, concurrency: int, seconds: float) -> tuple[float, float]:
+    rate = measure(port, concurrency, seconds)
+    return rate, rate * seconds
 
 
 def _pagedserve_command(overrides: list[str]) -> list[str]:
@@ -168,41 +158,14 @@ def run(
     rounds: int = 1,
     variants: dict[str, Variant] | None = None,
 ) -> list[Server]:
-    """Cells alternate round after round, the servers' order rotating each round; each pagedserve
-    figure is a ratio to the bare app's figure of the same round."""
     servers = _start_servers(variants or {"pagedserve": Variant(None)})
-    try:
-        for round_index in range(rounds):
-            for concurrency in concurrencies:
-                shift = round_index % len(servers)
-                for server in servers[shift:] + servers[:shift]:
-                    server.cell(concurrency, seconds)
-    finally:
-        for server in servers:
-            server.process.terminate()
-            server.process.wait(10)
-    print_table(_table(servers, concurrencies, seconds, rounds))
-    return servers
-
-
-def _table(servers: list[Server], concurrencies: list[int], seconds: float, rounds: int) -> Table:
-    bare = next(s for s in servers if s.name == BARE)
-    table = Table(
-        title=f"HTTP /infer on 'simple', JSON tensors, keep-alive http.client ({seconds:g} s per cell, "
+    alternate(servers, concurrencies, seconds, rounds)
+    title = (
+        f"HTTP /infer on 'simple', JSON tensors, keep-alive http.client ({seconds:g} s per cell, "
         f"{rounds} round(s); median (min–max))"
     )
-    for column in ("concurrency", "server", "req/s", "ratio to bare", "server CPU µs/request"):
-        table.add_column(column, justify="right")
-    for concurrency in concurrencies:
-        for server in servers:
-            ratios = [
-                mine / peer
-                for mine, peer in zip(server.rates[concurrency], bare.rates[concurrency], strict=True)
-            ]
-            ratio = "" if server is bare else _span(ratios, 2)
-            row = (str(concurrency), server.name, _span(server.rates[concurrency]), ratio)
-            table.add_row(*row, _span(server.cpu_us[concurrency]))
-    return table
+    print_table(ratio_table(title, servers, BARE, concurrencies))
+    return servers
 
 
 def main() -> None:
@@ -210,7 +173,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--variant", type=_variant, action="append", default=[], metavar='"NAME=PATH ..."')
+    parser.add_argument(
+        "--variant", type=parse_variant, action="append", default=[], metavar='"NAME=PATH ..."'
+    )
     parser.add_argument("--bare", action="store_true", help="run only the bare peer app")
     args = parser.parse_args()
     if args.bare:
