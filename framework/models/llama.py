@@ -7,6 +7,7 @@ honour ``use_sliding_window`` (Mistral, in ``mistral.py``, windows every layer).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
@@ -123,14 +124,13 @@ class DecoderLayer(nn.Module):
             producer.quantize_output = True
 
 
-class DecoderModel(nn.Module):
-    def __init__(
-        self, config: ModelArchConfig, qkv_bias: bool, qk_norm: bool, windowed: bool = False
-    ) -> None:
+class DecoderStack(nn.Module):
+    """Embedding, decoder layers, final norm: what every decoder-only family here shares."""
+
+    def __init__(self, config: ModelArchConfig, make_layer: Callable[[int], nn.Module]) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        windows = [config.attention.window_of(i) if windowed else None for i in range(config.num_layers)]
-        self.layers = nn.ModuleList(DecoderLayer(config, qkv_bias, qk_norm, w) for w in windows)
+        self.layers = nn.ModuleList(make_layer(i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -139,6 +139,17 @@ class DecoderModel(nn.Module):
             x, residual = layer(positions, x, residual)
         x, _ = self.norm(x, residual)
         return x
+
+
+class DecoderModel(DecoderStack):
+    def __init__(
+        self, config: ModelArchConfig, qkv_bias: bool, qk_norm: bool, windowed: bool = False
+    ) -> None:
+        def make_layer(i: int) -> nn.Module:
+            window = config.attention.window_of(i) if windowed else None
+            return DecoderLayer(config, qkv_bias, qk_norm, window)
+
+        super().__init__(config, make_layer)
 
 
 class LlamaForCausalLM(ModelArchitecture):

@@ -12,11 +12,11 @@ from typing import ClassVar
 
 import torch
 from pagedserve.models.hf_config import ModelArchConfig
-from pagedserve.models.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from pagedserve.models.layers.embedding import ParallelLMHead
 from pagedserve.models.layers.moe import expert_checkpoint_mapping
 from pagedserve.models.layers.norm import RMSNorm
 from pagedserve.models.layers.quantization import checkpoint_being_built
-from pagedserve.models.llama import DecoderAttention, LlamaForCausalLM
+from pagedserve.models.llama import DecoderAttention, DecoderStack, LlamaForCausalLM
 from pagedserve.models.moe_config import MoeConfig
 from pagedserve.models.registry import ModelArchitecture
 from torch import nn
@@ -55,7 +55,7 @@ class MoeDecoderLayer(nn.Module):
         return getattr(self, self.ffn_name)(x), residual
 
 
-class MoeDecoderModel(nn.Module):
+class MoeDecoderModel(DecoderStack):
     def __init__(
         self,
         config: ModelArchConfig,
@@ -66,20 +66,10 @@ class MoeDecoderModel(nn.Module):
         ffn_name: str,
         make_ffn: FeedForwardFactory,
     ) -> None:
-        super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(
-            MoeDecoderLayer(config, qkv_bias, qk_norm, windows[i], ffn_name, make_ffn(config, moe, i))
-            for i in range(config.num_layers)
-        )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        def make_layer(i: int) -> nn.Module:
+            return MoeDecoderLayer(config, qkv_bias, qk_norm, windows[i], ffn_name, make_ffn(config, moe, i))
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        x, residual = self.embed_tokens(input_ids), None
-        for layer in self.layers:
-            x, residual = layer(positions, x, residual)
-        x, _ = self.norm(x, residual)
-        return x
+        super().__init__(config, make_layer)
 
 
 class MoeForCausalLM(ModelArchitecture):
