@@ -96,14 +96,24 @@ class GatedMLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    """Attention and a feed-forward block, each after an RMSNorm on the residual stream. The block is
+    Llama's gated MLP unless one is given (a mixture of experts), under the checkpoint's name for it."""
+
     def __init__(
-        self, config: ModelArchConfig, qkv_bias: bool, qk_norm: bool, sliding_window: int | None = None
+        self,
+        config: ModelArchConfig,
+        qkv_bias: bool,
+        qk_norm: bool,
+        sliding_window: int | None = None,
+        ffn: nn.Module | None = None,
+        ffn_name: str = "mlp",
     ) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = DecoderAttention(config, qkv_bias, qk_norm, sliding_window)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = GatedMLP(config)
+        self.ffn_name = ffn_name
+        self.add_module(ffn_name, ffn if ffn is not None else GatedMLP(config))
 
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None
@@ -115,7 +125,7 @@ class DecoderLayer(nn.Module):
             x, residual = self.input_layernorm(x, residual)
         x = self.self_attn(positions, x)
         x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
+        return getattr(self, self.ffn_name)(x), residual
 
     def write_fp8_rows_(self) -> None:
         """Once the linears are float8: the two norms and SiLU·mul, which feed only linears, write

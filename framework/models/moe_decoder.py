@@ -14,45 +14,14 @@ import torch
 from pagedserve.models.hf_config import ModelArchConfig
 from pagedserve.models.layers.embedding import ParallelLMHead
 from pagedserve.models.layers.moe import expert_checkpoint_mapping
-from pagedserve.models.layers.norm import RMSNorm
 from pagedserve.models.layers.quantization import checkpoint_being_built
-from pagedserve.models.llama import DecoderAttention, DecoderStack, LlamaForCausalLM
+from pagedserve.models.llama import DecoderLayer, DecoderStack, LlamaForCausalLM
 from pagedserve.models.moe_config import MoeConfig
 from pagedserve.models.registry import ModelArchitecture
 from torch import nn
 
 FeedForwardFactory = Callable[[ModelArchConfig, MoeConfig, int], nn.Module]
 _NO_FP8 = "not supported yet: the float8 matmuls cover dense linears, not the stacked experts"
-
-
-class MoeDecoderLayer(nn.Module):
-    def __init__(
-        self,
-        config: ModelArchConfig,
-        qkv_bias: bool,
-        qk_norm: bool,
-        sliding_window: int | None,
-        ffn_name: str,
-        ffn: nn.Module,
-    ) -> None:
-        super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = DecoderAttention(config, qkv_bias, qk_norm, sliding_window)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.ffn_name = ffn_name
-        self.add_module(ffn_name, ffn)
-
-    def forward(
-        self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``x`` is the previous layer's output, not yet added to the ``residual`` stream."""
-        if residual is None:
-            residual, x = x, self.input_layernorm(x)
-        else:
-            x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(positions, x)
-        x, residual = self.post_attention_layernorm(x, residual)
-        return getattr(self, self.ffn_name)(x), residual
 
 
 class MoeDecoderModel(DecoderStack):
@@ -67,7 +36,7 @@ class MoeDecoderModel(DecoderStack):
         make_ffn: FeedForwardFactory,
     ) -> None:
         def make_layer(i: int) -> nn.Module:
-            return MoeDecoderLayer(config, qkv_bias, qk_norm, windows[i], ffn_name, make_ffn(config, moe, i))
+            return DecoderLayer(config, qkv_bias, qk_norm, windows[i], make_ffn(config, moe, i), ffn_name)
 
         super().__init__(config, make_layer)
 
