@@ -448,13 +448,12 @@ def test_the_compile_queue_is_bounded(engine, monkeypatch, core):
     """Beyond max_queued compiles in flight a structured request is UNAVAILABLE; aborting a request
     whose compile runs does not free its place until the compile ends (it still holds a thread);
     plain requests are served throughout."""
-    jsonschema = pytest.importorskip("jsonschema")
     compiles = GrammarCompiles(engine.grammars, max_queued=2, num_threads=2)
     monkeypatch.setattr(engine, "compiles", compiles, raising=False)
     held = HeldCompiles(engine, monkeypatch)
     try:
         assert core.add(_request("a", {"json": SCHEMA})) is None
-        assert core.add(_request("b", {"json": SCHEMA})) is None
+        assert core.add(_request("b", {"choice": CHOICES})) is None
         held.wait_started(2)
         refused = core.add(_request("c", {"regex": REGEX}))
         assert refused is not None and refused.finished and refused.error_code == "UNAVAILABLE"
@@ -470,10 +469,36 @@ def test_the_compile_queue_is_bounded(engine, monkeypatch, core):
     finally:
         held.release()
     outputs = _step_until_finished(core, {"b"})
-    jsonschema.validate(json.loads(outputs["b"][-1].outputs[0].text), SCHEMA)
+    assert outputs["b"][-1].outputs[0].text in CHOICES
     assert core.add(_request("e", {"regex": REGEX})) is None  # room again
     e = _step_until_finished(core, {"e"})["e"][-1].outputs[0]
     assert re.fullmatch(REGEX, e.text), e.text
+
+
+def test_requests_with_one_constraint_share_its_compile(engine, monkeypatch, core):
+    """Five times max_queued requests with the same schema while it compiles: all are admitted, the
+    schema compiles once, aborting some leaves the others' compile running, and each of the rest
+    walks its own matcher to a valid document."""
+    jsonschema = pytest.importorskip("jsonschema")
+    monkeypatch.setattr(engine, "compiles", GrammarCompiles(engine.grammars, max_queued=2), raising=False)
+    held = HeldCompiles(engine, monkeypatch)
+    ids = [f"r{i}" for i in range(10)]
+    try:
+        for rid in ids:
+            assert core.add(_request(rid, {"json": SCHEMA}, max_tokens=120)) is None
+        held.wait_started(1)
+        for rid in ids[:3]:
+            assert core.abort(rid).outputs[0].finish_reason == "abort"
+        assert core.add(_request("other", {"regex": REGEX})) is None  # one distinct compile in flight
+    finally:
+        held.release()
+    outputs = _step_until_finished(core, {*ids[3:], "other"})
+    assert held.started.count("json") == 1, held.started
+    texts = [outputs[rid][-1].outputs[0].text for rid in ids[3:]]
+    for text in texts:
+        jsonschema.validate(json.loads(text), SCHEMA)
+    assert re.fullmatch(REGEX, outputs["other"][-1].outputs[0].text)
+    assert not engine.has_unfinished_requests() and core.stats.num_waiting == 0
 
 
 def test_preempted_constrained_requests_still_parse(tiny_path):

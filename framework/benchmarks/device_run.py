@@ -29,6 +29,12 @@ Steps (``--bench-extra`` is appended to every ``bench`` command):
 * ``serving``: the serving benchmark (``pagedserve.benchmarks.serving``) on llama3 with random
   weights, 512 requests at each of ``--serving-rates`` (default 16, 64 req/s and all at once), then
   the offline engine on the last saturation run's prompts.
+* ``frontends``: streaming output tok/s at saturation through gRPC, the OpenAI chat stream and HTTP
+  ``generate_stream`` of one server (``pagedserve.benchmarks.frontend_streams``), llama3 with random
+  weights, 512 requests a pass.
+* ``moe``: Qwen3-30B-A3B's shape with random weights, our engine beside HF ``generate``
+  (``pagedserve.benchmarks.moe``).
+* ``structured``: the engine with and without a JSON schema (``pagedserve.benchmarks.structured_output``).
 * ``attention_tests``: only the GPU tests of the Triton kernels and the KV cache dtypes.
 * ``decode_bench``: the paged decode (and prefill) kernel beside SDPA (``device_check.py``).
 * ``fp8_decode``: the decode kernel on bf16 vs float8 caches, with a launch-parameter sweep.
@@ -153,6 +159,16 @@ def steps(
             300,
         ),
         "fusions": (f"{me} --fusion-bench", 240),
+        "frontends": (
+            f"{here} -m pagedserve.benchmarks.frontend_streams --model llama3 --num-requests 512 "
+            f"--rounds 2 --serve-args {serve_args}",
+            300,
+        ),
+        "moe": (f"{here} -m pagedserve.benchmarks.moe --shape qwen3-30b-a3b --num-requests 256", 300),
+        "structured": (
+            f"{here} -m pagedserve.benchmarks.structured_output throughput --device cuda --num-requests 256",
+            150,
+        ),
         "serving": (
             f"{here} -m pagedserve.benchmarks.serving --model llama3 --num-requests 512 "
             f"--rates {serving_rates} "

@@ -21,9 +21,9 @@ into the tokenizer's vocabulary) is decoded and trimmed until the server's token
 into exactly the drawn number of tokens (BOS included); the server's ``num_input_tokens`` is
 checked against it. A model with no ``tokenizer.json`` (``llama3`` with ``engine.load_format=dummy``)
 is served from a temporary directory holding its ``config.json`` and tiny-llama's byte-level
-tokenizer (``engine.weights=<dir>``, same architecture, random weights): prompts are token ids
-< 512, valid in any larger vocabulary, and generated ids the borrowed tokenizer does not know
-detokenize to nothing (token counts, not text, are what is measured).
+tokenizer and chat template (``engine.weights=<dir>``, same architecture, random weights): prompts
+are token ids < 512, valid in any larger vocabulary, and generated ids the borrowed tokenizer does
+not know detokenize to nothing (token counts, not text, are what is measured).
 
 Sweep syntax in ``--serve-args`` (``cache.block_size=8,16``, ``range(...)``, ``choice(...)``) runs the
 benchmark once per combination, as ``serve -m`` would (Hydra's basic sweeper), each with its own
@@ -207,7 +207,8 @@ def resolve_target(model: str, overrides: list[str]) -> Target:
             raise SystemExit(f"model '{model}' has no tokenizer.json; the server cannot take text prompts")
         borrowed = Path(tempfile.mkdtemp(prefix="pagedserve-serving-"))
         (borrowed / "config.json").write_text(json.dumps(source.hf_config))
-        shutil.copy(ensure_tiny_llama() / "tokenizer.json", borrowed / "tokenizer.json")
+        for name in ("tokenizer.json", "tokenizer_config.json"):  # the config holds the chat template
+            shutil.copy(ensure_tiny_llama() / name, borrowed / name)
         overrides = [*overrides, f"engine.weights={borrowed}"]
     raise AssertionError("unreachable")
 

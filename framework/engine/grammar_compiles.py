@@ -9,8 +9,10 @@ interval, during 170 ms compiles). A sequence enters the scheduler only once its
 the scheduler, preemption and the running batch never see one without it; a compile that fails ends
 its request alone. vLLM compiles on a thread pool too, holding the request back until it is done.
 
-The number of compiles in flight is bounded: beyond :data:`MAX_QUEUED_COMPILES`, a new structured
-request is refused (:class:`CompileQueueFull`, UNAVAILABLE) rather than queued behind the others.
+Requests with the same constraint while it compiles share its one compile (a batch of requests with
+one schema is the common case: it compiles once, and each request then starts its own matcher). The
+number of distinct compiles in flight is bounded: beyond :data:`MAX_QUEUED_COMPILES`, a request with a
+new constraint is refused (:class:`CompileQueueFull`, UNAVAILABLE) rather than queued behind the others.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import logging
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from typing import Any
 
 from pagedserve.engine.sequence import Sequence
 from pagedserve.engine.structured_output import GrammarBackend, SequenceGrammar, StructuredOutputsParams
@@ -33,9 +36,20 @@ class CompileQueueFull(RuntimeError):
 
 
 @dataclass
+class _Compile:
+    future: Future[SequenceGrammar]
+    waiters: int = 0
+
+
+@dataclass
 class _Compiling:
     seq: Sequence
-    future: Future[SequenceGrammar]
+    compile: _Compile  # shared by the requests waiting for the same constraint (equal cache keys)
+    key: Any
+
+    @property
+    def future(self) -> Future[SequenceGrammar]:
+        return self.compile.future
 
 
 @dataclass
@@ -62,6 +76,7 @@ class GrammarCompiles:
         # Added on the engine thread, discarded by a done-callback on a pool thread (set operations are
         # atomic in CPython).
         self._in_flight: set[Future[SequenceGrammar]] = set()
+        self._by_key: dict[Any, _Compile] = {}  # the compiles with waiters, on the engine thread only
 
     def __len__(self) -> int:
         return len(self._waiting)
@@ -71,28 +86,42 @@ class GrammarCompiles:
         :class:`CompileQueueFull` when :attr:`max_queued` compiles are in flight."""
         if self.backend is None:
             raise ValueError("structured_outputs need a tokenizer, and this model has no tokenizer.json")
-        if len(self._in_flight) >= self.max_queued:
-            raise CompileQueueFull(
-                f"Exceeds maximum queue size: {len(self._in_flight)} structured-output grammars are "
-                f"compiling for this model (at most {self.max_queued}); retry later"
-            )
-        future = self._pool.submit(self.backend.grammar_for, params)
-        self._in_flight.add(future)
-        future.add_done_callback(self._in_flight.discard)
-        self._waiting[seq.request_id] = _Compiling(seq, future)
+        key = params.cache_key
+        shared = self._by_key.get(key)
+        if shared is None:
+            if len(self._in_flight) >= self.max_queued:
+                raise CompileQueueFull(
+                    f"Exceeds maximum queue size: {len(self._in_flight)} structured-output grammars are "
+                    f"compiling for this model (at most {self.max_queued}); retry later"
+                )
+            future = self._pool.submit(self.backend.grammar_for, params)
+            self._in_flight.add(future)
+            future.add_done_callback(self._in_flight.discard)
+            shared = self._by_key[key] = _Compile(future)
+        shared.waiters += 1
+        self._waiting[seq.request_id] = _Compiling(seq, shared, key)
 
     def abort(self, request_id: str) -> bool:
-        """Forget ``request_id``'s compile (one not started never runs); False if it is not here."""
+        """Forget ``request_id``'s compile (one not started, and no longer waited for, never runs);
+        False if it is not here."""
         entry = self._waiting.pop(request_id, None)
         if entry is None:
             return False
-        entry.future.cancel()  # a compile already running cannot be stopped: its result is dropped
+        if self._release(entry) == 0:
+            entry.future.cancel()  # a compile already running cannot be stopped: its result is dropped
         return True
+
+    def _release(self, entry: _Compiling) -> int:
+        """One waiter fewer on ``entry``'s compile; returns how many are left."""
+        entry.compile.waiters -= 1
+        if entry.compile.waiters == 0:
+            del self._by_key[entry.key]
+        return entry.compile.waiters
 
     def wait(self, timeout: float) -> None:
         """Block until a compile ends or ``timeout`` seconds pass (for an engine with nothing else to run)."""
         if self._waiting:
-            wait([entry.future for entry in self._waiting.values()], timeout, FIRST_COMPLETED)
+            wait({entry.future for entry in self._waiting.values()}, timeout, FIRST_COMPLETED)
 
     def take_ready(self) -> list[Sequence]:
         """The sequences whose grammar has compiled, with it set."""
@@ -101,7 +130,8 @@ class GrammarCompiles:
             future = entry.future
             if future.done() and future.exception() is None:
                 del self._waiting[request_id]
-                entry.seq.grammar = future.result()
+                self._release(entry)
+                entry.seq.grammar = future.result().fresh()  # its own matcher: the future may be shared
                 ready.append(entry.seq)
         return ready
 
@@ -113,6 +143,7 @@ class GrammarCompiles:
             if not future.done() or (error := future.exception()) is None:
                 continue
             del self._waiting[request_id]
+            self._release(entry)
             if isinstance(error, ValueError):
                 failed.append(CompileFailure(entry.seq, str(error), "INVALID_ARGUMENT"))
             else:
