@@ -7,7 +7,7 @@ All validation messages follow Triton's texts (clients and tests match on them);
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -430,6 +430,8 @@ class RequestDecoder:
     ) -> np.ndarray:
         """A fixed-size input from its raw bytes (what :meth:`_to_array` does for them, in short)."""
         assert plan.wire is not None
+        if type(data) is np.ndarray:  # the elements already (the HTTP front-end's JSON data)
+            return self._to_array(input_name, plan.datatype, shape, data)
         expected = math.prod(shape) * plan.wire.itemsize
         if len(data) != expected:
             raise _byte_size_mismatch(input_name, self.spec.name, expected, len(data))
@@ -739,6 +741,31 @@ def _shm_access(shm: ShmAccess | None) -> ShmAccess:
     return shm
 
 
+ResponseEncoder = Callable[[ModelSpec, InferenceRequest, InferenceResponse, RequestOptions], Any]
+"""Turns a model's response into what a front-end sends (a ModelInferResponse for gRPC); called in
+the thread the model sends from."""
+
+
+def response_tensors(
+    spec: ModelSpec, request: InferenceRequest, response: InferenceResponse, options: RequestOptions
+) -> Iterator[tuple[str, str, np.ndarray, ShmOutput | None]]:
+    """Each requested output the model produced, in its order: ``(name, datatype, array, target)``,
+    classification applied, ``target`` the client's shared-memory region when it asked for one."""
+    declared = spec.output_datatypes
+    wanted = request.requested_outputs
+    for name, value in response.outputs.items():
+        if name not in wanted:
+            continue
+        array = np.asarray(value)
+        datatype = declared.get(name) or datatypes.from_numpy(array.dtype)
+        if options.classifications and name in options.classifications:
+            batched = spec.config.max_batch_size > 0
+            array = classify(array, options.classifications[name], batched, datatype)
+            datatype = "BYTES"
+        target = options.shm_outputs.get(name) if options.shm_outputs else None
+        yield name, datatype, array, target
+
+
 def encode_response(
     spec: ModelSpec,
     request: InferenceRequest,
@@ -753,24 +780,13 @@ def encode_response(
         return pb.ModelInferResponse(
             model_name=spec.name, model_version=str(request.model_version), id=request.id
         )
-    declared = spec.output_datatypes
-    wanted = request.requested_outputs
     outputs: list[dict[str, Any]] = []
     raw_outputs: list[bytes | memoryview] = []
-    for name, value in response.outputs.items():
-        if name not in wanted:
-            continue
-        array = np.asarray(value)
-        datatype = declared.get(name) or datatypes.from_numpy(array.dtype)
-        if options.classifications and name in options.classifications:
-            batched = spec.config.max_batch_size > 0
-            array = classify(array, options.classifications[name], batched, datatype)
-            datatype = "BYTES"
+    for name, datatype, array, target in response_tensors(spec, request, response, options):
         # Dicts, and the whole message in one constructor call: protobuf builds the submessages
         # in C instead of one ``outputs.add`` round trip each.
         outputs.append({"name": name, "datatype": datatype, "shape": array.shape})
         raw = datatypes.to_raw(array, datatype)
-        target = options.shm_outputs.get(name) if options.shm_outputs else None
         if target is not None:
             target.write(raw)
             raw = b""

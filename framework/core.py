@@ -14,7 +14,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from pagedserve.codec import RequestDecoder, RequestOptions
+from pagedserve.codec import RequestDecoder, RequestOptions, ResponseEncoder, encode_response
 from pagedserve.config import ServeConfig
 from pagedserve.datatypes import of_tensor
 from pagedserve.errors import InferenceError
@@ -130,19 +130,24 @@ class ServerCore:
         return decoder
 
     def start_request(
-        self, message: pb.ModelInferRequest, deliver: Callable[[Delivery], None], front_end: str = "Server"
+        self,
+        message: pb.ModelInferRequest,
+        deliver: Callable[[Delivery], None],
+        front_end: str = "Server",
+        encoder: ResponseEncoder = encode_response,
     ) -> tuple[ServerResponder, RequestOptions]:
         """Resolve, decode and queue one request; raise InferenceError if it cannot start.
 
         ``deliver`` is called on the event loop with each response (or the error), the last marked
-        final. ``front_end`` names the server in Triton's shutting-down message ("GRPC server", ...)."""
+        final; ``encoder`` makes each response's message where the model sends it. ``front_end``
+        names the server in Triton's shutting-down message ("GRPC server", ...)."""
         if self.exiting:
             raise InferenceError.unavailable(
                 f"{front_end} is shutting down and has stopped accepting new requests."
             )
         arrival = time.monotonic_ns()
         loaded = self.manager.acquire(message.model_name, message.model_version)
-        responder = ServerResponder(self._mailbox(), loaded, deliver)
+        responder = ServerResponder(self._mailbox(), loaded, deliver, encoder)
         lease = self.shm.lease() if self.shm.enabled else None
         try:
             request, options = self._decoder(loaded).decode(message, responder, lease)

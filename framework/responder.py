@@ -1,7 +1,8 @@
 """The server's Responder: encodes a model's responses in the calling thread, hands them to the loop.
 
 Encoding happens where the model sends (a worker or engine thread), so the event loop only writes
-finished protobuf messages. The final response records the request's statistics, closes its trace
+finished messages: protobuf by default, or what the request's front-end asked for (the HTTP
+``/infer`` route's JSON body). The final response records the request's statistics, closes its trace
 timeline, releases its shared-memory regions and the model version (unload waits for that).
 """
 
@@ -14,8 +15,9 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
-from pagedserve.codec import InferResponseMessage, RequestOptions, encode_response
+from pagedserve.codec import InferResponseMessage, RequestOptions, ResponseEncoder, encode_response
 from pagedserve.errors import InferenceError
 from pagedserve.inference import InferenceRequest, InferenceResponse, Responder
 from pagedserve.model_manager import LoadedVersion
@@ -26,9 +28,10 @@ from pagedserve.tracing import Trace
 
 @dataclass
 class Delivery:
-    """One message for the client: a response, an error, or a flags-only final (``message`` None)."""
+    """One message for the client: a response, an error, or a flags-only final (``message`` None).
+    ``message`` is what the request's encoder made (a ModelInferResponse unless it asked otherwise)."""
 
-    message: pb.ModelInferResponse | InferResponseMessage | None
+    message: pb.ModelInferResponse | InferResponseMessage | Any
     error: InferenceError | None
     final: bool
 
@@ -113,11 +116,16 @@ def _delivered(delivery: Delivery) -> None:
 
 class ServerResponder(Responder):
     def __init__(
-        self, mailbox: LoopMailbox, loaded: LoadedVersion, deliver: Callable[[Delivery], None]
+        self,
+        mailbox: LoopMailbox,
+        loaded: LoadedVersion,
+        deliver: Callable[[Delivery], None],
+        encoder: ResponseEncoder = encode_response,
     ) -> None:
         self.mailbox = mailbox
         self.loaded = loaded
         self.deliver = deliver
+        self.encoder = encoder
         self.request: InferenceRequest | None = None
         self.options = RequestOptions()
         """Output placement (shared memory, classification), set by the server after decoding."""
@@ -190,7 +198,9 @@ class ServerResponder(Responder):
             self.loaded.stats.record_response(index, infer_ns=infer_ns, output_ns=0, ok=False, empty=False)
             return Delivery(None, response.error, final)
         try:
-            message = encode_response(self.loaded.spec, request, response, self.options)
+            message = (
+                None if response is None else self.encoder(self.loaded.spec, request, response, self.options)
+            )
         except InferenceError as error:  # e.g. a shared-memory output too small for the result
             return Delivery(None, error, final)
         except Exception as error:  # noqa: BLE001 - a model returned something we cannot encode

@@ -22,7 +22,7 @@ LIMIT = 2**20
 def server() -> Iterator[ServerProcess]:
     process = start_server(
         "frontends=[grpc,http]",
-        "model=[simple,simple_string,repeat_int32]",
+        "model=[simple,simple_string,repeat_int32,identity_fp32]",
         f"server.max_message_bytes={LIMIT}",
     )
     yield process
@@ -83,6 +83,8 @@ def input0(**fields: object) -> dict:
         (json.dumps({"inputs": [input0(shape="1x16")]}), 400, "Unable to parse 'shape'"),
         (json.dumps({"inputs": [input0(shape=[1, -16])]}), 400, "Unable to parse 'shape'"),
         (json.dumps({"inputs": [input0(shape=[2**62, 2**62])]}), 400, "causes total element count to exceed"),
+        (json.dumps({"inputs": [input0(shape=[2**64, 1])]}), 400, "causes total element count to exceed"),
+        (json.dumps({"inputs": [input0(data=[float("nan")] * 16)]}), 400, "expected INT32 elements"),
         (json.dumps({"inputs": [input0(datatype=7)]}), 400, "Unable to parse 'datatype'"),
         (json.dumps({"inputs": [input0(data=["a"] * 16)]}), 400, "Unable to parse 'data'"),
         (json.dumps({"inputs": [input0(data=list(range(15)))]}), 400, "shape does not match true shape"),
@@ -115,6 +117,17 @@ def test_malformed_infer_bodies(server: ServerProcess, body: str, status: int, m
     got_status, got = post(server, "/v2/models/simple/infer", body)
     assert got_status == status, got
     assert message in got["error"]
+
+
+def test_float_outputs_keep_nan_and_infinity(server: ServerProcess) -> None:
+    """Outputs with NaN or infinity are written as Python's ``json`` writes them (``NaN``,
+    ``Infinity``), which tritonclient reads back; finite ones round-trip exactly."""
+    for values in ([1.5, float("nan"), float("inf"), -float("inf")], [0.1, -2.0, 1e-30, 3.4e38]):
+        data = np.array(values, dtype=np.float32)
+        body = {"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1, 4], "data": values}]}
+        status, got = post(server, "/v2/models/identity_fp32/infer", json.dumps(body))
+        assert status == 200, got
+        np.testing.assert_array_equal(np.array(got["outputs"][0]["data"], dtype=np.float32), data)
 
 
 def test_routes_methods_and_models(server: ServerProcess) -> None:

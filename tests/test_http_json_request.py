@@ -7,11 +7,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import numpy as np
 import pytest
 from pagedserve.codec import RequestDecoder
 from pagedserve.errors import InferenceError
-from pagedserve.frontends.http_body import HttpError
-from pagedserve.frontends.http_tensors import JsonInferRequest, JsonTensor, decode_infer
+from pagedserve.frontends.http_body import HttpError, parse_json
+from pagedserve.frontends.http_tensors import JsonInferRequest, JsonTensor, decode_infer, json_tensor_data
 from pagedserve.protocol import grpc_service_pb2 as pb
 from pagedserve.repository import spec_from_document
 
@@ -71,8 +72,15 @@ def _protobuf(message: JsonInferRequest) -> pb.ModelInferRequest:
         added_output = out.outputs.add(name=output.name)
         for key, param in output.parameters.items():
             added_output.parameters[key].CopyFrom(param)
-    out.raw_input_contents.extend(bytes(raw) for raw in message.raw_input_contents)
+    out.raw_input_contents.extend(_wire(raw) for raw in message.raw_input_contents)
     return out
+
+
+def _wire(raw: Any) -> bytes:
+    """A raw entry as protobuf carries it: JSON data arrives as an array, sent little-endian."""
+    if isinstance(raw, np.ndarray):
+        return raw.astype(raw.dtype.newbyteorder("<")).tobytes()
+    return bytes(raw)
 
 
 def _outcome(message: Any) -> Any:
@@ -127,3 +135,82 @@ def test_lone_surrogate_refused_as_protobuf_refuses_it(field: str) -> None:
 def test_bad_json_still_http_error() -> None:
     with pytest.raises(HttpError):
         decode_infer(b'{"inputs": [', None, "m", "", SPEC, 2**20)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        b'{"a": [1, -2, 3.5, "x", true, null, {"b": []}], "a": 2}',
+        b"[9223372036854775807, -9223372036854775808, 18446744073709551615]",
+        b"[18446744073709551616, -9223372036854775809, 123456789012345678901234567890]",
+        b'{"id": "12345678901234567890"}',
+        b"[NaN, Infinity, -Infinity, 1e400]",
+        b'"\\ud800"',
+        b"\xef\xbb\xbf{}",
+        b'"\xc3\xa9\\u00e9\\n"',
+        b"[" * 5000 + b"]" * 5000,
+        b'{"a": 1,}',
+        b"\xff",
+        b"",
+    ],
+)
+def test_parse_json_reads_what_python_json_reads(text: bytes) -> None:
+    """The fast reader (orjson) is only a shortcut: every document reads as Python's ``json`` reads
+    it (big integers stay integers, NaN is read), and whatever Python refuses is refused."""
+    try:
+        expected: Any = json.loads(text)
+    except (ValueError, RecursionError):
+        with pytest.raises(HttpError):
+            parse_json(text)
+        return
+    got = parse_json(memoryview(text))
+    assert repr(got) == repr(expected)  # repr: NaN != NaN, and 1 == 1.0 would hide a float
+
+
+def _flattened(data: Any) -> list[Any]:
+    return [leaf for item in data for leaf in _flattened(item)] if isinstance(data, list) else [data]
+
+
+@pytest.mark.parametrize(
+    ("datatype", "data"),
+    [
+        ("INT32", [1, 2, 3, 4]),
+        ("INT32", [[1, 2], [3, 4]]),
+        ("INT32", [[[1], [2]], [[3], [4]]]),
+        ("INT32", [[1, 2, 3], [4]]),  # ragged: only the element count counts
+        ("INT32", [[1, 2], 3, [[4]]]),
+        ("INT32", [True, False, 1, 0]),
+        ("INT32", [2**31, -(2**31) - 1, 2**40, -1]),  # wraps, as a C cast does
+        ("UINT8", [255, 256, 0, 1]),
+        ("FP32", [1, 2.5, 1e-30, 3.4e38]),
+        ("FP64", [[0.1], [2], [3.3], [1e308]]),
+        ("BOOL", [True, False, [True], [[False]]]),
+    ],
+)
+def test_json_data_is_the_flattened_elements(datatype: str, data: Any) -> None:
+    """numpy reads even nesting in one pass; ragged or mixed data is flattened first: either way the
+    elements, in order, cast to the datatype."""
+    got = json_tensor_data("A", datatype, [1, 4], data, 2**20)
+    dtype = {"INT32": np.int32, "UINT8": np.uint8, "FP32": np.float32, "FP64": np.float64, "BOOL": np.bool_}
+    expected = np.array(_flattened(data)).astype(dtype[datatype])
+    assert got.dtype == expected.dtype and got.shape == (4,)
+    np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ([1, 2, "3", 4], "expected INT32 elements"),
+        ([[1, 2], ["a", "b"]], "expected INT32 elements"),
+        ([1.5, 2, 3, 4], "expected INT32 elements"),
+        ([1, 2, None, 4], "expected INT32 elements"),
+        ([1, 2, {"x": 1}, 4], "expected INT32 elements"),
+        ([2**64, 1, 2, 3], "expected INT32 elements"),
+        ([[1, 2], [3]], "shape does not match true shape"),
+        ([[1, 2, 3], [4, 5]], "Shape does not match true shape"),
+        ([[[]]] * 4, "shape does not match true shape"),
+    ],
+)
+def test_bad_json_data_gets_tritons_text(data: Any, message: str) -> None:
+    with pytest.raises(HttpError, match=message):
+        json_tensor_data("A", "INT32", [1, 4], data, 2**20)

@@ -15,6 +15,7 @@ import zlib
 from collections.abc import Mapping
 from typing import Any
 
+from pagedserve.codec import ResponseEncoder, encode_response
 from pagedserve.core import ServerCore, allows_unary
 from pagedserve.errors import InferenceError
 from pagedserve.frontends.http_body import (
@@ -27,7 +28,7 @@ from pagedserve.frontends.http_body import (
     status_of,
 )
 from pagedserve.frontends.http_generate import decode_generate, encode_generate_response
-from pagedserve.frontends.http_tensors import decode_infer, encode_infer_response
+from pagedserve.frontends.http_tensors import JsonResponseEncoder, decode_infer, empty_response
 from pagedserve.responder import Delivery, ServerResponder
 from starlette.responses import Response
 from starlette.types import Scope, Send
@@ -121,10 +122,12 @@ class Running:
             trace.finish()
 
 
-def start(core: ServerCore, message: Any, receive: Receive) -> Running:
+def start(
+    core: ServerCore, message: Any, receive: Receive, encoder: ResponseEncoder = encode_response
+) -> Running:
     inbox = Inbox(asyncio.get_running_loop())
     try:
-        responder, _ = core.start_request(message, inbox.deliver, front_end=FRONT_END)
+        responder, _ = core.start_request(message, inbox.deliver, FRONT_END, encoder)
     except InferenceError as error:
         raise HttpError.of(error) from None
     return Running(responder, inbox, receive)
@@ -142,17 +145,15 @@ async def infer(
     limit = core.config.server.max_message_bytes
     body = await read_body(receive, headers, limit)
     call = decode_infer(body, _header_length(headers, len(body)), model, version, spec, limit)
-    running = start(core, call.message, receive)
+    running = start(core, call.message, receive, JsonResponseEncoder(call))
     try:
         response, error = await _single(running, spec.decoupled)
     finally:
         running.close()
     if error is not None:
         raise HttpError.of(error)
-    parts, header_length = encode_infer_response(
-        response, call.message, call, running.responder.options.shm_outputs
-    )
-    return _infer_response(b"".join(parts), header_length, headers.get("accept-encoding"))
+    body = response if response is not None else empty_response(call.message)
+    return _infer_response(b"".join(body.parts), body.header_length, headers.get("accept-encoding"))
 
 
 async def _single(running: Running, decoupled: bool) -> tuple[Any, InferenceError | None]:

@@ -1,16 +1,18 @@
-"""KServe v2 JSON tensors (with Triton's binary tensor data extension) <-> the inference protobufs.
+"""KServe v2 JSON tensors (with Triton's binary tensor data extension) <-> the server's requests.
 
 An ``/infer`` body becomes the ``ModelInferRequest`` the gRPC front-end would have received: JSON
-``data`` is packed into ``raw_input_contents``, binary inputs are views of the body, and the
-parameters HTTP gives its own meaning (``binary_data_size``, ``binary_data``,
-``binary_data_output``) are taken out. Everything a gRPC request is checked for (datatypes,
-shapes, byte sizes, shared memory) is then checked by :mod:`pagedserve.codec` with Triton's texts;
-this module only adds the checks of Triton's HTTP parser (``ParseJsonTritonIO``), with its texts.
+``data`` becomes arrays in ``raw_input_contents`` (numpy reads them in one pass), binary inputs are
+views of the body, and the parameters HTTP gives its own meaning (``binary_data_size``,
+``binary_data``, ``binary_data_output``) are taken out. Everything a gRPC request is checked for
+(datatypes, shapes, byte sizes, shared memory) is then checked by :mod:`pagedserve.codec` with
+Triton's texts; this module only adds the checks of Triton's HTTP parser (``ParseJsonTritonIO``),
+with its texts.
 
 Only what still has parameters is built in protobuf: the rest are plain objects with the same
 attributes (:class:`JsonInferRequest`, :class:`JsonTensor`) that the same
 :class:`~pagedserve.codec.RequestDecoder` reads, so the checks and their texts are shared, without
-paying for building a protobuf message and reading it back.
+paying for building a protobuf message and reading it back. The answer is written as JSON straight
+from the model's arrays (:class:`JsonResponseEncoder`), in the thread the model sends from.
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ from typing import Any
 import numpy as np
 from pagedserve import datatypes
 from pagedserve.backend import ModelSpec
-from pagedserve.codec import InferRequestMessage, InferResponseMessage
+from pagedserve.codec import InferRequestMessage, RequestOptions, response_tensors
+from pagedserve.errors import InferenceError
 from pagedserve.frontends.http_body import HttpError, dumps, parse_json
+from pagedserve.inference import InferenceRequest, InferenceResponse, ParameterValue
 from pagedserve.protocol import grpc_service_pb2 as pb
 
 _INT64_MAX = 2**63 - 1
@@ -70,7 +74,8 @@ class JsonInferRequest:
         self.parameters: Any = _NO_PARAMETERS
         self.inputs: list[JsonTensor | pb.ModelInferRequest.InferInputTensor] = []
         self.outputs: list[JsonTensor | pb.ModelInferRequest.InferRequestedOutputTensor] = []
-        self.raw_input_contents: list[memoryview | bytes] = []
+        # Binary data (views of the body), or JSON data as arrays of the declared datatype.
+        self.raw_input_contents: list[memoryview | bytes | np.ndarray] = []
 
 
 @dataclass
@@ -192,10 +197,10 @@ def set_json_parameter(target: pb.InferParameter, key: str, value: Any) -> None:
 
 def _inputs(
     inputs: Any, message: JsonInferRequest, binary: memoryview, model: str, limit: int
-) -> list[memoryview | bytes]:
+) -> list[memoryview | bytes | np.ndarray]:
     if not isinstance(inputs, list):
         raise HttpError("Unable to parse 'inputs': expected an array")
-    raw: list[memoryview | bytes] = []
+    raw: list[memoryview | bytes | np.ndarray] = []
     offset = 0
     for item in inputs:
         if not isinstance(item, dict):
@@ -218,7 +223,7 @@ def _inputs(
             raw.append(binary[offset : offset + size])
             offset += size
         elif "shared_memory_region" not in params:
-            raw.append(json_tensor_bytes(name, datatype, shape, item["data"], limit))
+            raw.append(json_tensor_data(name, datatype, shape, item["data"], limit))
     if offset != len(binary):
         raise HttpError(f"unexpected additional input data for model '{model}'")
     return raw
@@ -267,8 +272,9 @@ def _shape_text(shape: list[int]) -> str:
     return "[" + ",".join(str(d) for d in shape) + "]"
 
 
-def json_tensor_bytes(name: str, datatype: str, shape: list[int], data: Any, limit: int) -> bytes:
-    """A JSON ``data`` array (any nesting; only the element count must match) in the wire format."""
+def json_tensor_data(name: str, datatype: str, shape: list[int], data: Any, limit: int) -> np.ndarray | bytes:
+    """A JSON ``data`` array (any nesting; only the element count must match): a flat array of the
+    datatype's numpy type, or, for BYTES, the elements in the wire format."""
     if datatype in ("FP16", "BF16"):
         raise HttpError(
             f"receiving {datatype} data via JSON is not supported. Please use the binary data format "
@@ -286,23 +292,44 @@ def json_tensor_bytes(name: str, datatype: str, shape: list[int], data: Any, lim
         )
     if not isinstance(data, list):
         raise HttpError("Unable to parse 'data': expected an array")
-    flat = _flatten(data)
-    if len(flat) > count:
+    # numpy reads flat or evenly nested numbers in one pass; anything else (ragged, mixed, strings)
+    # is flattened here first, which also counts the elements.
+    array = None if datatype == "BYTES" else _numbers(data)
+    flat = _flatten(data) if array is None else None
+    given = array.size if array is not None else len(flat)
+    if given > count:
         raise HttpError("Unable to parse 'data': Shape does not match true shape of 'data' field")
-    if len(flat) < count:
+    if given < count:
         raise HttpError("Failed to parse 'data' field: shape does not match true shape")
     if datatype == "BYTES":
         if not all(isinstance(item, str) for item in flat):
             raise HttpError("Unable to parse 'data': expected an array of strings for BYTES")
         return _serialize_strings(flat)
-    try:
-        array = np.array(flat)
-    except (ValueError, OverflowError):
-        array = np.array([], dtype=np.object_)
+    if array is None:
+        try:
+            array = np.array(flat)
+        except (ValueError, OverflowError):
+            array = np.array([], dtype=np.object_)
     if array.dtype.kind not in _ACCEPTED_KINDS.get(datatype, _INTEGER_KINDS):
         raise HttpError(f"Unable to parse 'data': expected {datatype} elements for input '{name}'")
-    wire = datatypes.numpy_dtype(datatype).newbyteorder("<")
-    return array.astype(wire).tobytes()
+    return array.reshape(-1).astype(datatypes.numpy_dtype(datatype))  # narrower types wrap, as C casts do
+
+
+def json_tensor_bytes(name: str, datatype: str, shape: list[int], data: Any, limit: int) -> bytes:
+    """:func:`json_tensor_data` in the wire format (for a protobuf ``raw_input_contents`` entry)."""
+    data = json_tensor_data(name, datatype, shape, data, limit)
+    if isinstance(data, bytes):
+        return data
+    return data.astype(datatypes.numpy_dtype(datatype).newbyteorder("<")).tobytes()
+
+
+def _numbers(data: list[Any]) -> np.ndarray | None:
+    """``data`` as numpy reads it when that is a plain numeric array; None otherwise."""
+    try:
+        array = np.array(data)
+    except (ValueError, OverflowError):  # ragged nesting, huge integers
+        return None
+    return array if array.dtype.kind in "biuf" else None
 
 
 def _flatten(data: list[Any]) -> list[Any]:
@@ -407,57 +434,81 @@ def _raw_shape(dims: list[int], datatype: str, size: int, name: str) -> list[int
 # -- responses -------------------------------------------------------------------------------------
 
 
-def encode_infer_response(
-    response: pb.ModelInferResponse | InferResponseMessage | None,
-    request: pb.ModelInferRequest | InferRequestMessage | JsonInferRequest,
-    call: InferCall,
-    shm_outputs: Iterable[str],
-) -> tuple[list[bytes | memoryview], int | None]:
-    """The response body in parts, and the JSON header's length when binary data follows it."""
-    message = _full_message(response, request)
-    in_shm = set(shm_outputs)
-    document: dict[str, Any] = {}
-    if message.id:
-        document["id"] = message.id
-    document["model_name"] = message.model_name
-    document["model_version"] = message.model_version
-    if message.parameters:
-        document["parameters"] = response_parameters(message)
-    outputs: list[dict[str, Any]] = []
-    binary: list[bytes | memoryview] = []
-    for index, output in enumerate(message.outputs):
-        entry: dict[str, Any] = {
-            "name": output.name,
-            "datatype": output.datatype,
-            "shape": list(output.shape),
-        }
-        raw = message.raw_output_contents[index] if index < len(message.raw_output_contents) else b""
-        if output.name in in_shm:
-            pass  # the data is in the client's region
-        elif call.is_binary(output.name):
-            entry["parameters"] = {"binary_data_size": len(raw)}
-            if raw:
-                binary.append(raw)
-        else:
-            entry["data"] = json_data(output.datatype, raw)
-        outputs.append(entry)
-    document["outputs"] = outputs
-    header = dumps(document)
-    return [header, *binary], (len(header) if binary else None)
+class HttpBody:
+    """An encoded ``/infer`` answer: the body's parts, and the JSON header's length when binary
+    data follows it (``Inference-Header-Content-Length``)."""
+
+    __slots__ = ("parts", "header_length")
+
+    def __init__(self, parts: list[bytes], header_length: int | None) -> None:
+        self.parts = parts
+        self.header_length = header_length
 
 
-def _full_message(
-    response: pb.ModelInferResponse | InferResponseMessage | None,
-    request: pb.ModelInferRequest | InferRequestMessage | JsonInferRequest,
-) -> pb.ModelInferResponse:
-    if response is None:  # a model that sent only a flags-only final
-        return pb.ModelInferResponse(
-            model_name=request.model_name, model_version=request.model_version, id=request.id
+class JsonResponseEncoder:
+    """The ``/infer`` route's :data:`~pagedserve.codec.ResponseEncoder`: the answer's JSON (and binary
+    outputs) straight from the model's arrays, in the thread the model sends from."""
+
+    __slots__ = ("call",)
+
+    def __init__(self, call: InferCall) -> None:
+        self.call = call
+
+    def __call__(
+        self, spec: ModelSpec, request: InferenceRequest, response: InferenceResponse, options: RequestOptions
+    ) -> HttpBody:
+        document: dict[str, Any] = {}
+        if request.id:
+            document["id"] = request.id
+        document["model_name"] = spec.name
+        document["model_version"] = str(request.model_version)
+        if response.parameters:
+            document["parameters"] = {key: _parameter(value) for key, value in response.parameters.items()}
+        outputs: list[dict[str, Any]] = []
+        binary: list[bytes] = []
+        finite = True  # no NaN or infinity written as JSON: the faster writer may write it all
+        for name, datatype, array, target in response_tensors(spec, request, response, options):
+            entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
+            if target is not None:
+                target.write(datatypes.to_raw(array, datatype))  # the data is in the client's region
+            elif self.call.is_binary(name):
+                raw = datatypes.to_raw(array, datatype)
+                entry["parameters"] = {"binary_data_size": len(raw)}
+                if raw:
+                    binary.append(bytes(raw))  # a copy: the model may reuse its arrays once sent
+            else:
+                entry["data"] = _array_json(datatype, array)
+                finite = finite and (array.dtype.kind != "f" or bool(np.isfinite(array).all()))
+            outputs.append(entry)
+        document["outputs"] = outputs
+        parameters = document.get("parameters")
+        if parameters and not all(math.isfinite(v) for v in parameters.values() if type(v) is float):
+            finite = False
+        header = dumps(document, finite)
+        return HttpBody([header, *binary], len(header) if binary else None)
+
+
+def empty_response(request: pb.ModelInferRequest | InferRequestMessage | JsonInferRequest) -> HttpBody:
+    """The answer of a model that sent only a flags-only final: names, no outputs."""
+    document: dict[str, Any] = {"id": request.id} if request.id else {}
+    document.update(model_name=request.model_name, model_version=request.model_version, outputs=[])
+    return HttpBody([dumps(document)], None)
+
+
+def _parameter(value: ParameterValue) -> Any:
+    """A response parameter as JSON, with the types a protobuf ``InferParameter`` would give it."""
+    return value if isinstance(value, (bool, int, float)) else str(value)
+
+
+def _array_json(datatype: str, array: np.ndarray) -> list[Any]:
+    """One output's elements as a flat JSON array, as Triton's ``WriteDataToJson``."""
+    if datatype in ("FP16", "BF16"):
+        raise InferenceError(
+            f"sending {datatype} data via JSON is not supported. Please use the binary data format for output"
         )
-    if isinstance(response, InferResponseMessage):
-        # Large tensors skipped protobuf on the way out; read them back for this protocol.
-        return pb.ModelInferResponse.FromString(response.serialized)
-    return response
+    if datatype == "BYTES":
+        return json_data(datatype, datatypes.to_raw(array, datatype))
+    return array.astype(datatypes.numpy_dtype(datatype), copy=False).reshape(-1).tolist()
 
 
 def response_parameters(message: pb.ModelInferResponse) -> dict[str, Any]:
