@@ -214,3 +214,15 @@ def test_json_data_is_the_flattened_elements(datatype: str, data: Any) -> None:
 def test_bad_json_data_gets_tritons_text(data: Any, message: str) -> None:
     with pytest.raises(HttpError, match=message):
         json_tensor_data("A", "INT32", [1, 4], data, 2**20)
+
+
+@pytest.mark.parametrize("offset", range(0, 12))
+def test_a_long_integer_across_a_scan_chunk_is_still_found(
+    monkeypatch: pytest.MonkeyPatch, offset: int
+) -> None:
+    """The digit-run scan goes a chunk at a time; a run cut by a chunk's end is found all the same."""
+    from pagedserve.frontends import http_body
+
+    monkeypatch.setattr(http_body, "_SCAN_CHUNK", 8)
+    text = b"[" + b" " * offset + b"18446744073709551616]"
+    assert parse_json(text) == [18446744073709551616]

@@ -71,7 +71,8 @@ class HttpRequest:
 
     def __init__(self, scope: Scope, receive: Receive) -> None:
         self.method: str = scope["method"]
-        self.headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        # uvicorn hands header names over lower-cased.
+        self.headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         self.receive = receive
 
     async def json(self, core: ServerCore) -> Any:
@@ -171,7 +172,7 @@ class HttpApp:
 
     # -- inference --------------------------------------------------------------------------------
 
-    async def infer(self, request: HttpRequest, model: str, version: str) -> Response:
+    async def infer(self, request: HttpRequest, model: str, version: str) -> Any:
         return await infer(self.core, request.headers, request.receive, model, version)
 
     async def generate(self, request: HttpRequest, model: str, version: str) -> Any:

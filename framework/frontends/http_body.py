@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hmac
 import json
-import re
 import zlib
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -78,8 +77,21 @@ def dumps(document: Any, finite: bool = False) -> bytes:
     return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
 
 
-# 19 digits in a row may be an integer past 64 bits, which orjson would read as a float.
-_LONG_DIGITS = re.compile(rb"[0-9]{19}")
+# 19 digits in a row may be an integer past 64 bits, which orjson would read as a float. Found by
+# mapping digits to "0" and the rest to " " (bytes.translate: several times faster than a regex),
+# a megabyte at a time so that a large body is not copied whole.
+_DIGITS = bytes(48 if 48 <= i <= 57 else 32 for i in range(256))
+_LONG_RUN = b"0" * 19
+_SCAN_CHUNK = 2**20
+
+
+def _has_long_digit_run(data: bytes | memoryview) -> bool:
+    view = memoryview(data)
+    for start in range(0, len(view), _SCAN_CHUNK):
+        # each chunk reaches 18 bytes into the next, so a run across the cut is still whole in one
+        if _LONG_RUN in bytes(view[start : start + _SCAN_CHUNK + 18]).translate(_DIGITS):
+            return True
+    return False
 
 
 def parse_json(data: bytes | memoryview, what: str = "request") -> Any:
@@ -88,7 +100,7 @@ def parse_json(data: bytes | memoryview, what: str = "request") -> Any:
     orjson reads it when it can (several times faster); what it refuses or might read differently
     (NaN, integers past 64 bits, a byte-order mark, lone surrogates) goes to Python's reader, whose
     reading and messages are the reference."""
-    if not _LONG_DIGITS.search(data):
+    if not _has_long_digit_run(data):
         try:
             return orjson.loads(data)
         except orjson.JSONDecodeError:

@@ -242,6 +242,8 @@ def _input_tensor(
 
 
 def _check_input_content(item: dict[str, Any], params: dict[str, Any]) -> None:
+    if not params and "data" in item:
+        return  # the usual JSON input
     has = [
         ("'data'", "data" in item),
         ("'binary_data_size'", "binary_data_size" in params),
@@ -258,9 +260,12 @@ def _check_input_content(item: dict[str, Any], params: dict[str, Any]) -> None:
 
 
 def _shape(shape: Any, name: str) -> list[int]:
-    if not isinstance(shape, list) or any(type(d) is not int or d < 0 for d in shape):
+    if type(shape) is not list:
         raise HttpError("Unable to parse 'shape': expected an array of unsigned integers")
-    if any(d > _INT64_MAX for d in shape) or math.prod(shape) > _INT64_MAX:
+    for d in shape:  # a loop, not any(): shapes are short and this runs for every input
+        if type(d) is not int or d < 0:
+            raise HttpError("Unable to parse 'shape': expected an array of unsigned integers")
+    if math.prod(shape) > _INT64_MAX or max(shape, default=0) > _INT64_MAX:
         raise HttpError(
             f"invalid shape for input '{name}': shape {_shape_text(shape)} causes total element count "
             f"to exceed maximum size of {_INT64_MAX}"
