@@ -39,6 +39,23 @@ def test_prompts_tokenize_to_the_drawn_lengths() -> None:
     )  # no shared first block
 
 
+def test_chat_prompts_are_shorter_by_the_templates_tokens() -> None:
+    """frontend_streams' chat passes: once the chat template wraps them, the model reads the drawn
+    prompt lengths, as the other front-ends' passes do."""
+    from pagedserve.benchmarks.frontend_streams import chat_overhead
+    from pagedserve.chat_template import ChatTemplate
+
+    tokenizer = serving.resolve_target("tiny-llama", []).tokenizer
+    overhead = chat_overhead(tokenizer)
+    assert overhead > 0
+    template = ChatTemplate(tokenizer.chat_template, tokenizer.special_tokens)
+    plain = serving.build_prompts(tokenizer, 16, (40, 200), (4, 8), 0, 2)
+    chat = serving.build_prompts(tokenizer, 16, (40, 200), (4, 8), 0, 2, overhead)
+    rendered = [template.render([{"role": "user", "content": p.text}]) for p in chat]
+    lengths = [len(tokenizer.encode(text, add_special_tokens=False)) for text in rendered]
+    assert lengths == [len(p.token_ids) for p in plain]
+
+
 def test_model_without_tokenizer_borrows_tiny_llamas() -> None:
     target = serving.resolve_target("llama3", ["engine.load_format=dummy"])
     try:
@@ -47,6 +64,7 @@ def test_model_without_tokenizer_borrows_tiny_llamas() -> None:
         assert target.engine_config.model == str(target.borrowed_dir)
         config = json.loads((target.borrowed_dir / "config.json").read_text())
         assert config["vocab_size"] == 128256 and config["num_hidden_layers"] == 32
+        assert target.tokenizer.chat_template  # chat requests need one (frontend_streams)
     finally:
         if target.borrowed_dir is not None:
             shutil.rmtree(target.borrowed_dir, ignore_errors=True)

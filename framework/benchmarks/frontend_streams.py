@@ -13,8 +13,10 @@ output tok/s is divided by gRPC's. The clients run on the same machine, so a hea
 aiohttp, the HTTP pass's client, to tell the server's cost from the package's. Each pass is split over
 ``--client-processes`` client processes (a quarter of the cores by default), so that where cores are
 spare one Python client's parsing does not set the rate. Chat wraps each prompt
-in the model's chat template, so its prompts are a few tokens longer; output lengths are identical
-(``ignore_eos``, ``max_tokens`` = the drawn length).
+in the model's chat template; its texts are shorter by the tokens the template adds, so the model
+reads the same prompt lengths in every pass; output lengths are identical (``ignore_eos``,
+``max_tokens`` = the drawn length). The table also gives the ``serve`` process's CPU time per output
+token in each pass: its front-ends and core, not the engine (a process of its own).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from pagedserve.benchmarks.ab_rounds import cpu_seconds
 from pagedserve.benchmarks.serving import Prompt, Record, build_prompts, resolve_target, run_load
 from rich.console import Console
 from rich.table import Table
@@ -45,6 +48,13 @@ class Pass:
     name: str
     records: list[Record]
     duration: float
+    server_cpu: float = 0.0
+    """CPU seconds the ``serve`` process itself spent on the pass (its front-ends and core; the LLM
+    engine runs in a process of its own)."""
+
+    @property
+    def cpu_per_token_us(self) -> float:
+        return self.server_cpu / self.output_tokens * 1e6 if self.output_tokens else 0.0
 
     @property
     def output_tokens(self) -> int:
@@ -235,7 +245,15 @@ class Clients:
         )
         self.processes = processes
 
-    def run(self, way: str, ports: dict[str, int], model: str, prompts: list[Prompt]) -> Pass:
+    def run(
+        self, way: str, ports: dict[str, int], model: str, prompts: list[Prompt], server_pid: int
+    ) -> Pass:
+        cpu = cpu_seconds(server_pid)
+        records = self._records(way, ports, model, prompts)
+        duration = max(r.done for r in records) - min(r.sent for r in records)
+        return Pass(way, records, duration, cpu_seconds(server_pid) - cpu)
+
+    def _records(self, way: str, ports: dict[str, int], model: str, prompts: list[Prompt]) -> list[Record]:
         if self.pool is None:
             records = client_pass(way, ports, model, prompts, 0.0)
         else:
@@ -243,7 +261,7 @@ class Clients:
             shares = [prompts[k :: self.processes] for k in range(self.processes)]
             futures = [self.pool.submit(client_pass, way, ports, model, s, start_at) for s in shares if s]
             records = [r for f in futures for r in f.result()]
-        return Pass(way, records, max(r.done for r in records) - min(r.sent for r in records))
+        return records
 
     def close(self) -> None:
         if self.pool is not None:
@@ -268,20 +286,46 @@ def run(
         # timed passes reach, and every client process imports its libraries.
         warm = build_prompts(target.tokenizer, num_requests, prompt_len, (2, 6), seed, 1)
         for way in WAYS:
-            clients.run(way, serve.ports, model, warm)
+            clients.run(way, serve.ports, model, warm, serve.process.pid)
         # Rounds alternate the front-ends and gRPC closes the run, so drift shows and averages out.
         plan = [way for _ in range(rounds) for way in WAYS] + ["grpc"]
+        overhead = chat_overhead(target.tokenizer)
+        console.print(f"the chat template adds {overhead} tokens: chat prompts are that much shorter")
         for k, way in enumerate(plan):
-            prompts = build_prompts(target.tokenizer, num_requests, prompt_len, output_len, seed, k + 2)
+            extra = overhead if way.startswith("openai chat") else 0
+            prompts = build_prompts(
+                target.tokenizer, num_requests, prompt_len, output_len, seed, k + 2, extra
+            )
             console.print(f"{way}: {len(prompts)} requests at once from {processes} client process(es)")
-            passes.append(clients.run(way, serve.ports, model, prompts))
+            passes.append(clients.run(way, serve.ports, model, prompts, serve.process.pid))
     clients.close()
     return passes
 
 
+def chat_overhead(tokenizer: Any) -> int:
+    """Tokens the model's chat template adds around one user message (its role markers, the
+    generation prompt), counted as the ``openai`` front-end tokenizes a rendered chat."""
+    from pagedserve.chat_template import ChatTemplate
+
+    text = " the the the"
+    rendered = ChatTemplate(tokenizer.chat_template, tokenizer.special_tokens).render(
+        [{"role": "user", "content": text}]
+    )
+    return len(tokenizer.encode(rendered, add_special_tokens=False)) - len(tokenizer.encode(text))
+
+
 def report(passes: list[Pass], console: Console) -> Table:
     table = Table(title="Streaming output tok/s at saturation, one server, same run")
-    for column in ("front-end", "passes", "requests ok", "output tok/s (each pass)", "mean", "÷ gRPC"):
+    columns = (
+        "front-end",
+        "passes",
+        "requests ok",
+        "output tok/s (each pass)",
+        "mean",
+        "÷ gRPC",
+        "server CPU µs/token",
+    )
+    for column in columns:
         table.add_column(column, justify="right")
     by_way: dict[str, list[Pass]] = {}
     for p in passes:
@@ -297,6 +341,7 @@ def report(passes: list[Pass], console: Console) -> Table:
             each,
             f"{means[name]:,.0f}",
             f"{means[name] / means['grpc']:.2f}",
+            ", ".join(f"{p.cpu_per_token_us:.0f}" for p in group),
         )
     errors = sorted({r.error for p in passes for r in p.records if r.error})[:3]
     if errors:

@@ -102,11 +102,14 @@ def build_prompts(
     output_len: tuple[int, int],
     seed: int,
     variant: int = 0,
+    overhead: int = 0,
 ) -> list[Prompt]:
     """Texts that tokenize to the standard workload's prompt lengths (exactly, or within a token or two
     where a byte-level merge at the cut refuses to settle). ``variant`` shifts each prompt's first
     token id, so runs at different rates share no prefix (the server's prefix cache would otherwise
-    serve later runs' prompts from earlier ones) while keeping every length."""
+    serve later runs' prompts from earlier ones) while keeping every length. ``overhead``: tokens the
+    front-end adds around each text (a chat template); the texts are that much shorter, so that the
+    model still reads the drawn lengths."""
     from pagedserve.benchmarks.workload import standard_workload
 
     specials = len(tokenizer.encode(""))  # BOS
@@ -124,7 +127,7 @@ def build_prompts(
     low = min(1000, high // 2)
     prompts = []
     for request in requests:
-        target = len(request.prompt_token_ids)
+        target = max(len(request.prompt_token_ids) - overhead, specials + 1)
         drawn = list(request.prompt_token_ids)
         drawn[0] = low + (drawn[0] - low + variant) % (high - low + 1)
         canonical = tokenizer.encode(tokenizer.decode(drawn), add_special_tokens=False)
