@@ -3,7 +3,8 @@
 The ``openai`` front-end (and anything else that speaks to LLM models in text) builds the same
 ``ModelInferRequest`` a tritonclient would send (``text_input``, ``stream``, ``sampling_parameters``,
 the ``return_*`` flags), so the request is admitted, counted, traced and metered exactly like one
-that came over gRPC, and reads the responses back as typed :class:`Piece` objects.
+that came over gRPC. Its responses come back as typed :class:`Piece` objects, made from the model's
+arrays in the thread the engine answers from (the request's response encoder), not through protobuf.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from pagedserve.codec import InferResponseMessage
+from pagedserve.backend import ModelSpec
+from pagedserve.codec import RequestOptions, response_tensors
 from pagedserve.core import ServerCore
-from pagedserve.datatypes import deserialize_bytes
+from pagedserve.inference import InferenceRequest, InferenceResponse
 from pagedserve.protocol import grpc_service_pb2 as pb
 from pagedserve.responder import Delivery, ServerResponder
 
@@ -57,7 +59,9 @@ class LLMCall:
 
     def start(self) -> None:
         """Admit the request (raises InferenceError when it cannot start)."""
-        self._responder, _ = self.core.start_request(self.message, self._queue.put_nowait, self.front_end)
+        self._responder, _ = self.core.start_request(
+            self.message, self._queue.put_nowait, self.front_end, piece_of
+        )
 
     def cancel(self) -> None:
         """The client went away: the engine drops the request and frees its KV blocks."""
@@ -71,7 +75,7 @@ class LLMCall:
             if delivery.error is not None:
                 raise delivery.error
             if delivery.message is not None:
-                yield _piece(delivery.message)
+                yield delivery.message
             if delivery.final:
                 return
 
@@ -109,28 +113,31 @@ def _add(message: pb.ModelInferRequest, name: str, datatype: str) -> pb.ModelInf
     return message.inputs.add(name=name, datatype=datatype, shape=[1])
 
 
-def _piece(message: pb.ModelInferResponse | InferResponseMessage) -> Piece:
-    if isinstance(message, InferResponseMessage):
-        message = pb.ModelInferResponse.FromString(message.serialized)
-    raw = {output.name: message.raw_output_contents[i] for i, output in enumerate(message.outputs)}
-    texts = [t.decode("utf-8", errors="replace") for t in deserialize_bytes(raw.get("text_output", b""))]
-    reasons = [_reason(r) for r in deserialize_bytes(raw.get("finish_reason", b""))]
-    counts = _uint32s(raw.get("num_output_tokens", b""))
-    num_input = _uint32s(raw.get("num_input_tokens", b""))
-    logprobs = [json.loads(entry) for entry in deserialize_bytes(raw.get("logprobs", b""))]
+def piece_of(
+    spec: ModelSpec, request: InferenceRequest, response: InferenceResponse, options: RequestOptions
+) -> Piece:
+    """The :data:`~pagedserve.codec.ResponseEncoder` of these requests: one response as a Piece."""
+    arrays = {
+        name: array.reshape(-1) for name, _, array, _ in response_tensors(spec, request, response, options)
+    }
+    texts = [_text(item) for item in arrays.get("text_output", ())]
+    reasons = [_reason(item) for item in arrays.get("finish_reason", ())]
+    counts = [int(n) for n in arrays.get("num_output_tokens", ())]
+    num_input = arrays.get("num_input_tokens", ())
+    logprobs = [json.loads(item) for item in arrays.get("logprobs", ())]
     return Piece(
         texts=texts,
         finish_reasons=reasons or [None] * len(texts),
         num_output_tokens=counts or [0] * len(texts),
-        num_input_tokens=num_input[0] if num_input else 0,
+        num_input_tokens=int(num_input[0]) if len(num_input) else 0,
         logprobs=logprobs or [None] * len(texts),
     )
 
 
-def _reason(raw: bytes) -> str | None:
-    reason = raw.decode()
+def _text(item: bytes | str) -> str:
+    return item.decode("utf-8", errors="replace") if isinstance(item, bytes) else str(item)
+
+
+def _reason(raw: bytes | str) -> str | None:
+    reason = _text(raw)
     return None if reason in ("None", "") else reason
-
-
-def _uint32s(raw: bytes) -> list[int]:
-    return [int.from_bytes(raw[i : i + 4], "little") for i in range(0, len(raw), 4)]

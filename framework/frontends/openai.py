@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -26,6 +25,7 @@ from pagedserve.frontends.http_body import (
     BodyTooLarge,
     ClientGone,
     HttpError,
+    dumps,
     parse_json,
     read_body,
     restricted_groups,
@@ -327,6 +327,8 @@ class _Format(abc.ABC):
     """How one API shapes choices; ``stream`` and the usage rule come from the request."""
 
     chunk_object = ""
+    top: int | None = None
+    """How many alternatives each token's logprobs list; None: no logprobs asked for."""
 
     def __init__(self, body: CompletionRequest | ChatCompletionRequest) -> None:
         self.body = body
@@ -405,9 +407,16 @@ async def _collect(calls: list[LLMCall]) -> list[list[Piece]]:
     return list(await asyncio.gather(*(one(call) for call in calls)))
 
 
-async def _events(calls: list[LLMCall], reply: _Reply, form: _Format) -> AsyncIterator[str]:
-    """Server-sent events for all prompts' choices, interleaved as they come; cancelling this
-    generator (the client went away) cancels every request still running."""
+async def _merged(calls: list[LLMCall]) -> AsyncIterator[tuple[int, Piece | BaseException]]:
+    """Every call's pieces as ``(prompt index, piece)``, interleaved as they come; a call that fails
+    gives its exception instead. One call is read directly (the common case: no task, no queue)."""
+    if len(calls) == 1:
+        try:
+            async for piece in calls[0].pieces():
+                yield 0, piece
+        except Exception as error:  # noqa: BLE001 - delivered to the stream, then it ends
+            yield 0, error
+        return
     queue: asyncio.Queue[tuple[int, Piece | BaseException | None]] = asyncio.Queue()
 
     async def pump(p: int, call: LLMCall) -> None:
@@ -420,9 +429,6 @@ async def _events(calls: list[LLMCall], reply: _Reply, form: _Format) -> AsyncIt
         await queue.put((p, None))
 
     pumps = [asyncio.ensure_future(pump(p, call)) for p, call in enumerate(calls)]
-    started: set[int] = set()
-    prompt_tokens: dict[int, int] = {}
-    completion_tokens = 0
     try:
         running = len(calls)
         while running:
@@ -430,6 +436,22 @@ async def _events(calls: list[LLMCall], reply: _Reply, form: _Format) -> AsyncIt
             if item is None:
                 running -= 1
                 continue
+            yield p, item
+    finally:
+        for task in pumps:
+            task.cancel()
+
+
+async def _events(calls: list[LLMCall], reply: _Reply, form: _Format) -> AsyncIterator[bytes]:
+    """Server-sent events for all prompts' choices, interleaved as they come; cancelling this
+    generator (the client went away) cancels every request still running."""
+    started: set[int] = set()
+    prompt_tokens: dict[int, int] = {}
+    completion_tokens = 0
+    # Without logprobs a chunk has no float in it, so the fast JSON writer may write it.
+    finite = form.top is None
+    try:
+        async for p, item in _merged(calls):
             if isinstance(item, BaseException):
                 error = (
                     OpenAIError.of(item) if isinstance(item, InferenceError) else OpenAIError(500, str(item))
@@ -452,21 +474,19 @@ async def _events(calls: list[LLMCall], reply: _Reply, form: _Format) -> AsyncIt
                 chunk = reply.envelope(form.chunk_object, choices=choices)
                 if form.continuous_usage:
                     chunk["usage"] = _usage(sum(prompt_tokens.values()), completion_tokens)
-                yield _event(chunk)
+                yield _event(chunk, finite)
         else:
             if form.include_usage:
                 usage = _usage(sum(prompt_tokens.values()), completion_tokens)
-                yield _event(reply.envelope(form.chunk_object, choices=[], usage=usage))
-        yield "data: [DONE]\n\n"
+                yield _event(reply.envelope(form.chunk_object, choices=[], usage=usage), True)
+        yield b"data: [DONE]\n\n"
     finally:
-        for task in pumps:
-            task.cancel()
         for call in calls:
             call.cancel()
 
 
-def _event(body: dict[str, Any]) -> str:
-    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+def _event(body: dict[str, Any], finite: bool = False) -> bytes:
+    return b"data: " + dumps(body, finite) + b"\n\n"
 
 
 async def _disconnect(request: Request) -> None:
