@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-import weakref
 from collections.abc import Callable
 from typing import Any
 
-from pagedserve.codec import RequestDecoder, RequestOptions, ResponseEncoder, encode_response
+from pagedserve.codec import RequestOptions, ResponseEncoder, encode_response
 from pagedserve.config import ServeConfig
 from pagedserve.datatypes import of_tensor
 from pagedserve.errors import InferenceError
@@ -41,8 +40,6 @@ class ServerCore:
         self.live = True
         self.started = False
         self.exiting = False
-        # One decoder per loaded version, forgotten with it (a reload makes new versions).
-        self._decoders: weakref.WeakKeyDictionary[LoadedVersion, RequestDecoder] = weakref.WeakKeyDictionary()
         self._loop_mailbox: LoopMailbox | None = None
         self.shm = SharedMemoryManager(config.server.allow_client_shm, config.server.max_shm_regions)
         self.tracer = tracer or Tracer(TraceSettings(config.tracing), None)
@@ -123,12 +120,6 @@ class ServerCore:
             self._loop_mailbox = LoopMailbox(loop)
         return self._loop_mailbox
 
-    def _decoder(self, loaded: LoadedVersion) -> RequestDecoder:
-        decoder = self._decoders.get(loaded)
-        if decoder is None:
-            decoder = self._decoders[loaded] = RequestDecoder(loaded.spec, loaded.version)
-        return decoder
-
     def start_request(
         self,
         message: pb.ModelInferRequest,
@@ -150,7 +141,7 @@ class ServerCore:
         responder = ServerResponder(self._mailbox(), loaded, deliver, encoder)
         lease = self.shm.lease() if self.shm.enabled else None
         try:
-            request, options = self._decoder(loaded).decode(message, responder, lease)
+            request, options = loaded.decoder.decode(message, responder, lease)
         except InferenceError as error:
             if lease is not None:
                 lease.release()

@@ -19,7 +19,6 @@ import logging
 import queue
 import threading
 import time
-import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -205,9 +204,6 @@ class InProcessClient:
 
     def __init__(self, manager: ModelManager) -> None:
         self.manager = manager
-        # One decoder per loaded version, for its shape checks (and Triton's messages).
-        self._decoders: weakref.WeakKeyDictionary[LoadedVersion, RequestDecoder] = weakref.WeakKeyDictionary()
-        self._lock = threading.Lock()
 
     def start(
         self,
@@ -278,13 +274,6 @@ class InProcessClient:
                 f"in-process calls nest at most {MAX_DEPTH} models deep ({_describe(chain)} -> {model_name})"
             )
 
-    def _decoder(self, loaded: LoadedVersion) -> RequestDecoder:
-        with self._lock:
-            decoder = self._decoders.get(loaded)
-            if decoder is None:
-                decoder = self._decoders[loaded] = RequestDecoder(loaded.spec, loaded.version)
-            return decoder
-
     def _request(
         self,
         loaded: LoadedVersion,
@@ -293,7 +282,7 @@ class InProcessClient:
         options: CallOptions,
         responder: InProcessResponder,
     ) -> InferenceRequest:
-        decoder = self._decoder(loaded)
+        decoder = loaded.decoder
         request = InferenceRequest(
             model_name=loaded.spec.name,
             model_version=loaded.version,

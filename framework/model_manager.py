@@ -17,6 +17,7 @@ from enum import StrEnum
 import grpc
 from pagedserve.backend import LoadContext, ModelBackend, ModelSpec
 from pagedserve.batching import BatchingPolicy, policy_name_for
+from pagedserve.codec import RequestDecoder
 from pagedserve.config import BackendSettings
 from pagedserve.errors import InferenceError
 from pagedserve.in_process import InProcessClient
@@ -40,7 +41,8 @@ class ModelState(StrEnum):
 
 
 class LoadedVersion:
-    """A ready model version with its batching policy, statistics and in-flight request count."""
+    """A ready model version with its batching policy, statistics, request decoder and in-flight
+    request count."""
 
     def __init__(self, spec: ModelSpec, version: int, policy: BatchingPolicy, stats: ModelStats) -> None:
         self.loaded_at = time.time()  # OpenAI's model "created"
@@ -48,6 +50,8 @@ class LoadedVersion:
         self.version = version
         self.policy = policy
         self.stats = stats
+        self.decoder = RequestDecoder(spec, version)
+        """Checks and decodes requests for this version (its checks are planned once, here)."""
         self._inflight = 0
         self._idle = threading.Condition()
 
