@@ -40,6 +40,24 @@ class Variant:
         return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, paths)))
 
 
+def round_parser(description: str | None) -> argparse.ArgumentParser:
+    """A command line with the options every A/B benchmark takes: concurrencies, seconds per cell,
+    rounds and ``--variant`` servers."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument(
+        "--variant", type=parse_variant, action="append", default=[], metavar='"NAME=PATH ..."'
+    )
+    return parser
+
+
+def variants_of(args: argparse.Namespace) -> dict[str, Variant]:
+    """This code as "pagedserve", then the ``--variant`` servers."""
+    return {"pagedserve": Variant(None), **dict(args.variant)}
+
+
 def parse_variant(text: str) -> tuple[str, Variant]:
     """``--variant "NAME=PATH [override ...]"`` (an empty PATH: this code)."""
     head, *overrides = text.split()

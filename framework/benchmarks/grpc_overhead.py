@@ -11,7 +11,6 @@ Run: ``python -m pagedserve.benchmarks.grpc_overhead``.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import re
 import subprocess
@@ -25,9 +24,10 @@ from pagedserve.benchmarks.ab_rounds import (
     Server,
     Variant,
     alternate,
-    parse_variant,
     ratio_table,
+    round_parser,
     start_process,
+    variants_of,
 )
 from rich.console import Console
 from rich.table import Table
@@ -138,18 +138,11 @@ def run(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
-    parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument(
-        "--variant", type=parse_variant, action="append", default=[], metavar='"NAME=PATH ..."'
-    )
+    parser = round_parser(__doc__)
     parser.add_argument("--serve-args", nargs="*", default=[], help="extra overrides for every pagedserve")
     args = parser.parse_args()
-    variants = {"pagedserve": Variant(None)}
-    variants.update(args.variant)
-    run(args.concurrency, args.seconds, Console(width=160).print, args.rounds, variants, args.serve_args)
+    print_table = Console(width=160).print
+    run(args.concurrency, args.seconds, print_table, args.rounds, variants_of(args), args.serve_args)
 
 
 if __name__ == "__main__":

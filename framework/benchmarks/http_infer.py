@@ -8,7 +8,6 @@ Run: ``python -m pagedserve.benchmarks.http_infer`` (``--bare`` runs the peer al
 
 from __future__ import annotations
 
-import argparse
 import functools
 import http.client
 import json
@@ -24,9 +23,10 @@ from pagedserve.benchmarks.ab_rounds import (
     Server,
     Variant,
     alternate,
-    parse_variant,
     ratio_table,
+    round_parser,
     start_process,
+    variants_of,
 )
 from rich.console import Console
 from rich.table import Table
@@ -169,21 +169,13 @@ def run(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
-    parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument(
-        "--variant", type=parse_variant, action="append", default=[], metavar='"NAME=PATH ..."'
-    )
+    parser = round_parser(__doc__)
     parser.add_argument("--bare", action="store_true", help="run only the bare peer app")
     args = parser.parse_args()
     if args.bare:
         bare_app()
         return
-    variants = {"pagedserve": Variant(None)}
-    variants.update(args.variant)
-    run(args.concurrency, args.seconds, Console(width=160).print, args.rounds, variants)
+    run(args.concurrency, args.seconds, Console(width=160).print, args.rounds, variants_of(args))
 
 
 if __name__ == "__main__":
