@@ -102,11 +102,12 @@ def _return_freed_memory() -> None:
         _malloc_trim(0)
 
 
-def _message_bytes(request: InferenceRequest, delivery: Delivery) -> int:
-    """About how large the request's and its final response's messages were."""
+def _message_bytes(request: InferenceRequest, response: InferenceResponse | None) -> int:
+    """About how large the request's and its final response's messages were: their tensors, which
+    every encoder copies (protobuf, or the HTTP front-end's JSON and binary outputs)."""
     size = sum(array.nbytes for array in request.inputs.values())
-    if isinstance(delivery.message, InferResponseMessage):
-        size += len(delivery.message.serialized)
+    if response is not None:
+        size += sum(getattr(value, "nbytes", 0) for value in response.outputs.values())
     return size
 
 
@@ -178,7 +179,7 @@ class ServerResponder(Responder):
         deliver = self.deliver
         large = False
         if final:
-            large = _message_bytes(request, delivery) >= _TRIM_AFTER_BYTES
+            large = _message_bytes(request, response) >= _TRIM_AFTER_BYTES
             self._finish(delivery.error)
             # The request refers back to this responder (request.responder) and ``deliver`` holds
             # the call's messages: without the cycle, the request's tensors and both messages go as
