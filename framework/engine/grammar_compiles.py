@@ -37,6 +37,9 @@ class CompileQueueFull(RuntimeError):
 
 @dataclass
 class _Compile:
+    """One constraint's compile and how many requests wait for it."""
+
+    key: Any  # the constraint's cache key
     future: Future[SequenceGrammar]
     waiters: int = 0
 
@@ -44,8 +47,7 @@ class _Compile:
 @dataclass
 class _Compiling:
     seq: Sequence
-    compile: _Compile  # shared by the requests waiting for the same constraint (equal cache keys)
-    key: Any
+    compile: _Compile  # shared by the requests waiting for the same constraint
 
     @property
     def future(self) -> Future[SequenceGrammar]:
@@ -97,9 +99,9 @@ class GrammarCompiles:
             future = self._pool.submit(self.backend.grammar_for, params)
             self._in_flight.add(future)
             future.add_done_callback(self._in_flight.discard)
-            shared = self._by_key[key] = _Compile(future)
+            shared = self._by_key[key] = _Compile(key, future)
         shared.waiters += 1
-        self._waiting[seq.request_id] = _Compiling(seq, shared, key)
+        self._waiting[seq.request_id] = _Compiling(seq, shared)
 
     def abort(self, request_id: str) -> bool:
         """Forget ``request_id``'s compile (one not started, and no longer waited for, never runs);
@@ -113,10 +115,11 @@ class GrammarCompiles:
 
     def _release(self, entry: _Compiling) -> int:
         """One waiter fewer on ``entry``'s compile; returns how many are left."""
-        entry.compile.waiters -= 1
-        if entry.compile.waiters == 0:
-            del self._by_key[entry.key]
-        return entry.compile.waiters
+        shared = entry.compile
+        shared.waiters -= 1
+        if shared.waiters == 0:
+            del self._by_key[shared.key]
+        return shared.waiters
 
     def wait(self, timeout: float) -> None:
         """Block until a compile ends or ``timeout`` seconds pass (for an engine with nothing else to run)."""
