@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from pagedserve.models.hf_config import ModelArchConfig
 from pagedserve.models.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from pagedserve.models.layers.linear import MergedColumnParallelLinear, RowParallelLinear
-from pagedserve.models.llama import DecoderAttention
+from pagedserve.models.llama import DecoderAttention, LlamaForCausalLM
 from pagedserve.models.registry import ModelArchitecture
 from torch import nn
 
@@ -113,13 +113,7 @@ class GemmaModel(nn.Module):
 
 class Gemma2ForCausalLM(ModelArchitecture):
     name = "Gemma2ForCausalLM"
-    packed_modules_mapping: ClassVar[dict[str, tuple[str, str | int]]] = {
-        "q_proj": ("qkv_proj", "q"),
-        "k_proj": ("qkv_proj", "k"),
-        "v_proj": ("qkv_proj", "v"),
-        "gate_proj": ("gate_up_proj", 0),
-        "up_proj": ("gate_up_proj", 1),
-    }
+    packed_modules_mapping = LlamaForCausalLM.packed_modules_mapping  # the same fused projections
     qk_norm: ClassVar[bool] = False
     attention_softcap: ClassVar[bool] = True
 
