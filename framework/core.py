@@ -126,19 +126,22 @@ class ServerCore:
         deliver: Callable[[Delivery], None],
         front_end: str = "Server",
         encoder: ResponseEncoder = encode_response,
+        deliver_early: bool = False,
     ) -> tuple[ServerResponder, RequestOptions]:
         """Resolve, decode and queue one request; raise InferenceError if it cannot start.
 
         ``deliver`` is called on the event loop with each response (or the error), the last marked
         final; ``encoder`` makes each response's message where the model sends it. ``front_end``
-        names the server in Triton's shutting-down message ("GRPC server", ...)."""
+        names the server in Triton's shutting-down message ("GRPC server", ...). ``deliver_early``:
+        ``deliver`` only queues, so it may run before this returns (a model run on the loop may
+        answer within the call); otherwise the answer waits for the next loop turn."""
         if self.exiting:
             raise InferenceError.unavailable(
                 f"{front_end} is shutting down and has stopped accepting new requests."
             )
         arrival = time.monotonic_ns()
         loaded = self.manager.acquire(message.model_name, message.model_version)
-        responder = ServerResponder(self._mailbox(), loaded, deliver, encoder)
+        responder = ServerResponder(self._mailbox(), loaded, deliver, encoder, deliver_early)
         lease = self.shm.lease() if self.shm.enabled else None
         try:
             request, options = loaded.decoder.decode(message, responder, lease)

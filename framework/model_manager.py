@@ -53,7 +53,10 @@ class LoadedVersion:
         self.decoder = RequestDecoder(spec, version)
         """Checks and decodes requests for this version (its checks are planned once, here)."""
         self._inflight = 0
-        self._idle = threading.Condition()
+        # acquire/release run twice per request: a plain lock, and a notify only when an unload waits.
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._waiters = 0
 
     def submit(self, request: InferenceRequest) -> None:
         """Queue ``request`` with this version's batching policy. A policy that refuses it (a full
@@ -72,18 +75,22 @@ class LoadedVersion:
         return self._inflight
 
     def acquire(self) -> None:
-        with self._idle:
+        with self._lock:
             self._inflight += 1
 
     def release(self) -> None:
-        with self._idle:
+        with self._lock:
             self._inflight -= 1
-            if self._inflight == 0:
+            if self._inflight == 0 and self._waiters:
                 self._idle.notify_all()
 
     def wait_idle(self, timeout: float | None = None) -> bool:
-        with self._idle:
-            return self._idle.wait_for(lambda: self._inflight == 0, timeout)
+        with self._lock:
+            self._waiters += 1
+            try:
+                return self._idle.wait_for(lambda: self._inflight == 0, timeout)
+            finally:
+                self._waiters -= 1
 
     def close(self) -> None:
         self.policy.close()

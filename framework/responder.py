@@ -45,7 +45,8 @@ class LoopMailbox:
     and one from a plain loop callback (the batch of such a model) is delivered at once: no
     front-end code is on the stack there, and a loop turn saved is a sizeable share of a cheap
     request. Inside a task (a front-end starting a request) it waits for the next turn, so ``deliver``
-    never runs before ``start_request`` has returned. Made on the loop's thread.
+    never runs before ``start_request`` has returned, unless the front-end said its ``deliver`` may
+    (``early``: it only queues). Made on the loop's thread.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -55,9 +56,9 @@ class LoopMailbox:
         self._lock = threading.Lock()
         self._scheduled = False
 
-    def post(self, deliver: Callable[[Delivery], None], delivery: Delivery) -> None:
+    def post(self, deliver: Callable[[Delivery], None], delivery: Delivery, early: bool = False) -> None:
         on_loop = threading.get_ident() == self._thread
-        if on_loop and not self._scheduled and asyncio.current_task(self.loop) is None:
+        if on_loop and not self._scheduled and (early or asyncio.current_task(self.loop) is None):
             deliver(delivery)  # nothing of this loop's is queued before it: the order stays
             return
         with self._lock:
@@ -122,11 +123,14 @@ class ServerResponder(Responder):
         loaded: LoadedVersion,
         deliver: Callable[[Delivery], None],
         encoder: ResponseEncoder = encode_response,
+        deliver_early: bool = False,
     ) -> None:
         self.mailbox = mailbox
         self.loaded = loaded
         self.deliver = deliver
         self.encoder = encoder
+        self.deliver_early = deliver_early
+        """``deliver`` may run inside the front-end's own ``start_request`` call (see LoopMailbox)."""
         self.request: InferenceRequest | None = None
         self.options = RequestOptions()
         """Output placement (shared memory, classification), set by the server after decoding."""
@@ -187,7 +191,7 @@ class ServerResponder(Responder):
             # 60 MiB request kept ~200 MiB alive after its answer, and more with every request.
             self.request = None
             self.deliver = _delivered
-        self.mailbox.post(deliver, delivery)
+        self.mailbox.post(deliver, delivery, self.deliver_early)
         if large:
             _return_freed_memory()
 

@@ -129,7 +129,12 @@ class WorkerPolicy(BatchingPolicy, abc.ABC):
             self._draining = True
         loop = _serving_loop(request)
         if loop is not None:
-            loop.call_soon(self._drain_step, loop)
+            if _nothing_else_ready(loop):
+                # The drain would be the next thing the loop runs: no other request could join its
+                # batch first, so run it now and save the loop turns to it and back.
+                self._drain_step(loop)
+            else:
+                loop.call_soon(self._drain_step, loop)
             return
         try:
             while self._drain_step(None):
@@ -157,8 +162,7 @@ class WorkerPolicy(BatchingPolicy, abc.ABC):
         with self._lock:
             take = self._take(0, time.monotonic_ns())
             if not take.batch and not take.rejected:
-                self._draining = False
-                self._cond.notify_all()  # close() may be waiting for this drain
+                self._stop_draining()
                 return False
         for request, error in take.rejected:
             fail_requests([request], error)
@@ -167,13 +171,18 @@ class WorkerPolicy(BatchingPolicy, abc.ABC):
         with self._lock:
             self._finished(0, take.batch)
             if not self._has_queued():
-                self._draining = False
-                self._cond.notify_all()
+                self._stop_draining()
                 return False
         if loop is not None:
             loop.call_soon(self._drain_step, loop)
             return False
         return True
+
+    def _stop_draining(self) -> None:
+        """With the lock held. Only close() waits for a drain to end, and it sets ``_closing`` first."""
+        self._draining = False
+        if self._closing:
+            self._cond.notify_all()
 
     def _close_loop_mode(self) -> None:
         """Let a drain under way elsewhere finish (one scheduled on this thread's own loop cannot),
@@ -227,9 +236,10 @@ class WorkerPolicy(BatchingPolicy, abc.ABC):
         except Exception as error:  # noqa: BLE001 - a request the policy cannot complete
             fail_requests(batch, _error_from(error))
             return
-        input_ns = sum(r.timing.compute_input_ns for r in batch) + time.monotonic_ns() - prepare_start
         start = time.monotonic_ns()
+        input_ns = start - prepare_start
         for request in batch:
+            input_ns += request.timing.compute_input_ns
             request.timing.compute_start_ns = start
         try:
             self.model.execute(batch)
@@ -455,6 +465,13 @@ def _serving_loop(request: InferenceRequest) -> asyncio.AbstractEventLoop | None
     None for a request from any other thread (BLS, ensemble steps), whose batch runs in that thread."""
     loop = getattr(request.responder, "event_loop", None)
     return loop if loop is not None and _running_loop() is loop else None
+
+
+def _nothing_else_ready(loop: asyncio.AbstractEventLoop) -> bool:
+    """No callback waits to run in this loop turn. asyncio's loops keep those in ``_ready``; a loop
+    without it (uvloop) always gets the drain scheduled."""
+    ready = getattr(loop, "_ready", None)
+    return ready is not None and not ready
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:

@@ -92,15 +92,22 @@ async def _settle() -> None:
 
 
 def test_one_loop_iterations_requests_run_as_batches_on_the_loop() -> None:
+    """Requests submitted by tasks of one loop turn (as the front-ends' requests are) wait for the
+    turn's end and run as batches."""
     model = ThreadRecordingModel()
     policy = DynamicPolicy(model, make_spec(dynamic_batching={}), ModelStats())  # type: ignore[arg-type]
 
     async def scenario() -> list[LoopRecorder]:
         loop = asyncio.get_running_loop()
         recorders = [LoopRecorder(loop) for _ in range(10)]
-        for index, recorder in enumerate(recorders):
-            policy.submit(make_request(str(index), recorder))
-        assert model.batches == []  # nothing runs inside submit: the loop runs it next
+        ran_at_submit: list[int] = []
+
+        async def client(index: int) -> None:
+            policy.submit(make_request(str(index), recorders[index]))
+            ran_at_submit.append(len(model.batches))
+
+        await asyncio.gather(*(client(i) for i in range(10)))
+        assert ran_at_submit == [0] * 10  # the others were ready to run: none ran inside submit
         await _settle()
         return recorders
 
@@ -111,6 +118,27 @@ def test_one_loop_iterations_requests_run_as_batches_on_the_loop() -> None:
     assert [i for b in model.batches for i in b] == [str(i) for i in range(10)]
     assert set(model.threads) == {threading.get_ident()}
     assert policy._workers == []
+
+
+def test_a_request_with_nothing_else_ready_on_the_loop_runs_inside_submit() -> None:
+    """Nothing could join its batch before the loop got to it: it runs at once (two loop turns saved
+    per request at low load)."""
+    model = ThreadRecordingModel()
+    policy = DynamicPolicy(model, make_spec(dynamic_batching={}), ModelStats())  # type: ignore[arg-type]
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        await _settle()
+        for index in range(3):
+            recorder = LoopRecorder(loop)
+            policy.submit(make_request(str(index), recorder))
+            assert model.batches[-1] == [str(index)]
+            await _settle()
+            assert recorder.done.is_set()
+
+    asyncio.run(scenario())
+    policy.close()
+    assert model.batches == [["0"], ["1"], ["2"]]
 
 
 def test_without_the_parameter_a_worker_thread_runs_the_model() -> None:

@@ -40,3 +40,19 @@ def test_a_post_behind_queued_ones_keeps_their_order() -> None:
 
     asyncio.run(scenario())
     assert seen == [1, 2]
+
+
+def test_an_early_post_from_the_starting_task_is_delivered_at_once() -> None:
+    """A front-end whose ``deliver`` only queues (HTTP's inbox) takes an answer made inside its own
+    start_request call without a loop turn; other front-ends' answers wait for the next turn."""
+    seen: list[str] = []
+
+    async def scenario() -> None:
+        mailbox = LoopMailbox(asyncio.get_running_loop())
+        mailbox.post(lambda _: seen.append("early"), Delivery(None, None, True), early=True)
+        mailbox.post(lambda _: seen.append("late"), Delivery(None, None, True))
+        seen.append("task goes on")
+        await asyncio.sleep(0)
+
+    asyncio.run(scenario())
+    assert seen == ["early", "task goes on", "late"]

@@ -25,7 +25,7 @@ def test_a_large_output_returns_freed_memory(
     trimmed: list[None] = []
     monkeypatch.setattr(responder_module, "_return_freed_memory", lambda: trimmed.append(None))
     loaded = SimpleNamespace(spec=SimpleNamespace(name="m"), stats=ModelStats(), release=lambda: None)
-    mailbox = SimpleNamespace(post=lambda deliver, delivery: deliver(delivery))
+    mailbox = SimpleNamespace(post=lambda deliver, delivery, early: deliver(delivery))
     delivered: list[Any] = []
     responder = ServerResponder(mailbox, loaded, delivered.append, _json_like_encoder)  # type: ignore[arg-type]
     responder.request = InferenceRequest(

@@ -89,7 +89,9 @@ class Running:
         self.receive = receive
         self.gone: asyncio.Future[None] = inbox.loop.create_future()  # done: the client left
         self._watch: asyncio.Task[None] | None = None
-        self._start = inbox.loop.call_soon(self._start_watch)
+        self._start: asyncio.Handle | None = None
+        if not responder.finished:  # else answered within start_request: nothing to watch for
+            self._start = inbox.loop.call_soon(self._start_watch)
 
     def _start_watch(self) -> None:
         if self.responder.finished:  # the final answer is out: nothing left to cancel
@@ -110,7 +112,8 @@ class Running:
             raise
 
     def close(self) -> None:
-        self._start.cancel()
+        if self._start is not None:
+            self._start.cancel()
         if self._watch is not None:
             self._watch.remove_done_callback(self._left)
             self._watch.cancel()
@@ -127,7 +130,8 @@ def start(
 ) -> Running:
     inbox = Inbox(asyncio.get_running_loop())
     try:
-        responder, _ = core.start_request(message, inbox.deliver, FRONT_END, encoder)
+        # The inbox only queues: an answer made within start_request may go straight into it.
+        responder, _ = core.start_request(message, inbox.deliver, FRONT_END, encoder, deliver_early=True)
     except InferenceError as error:
         raise HttpError.of(error) from None
     return Running(responder, inbox, receive)
