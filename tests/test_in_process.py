@@ -117,6 +117,7 @@ def test_caller_chains_are_bounded(client: InProcessClient) -> None:
     assert f"nest at most {MAX_DEPTH} models deep" in response.error.message
 
 
+@pytest.mark.usefixtures("manager")  # loading a python model gives BLS its client
 def test_bls_from_a_thread_the_model_started_reaches_the_loaded_models() -> None:
     results: list[pb_utils.InferenceResponse] = []
 

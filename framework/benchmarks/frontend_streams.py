@@ -282,9 +282,11 @@ def run(
     passes: list[Pass] = []
     clients = Clients(processes)
     with Serve(model, target.overrides) as serve:
-        # A full-size untimed pass first: the engine compiles and captures for the batch sizes the
-        # timed passes reach, and every client process imports its libraries.
-        warm = build_prompts(target.tokenizer, num_requests, prompt_len, (2, 6), seed, 1)
+        # A full-size untimed pass first, outputs as long as the timed ones': the engine compiles and
+        # captures for the batch sizes and context lengths the timed passes reach (with short
+        # outputs, the first timed round ran a third slower on the H200), and every client process
+        # imports its libraries.
+        warm = build_prompts(target.tokenizer, num_requests, prompt_len, output_len, seed, 1)
         for way in WAYS:
             clients.run(way, serve.ports, model, warm, serve.process.pid)
         # Rounds alternate the front-ends and gRPC closes the run, so drift shows and averages out.
