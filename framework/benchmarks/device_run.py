@@ -161,7 +161,7 @@ def steps(
         "fusions": (f"{me} --fusion-bench", 240),
         "frontends": (
             f"{here} -m pagedserve.benchmarks.frontend_streams --model llama3 --num-requests 512 "
-            f"--rounds 2 --serve-args {serve_args}",
+            f"--rounds 3 --serve-args {serve_args}",
             300,
         ),
         "moe": (f"{here} -m pagedserve.benchmarks.moe --shape qwen3-30b-a3b --num-requests 256", 300),
