@@ -301,6 +301,7 @@ async def _serve_until_stopped(
             core.shm.close()
             manager.shutdown(0.0)
             return EXIT_FAILED
+    manager.heap.freeze()  # what start-up built stays for good: no full collection walks it again
     core.started = True
     _update_health(frontends)
     background = [asyncio.create_task(_refresh_health(frontends))]

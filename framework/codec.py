@@ -342,6 +342,7 @@ class RequestDecoder:
         # (datatype, dims) per input: what in_process.py checks numpy inputs against.
         self._expected = {name: (plan.datatype, plan.dims) for name, plan in self._plans.items()}
         self._required = tuple(i.name for i in cfg.input if not i.optional)
+        self._required_set = frozenset(self._required)
         self._output_types = spec.output_datatypes
 
     def decode(
@@ -584,7 +585,7 @@ class RequestDecoder:
         return np.frombuffer(data, dtype=dtype.newbyteorder("<")).astype(dtype, copy=False).reshape(shape)
 
     def _check_required(self, target: InferenceRequest) -> None:
-        if all(n in target.inputs for n in self._required):
+        if target.inputs.keys() >= self._required_set:
             return
         required = list(self._required)
         missing = [n for n in required if n not in target.inputs]

@@ -20,6 +20,7 @@ from pagedserve.batching import BatchingPolicy, policy_name_for
 from pagedserve.codec import RequestDecoder
 from pagedserve.config import BackendSettings
 from pagedserve.errors import InferenceError
+from pagedserve.heap import FrozenHeap
 from pagedserve.in_process import InProcessClient
 from pagedserve.inference import InferenceRequest
 from pagedserve.model_config_check import check_model_config
@@ -152,6 +153,8 @@ class ModelManager:
         self._model_locks: dict[str, threading.Lock] = {}
         self.client = InProcessClient(self)
         """What loaded models use to call each other (ensembles, BLS)."""
+        self.heap = FrozenHeap()
+        """Frozen by the server once its start-up models are loaded; kept so across loads."""
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -182,6 +185,7 @@ class ModelManager:
             entry.override_yaml_mtime_ns = self.repository.mtime_ns(name) if override_json else None
             self._retire(name, {v: r for v, r in old.items() if r.loaded is not None})
             failed = [(v, r.reason) for v, r in sorted(new_versions.items()) if r.state != ModelState.READY]
+        self.heap.after_load()
         if failed:
             detail = "".join(f"version {v} is at UNAVAILABLE state: {reason};\n" for v, reason in failed)
             raise InferenceError(f"load failed for model '{name}': {detail}")
@@ -263,10 +267,14 @@ class ModelManager:
 
         def close_all() -> None:
             for version, record in records.items():
-                assert record.loaded is not None
-                if not record.loaded.wait_idle(timeout):
+                loaded, record.loaded = record.loaded, None  # nothing here keeps the model alive
+                assert loaded is not None
+                if not loaded.wait_idle(timeout):
                     log.warning("'%s' version %d closed with requests still in flight", name, version)
-                record.loaded.close()
+                loaded.close()
+                del loaded
+            if records:
+                self.heap.after_close()
 
         if wait:
             close_all()

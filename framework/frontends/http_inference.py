@@ -52,19 +52,20 @@ class Inbox:
         self.loop = loop
         self.deliveries: collections.deque[Delivery] = collections.deque()
         self.waiter: asyncio.Future[None] | None = None
+        self.client_gone = False
 
     def deliver(self, delivery: Delivery) -> None:
         self.deliveries.append(delivery)
         self.wake()
 
-    def wake(self, _: object = None) -> None:
+    def wake(self) -> None:
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)
 
-    async def next(self, gone: asyncio.Future[Any]) -> Delivery:
+    async def next(self) -> Delivery:
         """The next delivery; raises ClientGone if the client disconnects first."""
         while not self.deliveries:
-            if gone.done():
+            if self.client_gone:
                 raise ClientGone
             self.waiter = self.loop.create_future()
             await self.waiter
@@ -76,22 +77,24 @@ async def _disconnected(receive: Receive) -> None:
         pass
 
 
-class Running:
-    """One started request: its responder, inbox and the watch on its connection.
+# A request still unanswered this long after it started gets its connection watched. Most cheap
+# models answer well within it, and a watch (a task reading the connection, cancelled at the end)
+# costs more than such a model's whole request; for a long generation the delay is negligible.
+_WATCH_DELAY_S = 0.01
 
-    The watch (a task reading the connection until it closes) starts one loop turn after the
-    request, and only if the final answer was not sent by then: a model run on the loop answers
-    within that turn, and creating and cancelling a task per request cost more than the model."""
+
+class Running:
+    """One started request: its responder, inbox and the watch on its connection (started only if
+    the request is still unanswered after ``_WATCH_DELAY_S``)."""
 
     def __init__(self, responder: ServerResponder, inbox: Inbox, receive: Receive) -> None:
         self.responder = responder
         self.inbox = inbox
         self.receive = receive
-        self.gone: asyncio.Future[None] = inbox.loop.create_future()  # done: the client left
         self._watch: asyncio.Task[None] | None = None
-        self._start: asyncio.Handle | None = None
+        self._start: asyncio.TimerHandle | None = None
         if not responder.finished:  # else answered within start_request: nothing to watch for
-            self._start = inbox.loop.call_soon(self._start_watch)
+            self._start = inbox.loop.call_later(_WATCH_DELAY_S, self._start_watch)
 
     def _start_watch(self) -> None:
         if self.responder.finished:  # the final answer is out: nothing left to cancel
@@ -100,13 +103,12 @@ class Running:
         self._watch.add_done_callback(self._left)
 
     def _left(self, _: object) -> None:
-        if not self.gone.done():
-            self.gone.set_result(None)
+        self.inbox.client_gone = True
         self.inbox.wake()
 
     async def next(self) -> Delivery:
         try:
-            return await self.inbox.next(self.gone)
+            return await self.inbox.next()
         except ClientGone:
             self.responder.cancel()
             raise
