@@ -13,8 +13,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from pagedserve.model_manager import ModelManager
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -114,6 +118,22 @@ class ServerProcess:
                 self.process.kill()
                 self.process.wait()
         return self.process.returncode
+
+
+def repository_manager() -> ModelManager:
+    """A model manager over ``conf/models`` with the built-in plugins, no server: load what you need."""
+    from pagedserve.config import BackendSettings
+    from pagedserve.model_manager import ModelManager
+    from pagedserve.plugin_manager import PluginHost
+    from pagedserve.repository import ModelRepository
+
+    registries = PluginHost().registries()
+    return ModelManager(
+        ModelRepository(REPO / "conf" / "models"),
+        registries.model_backends,
+        registries.batching_policies,
+        BackendSettings(registries=registries),
+    )
 
 
 def start_server(*overrides: str, ready_timeout: float = 120.0, wait_ready: bool = True) -> ServerProcess:

@@ -8,13 +8,9 @@ import weakref
 from collections.abc import Iterator
 
 import pytest
-from pagedserve.config import BackendSettings
 from pagedserve.heap import FrozenHeap
-from pagedserve.model_manager import ModelManager
-from pagedserve.plugin_manager import PluginHost
-from pagedserve.repository import ModelRepository
 
-from .conftest import REPO
+from .conftest import repository_manager
 
 
 class Node:
@@ -47,13 +43,7 @@ def test_freezing_moves_live_objects_out_of_the_scans_and_frees_garbage_first() 
 
 
 def test_a_cycle_frozen_with_a_model_is_collected_when_the_model_closes() -> None:
-    registries = PluginHost().registries()
-    manager = ModelManager(
-        ModelRepository(REPO / "conf" / "models"),
-        registries.model_backends,
-        registries.batching_policies,
-        BackendSettings(),
-    )
+    manager = repository_manager()
     manager.load("simple")
     instance = manager.resolve("simple").policy.model.instances[0]
     instance.cycle = Node()

@@ -10,26 +10,17 @@ import grpc
 import numpy as np
 import pagedserve_plugins.bls as pb_utils
 import pytest
-from pagedserve.config import BackendSettings
 from pagedserve.in_process import MAX_DEPTH, Caller, InProcessClient
 from pagedserve.model_manager import ModelManager
-from pagedserve.plugin_manager import PluginHost
-from pagedserve.repository import ModelRepository
 
-from .conftest import REPO
+from .conftest import repository_manager
 
 ROW = np.arange(16, dtype=np.int32).reshape(1, 16)
 
 
 @pytest.fixture(scope="module")
 def manager() -> Iterator[ModelManager]:
-    registries = PluginHost().registries()
-    manager = ModelManager(
-        ModelRepository(REPO / "conf" / "models"),
-        registries.model_backends,
-        registries.batching_policies,
-        BackendSettings(),
-    )
+    manager = repository_manager()
     for name in ("simple", "repeat_int32", "bls_add_sub"):
         manager.load(name)
     yield manager

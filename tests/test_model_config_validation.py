@@ -15,7 +15,7 @@ import tritonclient.grpc as grpcclient
 import yaml
 from tritonclient.utils import InferenceServerException
 
-from .conftest import REPO, ServerProcess, start_server
+from .conftest import REPO, ServerProcess, repository_manager, start_server
 
 SIMPLE = yaml.safe_load((REPO / "conf" / "models" / "simple.yaml").read_text())
 SEQUENCE = yaml.safe_load((REPO / "conf" / "models" / "simple_sequence.yaml").read_text())
@@ -214,18 +214,7 @@ def test_poll_mode_refuses_a_broken_new_model(tmp_path: Path) -> None:
 def test_a_model_that_can_no_longer_serve_is_unavailable_with_its_reason(monkeypatch) -> None:  # noqa: ANN001
     """An LLM whose engine died and could not restart: READY no more, in the index, readiness and
     lookups, until it is loaded again."""
-    from pagedserve.config import BackendSettings
-    from pagedserve.model_manager import ModelManager
-    from pagedserve.plugin_manager import PluginHost
-    from pagedserve.repository import ModelRepository
-
-    registries = PluginHost().registries()
-    manager = ModelManager(
-        ModelRepository(REPO / "conf" / "models"),
-        registries.model_backends,
-        registries.batching_policies,
-        BackendSettings(registries=registries),
-    )
+    manager = repository_manager()
     manager.load("simple")
     try:
         model = manager.resolve("simple").policy.model
