@@ -115,7 +115,10 @@ class VersionRecord:
 
     @property
     def serving(self) -> bool:
-        return self.current()[0] == ModelState.READY
+        """``current()`` is READY (checked on every request, so without building its tuple)."""
+        if self.state is not ModelState.READY:
+            return False
+        return self.loaded is None or self.loaded.policy.model.failure() is None
 
 
 @dataclass
@@ -304,7 +307,7 @@ class ModelManager:
 
     def resolve(self, name: str, version: str = "") -> LoadedVersion:
         """Triton's lookup rules and messages: latest READY version, or the one asked for."""
-        number = parse_version(version)
+        number = parse_version(version) if version else None
         with self._lock:
             entry = self._entries.get(name)
             if entry is None or entry.spec is None:
@@ -314,7 +317,9 @@ class ModelManager:
                     )
                 raise InferenceError.not_found(f"Request for unknown model: '{name}' is not found")
             if number is None:
-                for record in _newest_first(entry.versions):
+                versions = entry.versions
+                # the usual model has one version: no sort per request
+                for record in versions.values() if len(versions) == 1 else _newest_first(versions):
                     if record.serving:
                         return record.loaded  # type: ignore[return-value]
                 raise InferenceError.not_found(
@@ -383,8 +388,6 @@ class ModelManager:
 
 
 def _newest_first(versions: dict[int, VersionRecord]) -> list[VersionRecord]:
-    if len(versions) == 1:  # the usual model: no sort per request
-        return list(versions.values())
     return [versions[number] for number in sorted(versions, reverse=True)]
 
 

@@ -86,6 +86,8 @@ _SCAN_CHUNK = 2**20
 
 
 def _has_long_digit_run(data: bytes | memoryview) -> bool:
+    if type(data) is bytes and len(data) <= _SCAN_CHUNK:  # the usual body: no copy, no loop
+        return _LONG_RUN in data.translate(_DIGITS)
     view = memoryview(data)
     for start in range(0, len(view), _SCAN_CHUNK):
         # each chunk reaches 18 bytes into the next, so a run across the cut is still whole in one

@@ -39,6 +39,7 @@ _LIMIT_HINT = "Set server.max_message_bytes to increase the limit."
 _ACCEPTED_KINDS = {"BOOL": "b", "FP32": "iuf", "FP64": "iuf"}
 _INTEGER_KINDS = "iu"
 _NO_PARAMETERS: MappingProxyType[str, pb.InferParameter] = MappingProxyType({})
+_PLAIN_INPUT_KEYS = frozenset({"name", "datatype", "shape", "data"})
 
 
 class JsonTensor:
@@ -103,7 +104,7 @@ def decode_infer(
     if header_length == 0:
         return _raw_binary_call(body, name, version, spec)
     split = len(body) if header_length is None else header_length
-    document = parse_json(memoryview(body)[:split])
+    document = parse_json(body if split == len(body) else memoryview(body)[:split])
     if not isinstance(document, dict):
         raise HttpError("Unable to parse 'inputs': the request JSON must be an object")
     message = JsonInferRequest(name, version)
@@ -203,6 +204,14 @@ def _inputs(
     raw: list[memoryview | bytes | np.ndarray] = []
     offset = 0
     for item in inputs:
+        if type(item) is dict and item.keys() == _PLAIN_INPUT_KEYS:
+            # The usual input, JSON data and no parameters: the general path's checks that apply.
+            name = _string(item["name"], "name")
+            datatype = _string(item["datatype"], "datatype")
+            shape = _shape(item["shape"], name)
+            message.inputs.append(JsonTensor(name, datatype, shape))
+            raw.append(json_tensor_data(name, datatype, shape, item["data"], limit))
+            continue
         if not isinstance(item, dict):
             raise HttpError("Unable to parse 'inputs': expected an array of objects")
         params = item.get("parameters") or {}
@@ -262,10 +271,13 @@ def _check_input_content(item: dict[str, Any], params: dict[str, Any]) -> None:
 def _shape(shape: Any, name: str) -> list[int]:
     if type(shape) is not list:
         raise HttpError("Unable to parse 'shape': expected an array of unsigned integers")
+    largest = 0
     for d in shape:  # a loop, not any(): shapes are short and this runs for every input
         if type(d) is not int or d < 0:
             raise HttpError("Unable to parse 'shape': expected an array of unsigned integers")
-    if math.prod(shape) > _INT64_MAX or max(shape, default=0) > _INT64_MAX:
+        if d > largest:
+            largest = d
+    if largest > _INT64_MAX or math.prod(shape) > _INT64_MAX:
         raise HttpError(
             f"invalid shape for input '{name}': shape {_shape_text(shape)} causes total element count "
             f"to exceed maximum size of {_INT64_MAX}"
@@ -290,9 +302,10 @@ def json_tensor_data(name: str, datatype: str, shape: list[int], data: Any, limi
     count = math.prod(shape)
     if count == 0:
         return b""
-    if datatype != "BYTES" and count * datatypes.element_size(datatype) > limit:
+    dtype = datatypes.numpy_dtype(datatype)
+    if datatype != "BYTES" and count * dtype.itemsize > limit:
         raise HttpError(
-            f"JSON input '{name}' has a byte_size ({count * datatypes.element_size(datatype)} bytes) that "
+            f"JSON input '{name}' has a byte_size ({count * dtype.itemsize} bytes) that "
             f"exceeds the maximum allowed value of {limit} bytes. " + _LIMIT_HINT
         )
     if not isinstance(data, list):
@@ -317,7 +330,7 @@ def json_tensor_data(name: str, datatype: str, shape: list[int], data: Any, limi
             array = np.array([], dtype=np.object_)
     if array.dtype.kind not in _ACCEPTED_KINDS.get(datatype, _INTEGER_KINDS):
         raise HttpError(f"Unable to parse 'data': expected {datatype} elements for input '{name}'")
-    return array.reshape(-1).astype(datatypes.numpy_dtype(datatype))  # narrower types wrap, as C casts do
+    return array.reshape(-1).astype(dtype)  # narrower types wrap, as C casts do
 
 
 def json_tensor_bytes(name: str, datatype: str, shape: list[int], data: Any, limit: int) -> bytes:
@@ -486,8 +499,9 @@ class JsonResponseEncoder:
                 finite = finite and (array.dtype.kind != "f" or bool(np.isfinite(array).all()))
             outputs.append(entry)
         document["outputs"] = outputs
-        parameters = document.get("parameters")
-        if parameters and not all(math.isfinite(v) for v in parameters.values() if type(v) is float):
+        if response.parameters and not all(
+            math.isfinite(v) for v in document["parameters"].values() if type(v) is float
+        ):
             finite = False
         header = dumps(document, finite)
         return HttpBody([header, *binary], len(header) if binary else None)
