@@ -7,6 +7,11 @@ requests at concurrency 16, ~6 µs a request. Once the start-up models are loade
 everything then alive into the collector's permanent generation (``gc.freeze``, as vLLM's and
 SGLang's servers do), so later collections walk only what came after.
 
+The youngest generation's threshold goes up too, from 700 to 10,000 net allocations: sixteen
+requests in flight alone hold about 700 young objects, so at the default every burst of requests
+paid a young collection (~33 µs each, ~2 µs a request at concurrency 16). Those collections only
+ever find the cycles that reference counting leaves; they still come, less often.
+
 Frozen objects are still freed by reference counting, but a reference cycle among them would never
 be: after a model version closes, the heap is thawed, collected once and frozen again (one full
 collection per unload, what the collector did every few thousand requests before). A model loaded
@@ -17,6 +22,8 @@ from __future__ import annotations
 
 import gc
 import threading
+
+_YOUNG_THRESHOLD = 10_000
 
 
 class FrozenHeap:
@@ -31,6 +38,9 @@ class FrozenHeap:
         with self._lock:
             gc.collect()  # what start-up left as garbage is freed, not frozen
             gc.freeze()
+            if not self.frozen:
+                _, middle, oldest = gc.get_threshold()
+                gc.set_threshold(_YOUNG_THRESHOLD, middle, oldest)
             self.frozen = True
 
     def after_load(self) -> None:

@@ -20,8 +20,10 @@ class Node:
 
 @pytest.fixture(autouse=True)
 def thawed() -> Iterator[None]:
+    thresholds = gc.get_threshold()
     yield
     gc.unfreeze()  # the test process's own heap is not ours to keep frozen
+    gc.set_threshold(*thresholds)
 
 
 def test_a_heap_nobody_froze_is_left_alone() -> None:
@@ -30,6 +32,7 @@ def test_a_heap_nobody_froze_is_left_alone() -> None:
     heap.after_load()
     heap.after_close()
     assert gc.get_freeze_count() == before and not heap.frozen
+    assert gc.get_threshold()[0] < 10_000
 
 
 def test_freezing_moves_live_objects_out_of_the_scans_and_frees_garbage_first() -> None:
@@ -40,6 +43,7 @@ def test_freezing_moves_live_objects_out_of_the_scans_and_frees_garbage_first() 
     assert gone() is None  # collected before the freeze, not frozen with the rest
     assert gc.get_freeze_count() > 0
     assert not any(o is kept for o in gc.get_objects())  # frozen: no generation lists it
+    assert gc.get_threshold()[0] == 10_000  # young collections only every 10,000 net allocations
 
 
 def test_a_cycle_frozen_with_a_model_is_collected_when_the_model_closes() -> None:
