@@ -121,18 +121,29 @@ def metric(server: ServerProcess, name: str, labels: str = "") -> float:
     return float(match.group(1))
 
 
-def test_disconnect_cancels_and_frees_blocks(llm_server: ServerProcess) -> None:
+def _running_soon(server: ServerProcess) -> bool:
+    deadline = time.monotonic() + 20
+    while not metric(server, "vllm:num_requests_running") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return metric(server, "vllm:num_requests_running") == 1
+
+
+@pytest.mark.parametrize("route", ["generate_stream", "generate"])
+def test_disconnect_cancels_and_frees_blocks(llm_server: ServerProcess, route: str) -> None:
+    """The stream notices when its next event cannot be written; a unary generate, which writes
+    nothing until the end, by the watch on its connection."""
     request = {
         "text_input": PROMPT,
-        "parameters": {"stream": True, "max_tokens": 100_000, "ignore_eos": True},
+        "parameters": {"stream": route == "generate_stream", "max_tokens": 100_000, "ignore_eos": True},
     }
     cancelled = metric(llm_server, "nv_inference_request_failure", 'reason="CANCELED"')
     connection = connect(llm_server)
-    connection.request("POST", f"/v2/models/{MODEL}/generate_stream", body=json.dumps(request))
-    response = connection.getresponse()
-    assert response.status == 200
-    assert response.readline().startswith(b"data: ")  # generating
-    assert metric(llm_server, "vllm:num_requests_running") == 1
+    connection.request("POST", f"/v2/models/{MODEL}/{route}", body=json.dumps(request))
+    if route == "generate_stream":
+        response = connection.getresponse()
+        assert response.status == 200
+        assert response.readline().startswith(b"data: ")  # generating
+    assert _running_soon(llm_server)
     connection.sock.close()  # the client goes away mid-generation
     connection.close()
     deadline = time.monotonic() + 20

@@ -77,26 +77,58 @@ async def _disconnected(receive: Receive) -> None:
         pass
 
 
-# A request still unanswered this long after it started gets its connection watched. Most cheap
-# models answer well within it, and a watch (a task reading the connection, cancelled at the end)
-# costs more than such a model's whole request; for a long generation the delay is negligible.
-_WATCH_DELAY_S = 0.01
+# A request still unanswered this long (up to twice as long) after it started gets its connection
+# watched. Most cheap models answer well within it, and a watch (a task reading the connection,
+# cancelled at the end) costs more than such a model's whole request; for a long generation the
+# delay is negligible.
+_WATCH_DELAY_S = 0.005
+
+
+class Watchlist:
+    """The unanswered requests of one loop whose connections are not watched yet.
+
+    One timer sweeps them every ``_WATCH_DELAY_S`` and starts the watch of each request that was
+    already waiting at the previous sweep: a timer per request (scheduled, then cancelled) cost a
+    measurable share of a cheap model's request."""
+
+    def __init__(self) -> None:
+        self._new: dict[Running, None] = {}
+        self._due: dict[Running, None] = {}
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, running: Running) -> None:
+        self._new[running] = None
+        if self._timer is None:
+            loop = running.inbox.loop
+            self._timer = loop.call_later(_WATCH_DELAY_S, self._sweep, loop)
+
+    def discard(self, running: Running) -> None:
+        self._new.pop(running, None)
+        self._due.pop(running, None)
+
+    def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
+        due, self._due, self._new = self._due, self._new, {}
+        for running in due:
+            running.start_watch()
+        self._timer = loop.call_later(_WATCH_DELAY_S, self._sweep, loop) if self._due else None
 
 
 class Running:
-    """One started request: its responder, inbox and the watch on its connection (started only if
-    the request is still unanswered after ``_WATCH_DELAY_S``)."""
+    """One started request: its responder, inbox and the watch on its connection (started by the
+    watchlist if the request is still unanswered after ``_WATCH_DELAY_S``)."""
 
-    def __init__(self, responder: ServerResponder, inbox: Inbox, receive: Receive) -> None:
+    def __init__(
+        self, responder: ServerResponder, inbox: Inbox, receive: Receive, watches: Watchlist
+    ) -> None:
         self.responder = responder
         self.inbox = inbox
         self.receive = receive
+        self.watches = watches
         self._watch: asyncio.Task[None] | None = None
-        self._start: asyncio.TimerHandle | None = None
         if not responder.finished:  # else answered within start_request: nothing to watch for
-            self._start = inbox.loop.call_later(_WATCH_DELAY_S, self._start_watch)
+            watches.add(self)
 
-    def _start_watch(self) -> None:
+    def start_watch(self) -> None:
         if self.responder.finished:  # the final answer is out: nothing left to cancel
             return
         self._watch = asyncio.ensure_future(_disconnected(self.receive))
@@ -114,8 +146,7 @@ class Running:
             raise
 
     def close(self) -> None:
-        if self._start is not None:
-            self._start.cancel()
+        self.watches.discard(self)
         if self._watch is not None:
             self._watch.remove_done_callback(self._left)
             self._watch.cancel()
@@ -128,7 +159,11 @@ class Running:
 
 
 def start(
-    core: ServerCore, message: Any, receive: Receive, encoder: ResponseEncoder = encode_response
+    core: ServerCore,
+    message: Any,
+    receive: Receive,
+    watches: Watchlist,
+    encoder: ResponseEncoder = encode_response,
 ) -> Running:
     inbox = Inbox(asyncio.get_running_loop())
     try:
@@ -136,14 +171,19 @@ def start(
         responder, _ = core.start_request(message, inbox.deliver, FRONT_END, encoder, deliver_early=True)
     except InferenceError as error:
         raise HttpError.of(error) from None
-    return Running(responder, inbox, receive)
+    return Running(responder, inbox, receive, watches)
 
 
 # -- /infer ----------------------------------------------------------------------------------------
 
 
 async def infer(
-    core: ServerCore, headers: Mapping[str, str], receive: Receive, model: str, version: str
+    core: ServerCore,
+    headers: Mapping[str, str],
+    receive: Receive,
+    watches: Watchlist,
+    model: str,
+    version: str,
 ) -> InferAnswer:
     spec = core.manager.resolve(model, version).spec
     if spec.decoupled and not allows_unary(spec):
@@ -151,7 +191,7 @@ async def infer(
     limit = core.config.server.max_message_bytes
     body = await read_body(receive, headers, limit)
     call = decode_infer(body, _header_length(headers, len(body)), model, version, spec, limit)
-    running = start(core, call.message, receive, JsonResponseEncoder(call))
+    running = start(core, call.message, receive, watches, JsonResponseEncoder(call))
     try:
         response, error = await _single(running, spec.decoupled)
     finally:
@@ -263,6 +303,7 @@ async def generate(
     core: ServerCore,
     headers: Mapping[str, str],
     receive: Receive,
+    watches: Watchlist,
     model: str,
     version: str,
     streaming: bool,
@@ -272,7 +313,7 @@ async def generate(
     body = await read_body(receive, headers, limit, compressed_ok=False)
     document = parse_json(body, "generate") if body.strip() else {}
     message = decode_generate(document, model, version, metadata, limit)
-    running = start(core, message, receive)
+    running = start(core, message, receive, watches)
     if streaming:
         return EventStream(running)
     try:
