@@ -37,7 +37,7 @@ from pagedserve.frontends.http_body import (
     restriction_refusal,
     status_of,
 )
-from pagedserve.frontends.http_inference import Watchlist, generate, infer
+from pagedserve.frontends.http_inference import InferenceRoutes
 from starlette.responses import Response
 from starlette.types import Scope, Send
 
@@ -90,7 +90,7 @@ class HttpApp:
     def __init__(self, core: ServerCore, server: ServerConfig) -> None:
         self.core = core
         self.restricted = restricted_groups(server)
-        self.watches = Watchlist()
+        self.inference = InferenceRoutes(core)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -174,17 +174,15 @@ class HttpApp:
     # -- inference --------------------------------------------------------------------------------
 
     async def infer(self, request: HttpRequest, model: str, version: str) -> Any:
-        return await infer(self.core, request.headers, request.receive, self.watches, model, version)
+        return await self.inference.infer(request.headers, request.receive, model, version)
 
     async def generate(self, request: HttpRequest, model: str, version: str) -> Any:
-        return await generate(
-            self.core, request.headers, request.receive, self.watches, model, version, streaming=False
+        return await self.inference.generate(
+            request.headers, request.receive, model, version, streaming=False
         )
 
     async def generate_stream(self, request: HttpRequest, model: str, version: str) -> Any:
-        return await generate(
-            self.core, request.headers, request.receive, self.watches, model, version, streaming=True
-        )
+        return await self.inference.generate(request.headers, request.receive, model, version, streaming=True)
 
     async def model_trace(self, request: HttpRequest, model: str, version: str) -> Response:
         return await self.trace(request, model)

@@ -158,48 +158,64 @@ class Running:
             trace.finish()
 
 
-def start(
-    core: ServerCore,
-    message: Any,
-    receive: Receive,
-    watches: Watchlist,
-    encoder: ResponseEncoder = encode_response,
-) -> Running:
-    inbox = Inbox(asyncio.get_running_loop())
-    try:
-        # The inbox only queues: an answer made within start_request may go straight into it.
-        responder, _ = core.start_request(message, inbox.deliver, FRONT_END, encoder, deliver_early=True)
-    except InferenceError as error:
-        raise HttpError.of(error) from None
-    return Running(responder, inbox, receive, watches)
+class InferenceRoutes:
+    """``/infer``, ``/generate`` and ``/generate_stream`` over the core, with the watchlist their
+    requests share."""
+
+    def __init__(self, core: ServerCore) -> None:
+        self.core = core
+        self.watches = Watchlist()
+
+    def start(self, message: Any, receive: Receive, encoder: ResponseEncoder = encode_response) -> Running:
+        inbox = Inbox(asyncio.get_running_loop())
+        try:
+            # The inbox only queues: an answer made within start_request may go straight into it.
+            responder, _ = self.core.start_request(
+                message, inbox.deliver, FRONT_END, encoder, deliver_early=True
+            )
+        except InferenceError as error:
+            raise HttpError.of(error) from None
+        return Running(responder, inbox, receive, self.watches)
+
+    async def infer(
+        self, headers: Mapping[str, str], receive: Receive, model: str, version: str
+    ) -> InferAnswer:
+        core = self.core
+        spec = core.manager.resolve(model, version).spec
+        if spec.decoupled and not allows_unary(spec):
+            raise HttpError(_DECOUPLED, 501)
+        limit = core.config.server.max_message_bytes
+        body = await read_body(receive, headers, limit)
+        call = decode_infer(body, _header_length(headers, len(body)), model, version, spec, limit)
+        running = self.start(call.message, receive, JsonResponseEncoder(call))
+        try:
+            response, error = await _single(running, spec.decoupled)
+        finally:
+            running.close()
+        if error is not None:
+            raise HttpError.of(error)
+        body = response if response is not None else empty_response(call.message)
+        return _infer_response(b"".join(body.parts), body.header_length, headers.get("accept-encoding"))
+
+    async def generate(
+        self, headers: Mapping[str, str], receive: Receive, model: str, version: str, streaming: bool
+    ) -> Response | EventStream:
+        core = self.core
+        metadata = core.model_metadata(model, version)
+        limit = core.config.server.max_message_bytes
+        body = await read_body(receive, headers, limit, compressed_ok=False)
+        document = parse_json(body, "generate") if body.strip() else {}
+        message = decode_generate(document, model, version, metadata, limit)
+        running = self.start(message, receive)
+        if streaming:
+            return EventStream(running)
+        try:
+            return await _one_generation(running)
+        finally:
+            running.close()
 
 
 # -- /infer ----------------------------------------------------------------------------------------
-
-
-async def infer(
-    core: ServerCore,
-    headers: Mapping[str, str],
-    receive: Receive,
-    watches: Watchlist,
-    model: str,
-    version: str,
-) -> InferAnswer:
-    spec = core.manager.resolve(model, version).spec
-    if spec.decoupled and not allows_unary(spec):
-        raise HttpError(_DECOUPLED, 501)
-    limit = core.config.server.max_message_bytes
-    body = await read_body(receive, headers, limit)
-    call = decode_infer(body, _header_length(headers, len(body)), model, version, spec, limit)
-    running = start(core, call.message, receive, watches, JsonResponseEncoder(call))
-    try:
-        response, error = await _single(running, spec.decoupled)
-    finally:
-        running.close()
-    if error is not None:
-        raise HttpError.of(error)
-    body = response if response is not None else empty_response(call.message)
-    return _infer_response(b"".join(body.parts), body.header_length, headers.get("accept-encoding"))
 
 
 async def _single(running: Running, decoupled: bool) -> tuple[Any, InferenceError | None]:
@@ -297,29 +313,6 @@ def _response_encoding(accept: str) -> str:
 
 
 # -- /generate and /generate_stream ----------------------------------------------------------------
-
-
-async def generate(
-    core: ServerCore,
-    headers: Mapping[str, str],
-    receive: Receive,
-    watches: Watchlist,
-    model: str,
-    version: str,
-    streaming: bool,
-) -> Response | EventStream:
-    metadata = core.model_metadata(model, version)
-    limit = core.config.server.max_message_bytes
-    body = await read_body(receive, headers, limit, compressed_ok=False)
-    document = parse_json(body, "generate") if body.strip() else {}
-    message = decode_generate(document, model, version, metadata, limit)
-    running = start(core, message, receive, watches)
-    if streaming:
-        return EventStream(running)
-    try:
-        return await _one_generation(running)
-    finally:
-        running.close()
 
 
 async def _one_generation(running: Running) -> Response:
