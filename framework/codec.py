@@ -311,6 +311,8 @@ class _InputPlan:
     """The little-endian dtype raw bytes are read as (None for BYTES)."""
     native: bool
     """``wire`` is the model's dtype already (no byte swap)."""
+    dtype: np.dtype | None
+    """The model's dtype (None for BYTES)."""
 
     @classmethod
     def of(cls, tensor: Any, max_batch_size: int) -> _InputPlan:
@@ -319,10 +321,10 @@ class _InputPlan:
         bounded = math.prod(dims) * max(max_batch_size, 1) <= _INT64_MAX
         fixed = dims if bounded and all(d >= 0 for d in dims) else None
         if datatype == "BYTES":
-            return cls(datatype, dims, fixed, None, False)
+            return cls(datatype, dims, fixed, None, False, None)
         dtype = datatypes.numpy_dtype(datatype)
         wire = dtype.newbyteorder("<")
-        return cls(datatype, dims, fixed, wire, wire == dtype)
+        return cls(datatype, dims, fixed, wire, wire == dtype, dtype)
 
 
 class RequestDecoder:
@@ -432,6 +434,8 @@ class RequestDecoder:
         """A fixed-size input from its raw bytes (what :meth:`_to_array` does for them, in short)."""
         assert plan.wire is not None
         if type(data) is np.ndarray:  # the elements already (the HTTP front-end's JSON data)
+            if data.dtype == plan.dtype and data.size == math.prod(shape):
+                return data.reshape(shape)
             return self._to_array(input_name, plan.datatype, shape, data)
         expected = math.prod(shape) * plan.wire.itemsize
         if len(data) != expected:

@@ -43,7 +43,8 @@ _EVENT_STREAM = "text/event-stream; charset=utf-8"
 
 
 class Inbox:
-    """The deliveries of one request, awaited on the loop while the connection is watched.
+    """The deliveries of one request (``deliver`` exists before the request starts), awaited by
+    :meth:`Running.next` while the connection is watched.
 
     One future is awaited, woken by a delivery or by the watch ending (the client left), rather than
     ``asyncio.wait`` over both: that takes two more loop turns and a set per wait."""
@@ -61,15 +62,6 @@ class Inbox:
     def wake(self) -> None:
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)
-
-    async def next(self) -> Delivery:
-        """The next delivery; raises ClientGone if the client disconnects first."""
-        while not self.deliveries:
-            if self.client_gone:
-                raise ClientGone
-            self.waiter = self.loop.create_future()
-            await self.waiter
-        return self.deliveries.popleft()
 
 
 async def _disconnected(receive: Receive) -> None:
@@ -139,11 +131,15 @@ class Running:
         self.inbox.wake()
 
     async def next(self) -> Delivery:
-        try:
-            return await self.inbox.next()
-        except ClientGone:
-            self.responder.cancel()
-            raise
+        """The next delivery; cancels the request and raises ClientGone if the client leaves first."""
+        inbox = self.inbox
+        while not inbox.deliveries:
+            if inbox.client_gone:
+                self.responder.cancel()
+                raise ClientGone
+            inbox.waiter = inbox.loop.create_future()
+            await inbox.waiter
+        return inbox.deliveries.popleft()
 
     def close(self) -> None:
         self.watches.discard(self)
