@@ -27,8 +27,9 @@ _YOUNG_THRESHOLD = 10_000
 
 
 class FrozenHeap:
-    """Off until :meth:`freeze` (the server's start-up calls it; a library user's process is left
-    alone); then kept frozen across model loads and unloads."""
+    """Off until :meth:`freeze` (the server's start-up calls it, and each LLM engine process once its
+    engine is built; a library user's process is left alone); then kept frozen across model loads
+    and unloads."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()

@@ -40,6 +40,7 @@ from pagedserve.engine.registries import EngineRegistries
 from pagedserve.engine.request import EngineRequest, build_request
 from pagedserve.engine.sampling_params import SamplingParams
 from pagedserve.engine.scheduler import RequestLimits
+from pagedserve.heap import FrozenHeap
 from pagedserve.log_settings import child_logging
 from pagedserve.models.tokenizer import Tokenizer
 
@@ -368,6 +369,8 @@ def child_main(
             outputs.send(("failed", str(exc) or type(exc).__name__))
             return
         core = EngineCore(engine)
+        # What loading built lives as long as this process: no full collection walks it again.
+        FrozenHeap().freeze()
         directory = str(engine.directory) if engine.directory else None
         outputs.send(("ready", _Ready(directory, core.stats, engine.scheduler.limits)))
     except BrokenPipeError:
