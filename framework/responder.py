@@ -106,9 +106,12 @@ def _return_freed_memory() -> None:
 def _message_bytes(request: InferenceRequest, response: InferenceResponse | None) -> int:
     """About how large the request's and its final response's messages were: their tensors, which
     every encoder copies (protobuf, or the HTTP front-end's JSON and binary outputs)."""
-    size = sum(array.nbytes for array in request.inputs.values())
+    size = 0
+    for array in request.inputs.values():  # loops, not sum() over generators: once per request
+        size += array.nbytes
     if response is not None:
-        size += sum(getattr(value, "nbytes", 0) for value in response.outputs.values())
+        for value in response.outputs.values():
+            size += getattr(value, "nbytes", 0)
     return size
 
 
