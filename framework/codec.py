@@ -206,10 +206,6 @@ class RequestOptions:
     """Requested outputs to return as their top-k classes (``classification`` parameter), by name."""
 
 
-_NO_OPTIONS = RequestOptions()
-"""Read-only default: a request without server-side output placement."""
-
-
 def _prefix(request_id: str) -> str:
     return f"[request id: {request_id or '<id_unknown>'}] "
 
@@ -774,17 +770,13 @@ def response_tensors(
 def encode_response(
     spec: ModelSpec,
     request: InferenceRequest,
-    response: InferenceResponse | None,
-    options: RequestOptions | None = None,
+    response: InferenceResponse,
+    options: RequestOptions,
 ) -> pb.ModelInferResponse | InferResponseMessage:
-    """One ModelInferResponse; every output gets exactly one raw_output_contents entry, aligned (left
-    empty for outputs written into the client's shared memory). From LARGE_MESSAGE_BYTES of tensors
-    on, it comes serialized already (InferResponseMessage): the tensors never enter protobuf."""
-    options = options or _NO_OPTIONS
-    if response is None:
-        return pb.ModelInferResponse(
-            model_name=spec.name, model_version=str(request.model_version), id=request.id
-        )
+    """The gRPC front-ends' :data:`ResponseEncoder`: one ModelInferResponse; every output gets exactly
+    one raw_output_contents entry, aligned (left empty for outputs written into the client's shared
+    memory). From LARGE_MESSAGE_BYTES of tensors on, it comes serialized already
+    (InferResponseMessage): the tensors never enter protobuf."""
     outputs: list[dict[str, Any]] = []
     raw_outputs: list[bytes | memoryview] = []
     for name, datatype, array, target in response_tensors(spec, request, response, options):

@@ -205,7 +205,7 @@ class ServerResponder(Responder):
         if response is not None and response.error is not None:
             self.loaded.stats.record_response(index, infer_ns=infer_ns, output_ns=0, ok=False, empty=False)
             return Delivery(None, response.error, final)
-        try:
+        try:  # a flags-only final (``response`` None) has no message
             message = (
                 None if response is None else self.encoder(self.loaded.spec, request, response, self.options)
             )
@@ -220,7 +220,7 @@ class ServerResponder(Responder):
         self._output_ns += output_ns
         empty = response is None
         self.loaded.stats.record_response(index, infer_ns=infer_ns, output_ns=output_ns, ok=True, empty=empty)
-        return Delivery(None if empty else message, None, final)
+        return Delivery(message, None, final)
 
     def _finish(self, error: InferenceError | None) -> None:
         assert self.request is not None

@@ -39,7 +39,6 @@ _LIMIT_HINT = "Set server.max_message_bytes to increase the limit."
 _ACCEPTED_KINDS = {"BOOL": "b", "FP32": "iuf", "FP64": "iuf"}
 _INTEGER_KINDS = "iu"
 _NO_PARAMETERS: MappingProxyType[str, pb.InferParameter] = MappingProxyType({})
-_PLAIN_INPUT_KEYS = frozenset({"name", "datatype", "shape", "data"})
 
 
 class JsonTensor:
@@ -204,14 +203,6 @@ def _inputs(
     raw: list[memoryview | bytes | np.ndarray] = []
     offset = 0
     for item in inputs:
-        if type(item) is dict and item.keys() == _PLAIN_INPUT_KEYS:
-            # The usual input, JSON data and no parameters: the general path's checks that apply.
-            name = _string(item["name"], "name")
-            datatype = _string(item["datatype"], "datatype")
-            shape = _shape(item["shape"], name)
-            message.inputs.append(JsonTensor(name, datatype, shape))
-            raw.append(json_tensor_data(name, datatype, shape, item["data"], limit))
-            continue
         if not isinstance(item, dict):
             raise HttpError("Unable to parse 'inputs': expected an array of objects")
         params = item.get("parameters") or {}
