@@ -115,10 +115,10 @@ class ServerCore:
     # -- inference --------------------------------------------------------------------------------
 
     def _mailbox(self) -> LoopMailbox:
-        loop = asyncio.get_running_loop()
-        if self._loop_mailbox is None or self._loop_mailbox.loop is not loop:
-            self._loop_mailbox = LoopMailbox(loop)
-        return self._loop_mailbox
+        mailbox = self._loop_mailbox
+        if mailbox is None or not mailbox.serves_this_thread():
+            self._loop_mailbox = mailbox = LoopMailbox(asyncio.get_running_loop())
+        return mailbox
 
     def start_request(
         self,

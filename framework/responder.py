@@ -73,6 +73,12 @@ class LoopMailbox:
         with contextlib.suppress(RuntimeError):
             self.loop.call_soon_threadsafe(self._drain)
 
+    def serves_this_thread(self) -> bool:
+        """Whether this thread runs the mailbox's loop now: a thread runs one loop at a time, so this
+        answers what ``asyncio.get_running_loop() is self.loop`` does without its ``getpid()``
+        system call (Python 3.11 checks the process on every call)."""
+        return threading.get_ident() == self._thread and self.loop.is_running()
+
     def _drain(self) -> None:
         with self._lock:
             items, self._items = self._items, []

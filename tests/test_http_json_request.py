@@ -180,6 +180,8 @@ def _flattened(data: Any) -> list[Any]:
         ("INT32", [[1, 2, 3], [4]]),  # ragged: only the element count counts
         ("INT32", [[1, 2], 3, [[4]]]),
         ("INT32", [True, False, 1, 0]),
+        ("INT32", [1, 2, 3, True]),  # flat, plain: packed in one pass; the bool counts as 1
+        ("FP32", [2.5, True, 1, 0]),
         ("INT32", [2**31, -(2**31) - 1, 2**40, -1]),  # wraps, as a C cast does
         ("UINT8", [255, 256, 0, 1]),
         ("FP32", [1, 2.5, 1e-30, 3.4e38]),
@@ -203,6 +205,8 @@ def test_json_data_is_the_flattened_elements(datatype: str, data: Any) -> None:
         ([1, 2, "3", 4], "expected INT32 elements"),
         ([[1, 2], ["a", "b"]], "expected INT32 elements"),
         ([1.5, 2, 3, 4], "expected INT32 elements"),
+        ([1, 2, 3, 4.5], "expected INT32 elements"),
+        ([True, False, True, False], "expected INT32 elements"),  # read as BOOL
         ([1, 2, None, 4], "expected INT32 elements"),
         ([1, 2, {"x": 1}, 4], "expected INT32 elements"),
         ([2**64, 1, 2, 3], "expected INT32 elements"),

@@ -109,44 +109,46 @@ class HttpApp:
             response = error_response("internal error: the request failed; see the server log", 500)
         await response(scope, receive, send)
 
-    async def _dispatch(self, path: str, request: HttpRequest) -> Any:
+    def _dispatch(self, path: str, request: HttpRequest) -> Awaitable[Any]:
+        """The route's handler call for ``path`` (not awaited here: a request awaits one coroutine
+        of the route rather than a chain of them, which costs at every resumption)."""
         if path == "/v2/models/stats":
-            return await self._route(request, "statistics", ("GET",), self.statistics, "", "")
+            return self._route(request, "statistics", ("GET",), self.statistics, "", "")
         if path == "/v2/logging":
-            return await self._route(request, "logging", ("GET", "POST"), self.logging)
+            return self._route(request, "logging", ("GET", "POST"), self.logging)
         if match := _MODEL.fullmatch(path):
             model, version, kind = match.group(1), match.group(2) or "", match.group(3) or ""
             if kind != "trace/setting" or not version:
                 group, methods, handler = _MODEL_ROUTES[kind]
-                return await self._route(request, group, methods, getattr(self, handler), model, version)
+                return self._route(request, group, methods, getattr(self, handler), model, version)
         elif path == "/v2":
-            return await self._route(request, "metadata", ("GET",), self.server_metadata)
+            return self._route(request, "metadata", ("GET",), self.server_metadata)
         elif match := _HEALTH.fullmatch(path):
-            return await self._route(request, "health", ("GET",), self.health, match.group(1))
+            return self._route(request, "health", ("GET",), self.health, match.group(1))
         elif match := _SHM.fullmatch(path):
             kind, region, action = match.groups()
             methods = ("GET",) if action == "status" else ("POST",)
-            return await self._route(
+            return self._route(
                 request, "shared-memory", methods, self.shared_memory, kind, region or "", action
             )
         elif match := _REPOSITORY.fullmatch(path):
             repository, kind, model, action = match.groups()
             handler = self.repository_index if kind == "index" else self.repository_control
             args = (repository or "",) if kind == "index" else (repository or "", model, action)
-            return await self._route(request, "model-repository", ("POST",), handler, *args)
+            return self._route(request, "model-repository", ("POST",), handler, *args)
         elif path == "/v2/trace/setting":
-            return await self._route(request, "trace", ("GET", "POST"), self.trace, "")
-        return error_response("Not Found", 404)
+            return self._route(request, "trace", ("GET", "POST"), self.trace, "")
+        return _answered(error_response("Not Found", 404))
 
-    async def _route(
+    def _route(
         self, request: HttpRequest, group: str, methods: tuple[str, ...], handler: Handler, *args: str
-    ) -> Any:
+    ) -> Awaitable[Any]:
         refusal = restriction_refusal(self.restricted, group, request.headers)
         if refusal is not None:
-            return error_response(refusal, 403)
+            return _answered(error_response(refusal, 403))
         if request.method not in methods:
-            return error_response("Method Not Allowed", 405)
-        return await handler(request, *args)
+            return _answered(error_response("Method Not Allowed", 405))
+        return handler(request, *args)
 
     # -- health and metadata ----------------------------------------------------------------------
 
@@ -173,16 +175,14 @@ class HttpApp:
 
     # -- inference --------------------------------------------------------------------------------
 
-    async def infer(self, request: HttpRequest, model: str, version: str) -> Any:
-        return await self.inference.infer(request.headers, request.receive, model, version)
+    def infer(self, request: HttpRequest, model: str, version: str) -> Awaitable[Any]:
+        return self.inference.infer(request.headers, request.receive, model, version)
 
-    async def generate(self, request: HttpRequest, model: str, version: str) -> Any:
-        return await self.inference.generate(
-            request.headers, request.receive, model, version, streaming=False
-        )
+    def generate(self, request: HttpRequest, model: str, version: str) -> Awaitable[Any]:
+        return self.inference.generate(request.headers, request.receive, model, version, streaming=False)
 
-    async def generate_stream(self, request: HttpRequest, model: str, version: str) -> Any:
-        return await self.inference.generate(request.headers, request.receive, model, version, streaming=True)
+    def generate_stream(self, request: HttpRequest, model: str, version: str) -> Awaitable[Any]:
+        return self.inference.generate(request.headers, request.receive, model, version, streaming=True)
 
     async def model_trace(self, request: HttpRequest, model: str, version: str) -> Response:
         return await self.trace(request, model)
@@ -285,6 +285,11 @@ _MODEL_ROUTES: dict[str, tuple[str, tuple[str, ...], str]] = {
     "generate_stream": ("inference", ("POST",), "generate_stream"),
     "trace/setting": ("trace", ("GET", "POST"), "model_trace"),
 }
+
+
+async def _answered(response: Response) -> Response:
+    """A route's answer known without awaiting anything, as the awaitable ``_dispatch`` returns."""
+    return response
 
 
 async def _blocking(function: Callable[..., Any], *args: Any) -> Any:

@@ -49,8 +49,7 @@ class Inbox:
     One future is awaited, woken by a delivery or by the watch ending (the client left), rather than
     ``asyncio.wait`` over both: that takes two more loop turns and a set per wait."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
+    def __init__(self) -> None:
         self.deliveries: collections.deque[Delivery] = collections.deque()
         self.waiter: asyncio.Future[None] | None = None
         self.client_gone = False
@@ -91,7 +90,7 @@ class Watchlist:
     def add(self, running: Running) -> None:
         self._new[running] = None
         if self._timer is None:
-            loop = running.inbox.loop
+            loop = running.responder.event_loop
             self._timer = loop.call_later(_WATCH_DELAY_S, self._sweep, loop)
 
     def discard(self, running: Running) -> None:
@@ -137,7 +136,7 @@ class Running:
             if inbox.client_gone:
                 self.responder.cancel()
                 raise ClientGone
-            inbox.waiter = inbox.loop.create_future()
+            inbox.waiter = self.responder.event_loop.create_future()
             await inbox.waiter
         return inbox.deliveries.popleft()
 
@@ -163,7 +162,7 @@ class InferenceRoutes:
         self.watches = Watchlist()
 
     def start(self, message: Any, receive: Receive, encoder: ResponseEncoder = encode_response) -> Running:
-        inbox = Inbox(asyncio.get_running_loop())
+        inbox = Inbox()
         try:
             # The inbox only queues: an answer made within start_request may go straight into it.
             responder, _ = self.core.start_request(

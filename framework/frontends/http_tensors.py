@@ -18,6 +18,7 @@ from the model's arrays (:class:`JsonResponseEncoder`), in the thread the model 
 from __future__ import annotations
 
 import math
+from array import array as c_array
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -283,6 +284,9 @@ def _shape_text(shape: list[int]) -> str:
 def json_tensor_data(name: str, datatype: str, shape: list[int], data: Any, limit: int) -> np.ndarray | bytes:
     """A JSON ``data`` array (any nesting; only the element count must match): a flat array of the
     datatype's numpy type, or, for BYTES, the elements in the wire format."""
+    packed = _packed(datatype, shape, data, limit)
+    if packed is not None:
+        return packed
     if datatype in ("FP16", "BF16"):
         raise HttpError(
             f"receiving {datatype} data via JSON is not supported. Please use the binary data format "
@@ -322,6 +326,41 @@ def json_tensor_data(name: str, datatype: str, shape: list[int], data: Any, limi
     if array.dtype.kind not in _ACCEPTED_KINDS.get(datatype, _INTEGER_KINDS):
         raise HttpError(f"Unable to parse 'data': expected {datatype} elements for input '{name}'")
     return array.reshape(-1).astype(dtype)  # narrower types wrap, as C casts do
+
+
+def _packed(datatype: str, shape: list[int], data: Any, limit: int) -> np.ndarray | None:
+    """The usual JSON data, a flat list of the right count of plain numbers in range, packed by
+    ``array.array`` (one C pass that also refuses other element types); None for anything else,
+    which the general path reads and words the errors of. Half the cost of numpy's discovery,
+    reshape and cast, in a cheap model's request."""
+    typecode = _TYPECODES.get(datatype)
+    # A leading bool goes the general way: numpy reads an all-bool list as BOOL, which is refused.
+    if typecode is None or type(data) is not list or not data or type(data[0]) is bool:
+        return None
+    try:
+        packed = c_array(typecode, data)
+    except (TypeError, OverflowError):  # nested, strings, out of range (the general path wraps)
+        return None
+    if len(packed) != math.prod(shape) or len(packed) * packed.itemsize > limit:
+        return None
+    return np.frombuffer(packed, datatypes.numpy_dtype(datatype))
+
+
+def _typecodes() -> dict[str, str]:
+    """Protocol datatype -> the ``array`` typecode with its numpy type's kind and size."""
+    codes = {}
+    for datatype in datatypes.PROTOCOL_TYPES:
+        if datatype in ("BOOL", "BYTES", "FP16", "BF16"):
+            continue
+        dtype = datatypes.numpy_dtype(datatype)
+        for code in "bBhHiIlLqQfd":
+            if np.dtype(code) == dtype:
+                codes[datatype] = code
+                break
+    return codes
+
+
+_TYPECODES = _typecodes()
 
 
 def json_tensor_bytes(name: str, datatype: str, shape: list[int], data: Any, limit: int) -> bytes:
