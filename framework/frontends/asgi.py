@@ -56,6 +56,10 @@ class AsgiFrontend(Frontend):
             lifespan="off",
             ws="none",
             server_header=False,
+            # No route reads the client's address or scheme, so uvicorn's rewriting of them from a
+            # trusted proxy's X-Forwarded-* headers (a middleware scanning every request's headers)
+            # is skipped.
+            proxy_headers=False,
             **_tls_options(server.tls),
         )
         self._server = _EmbeddedServer(config)
