@@ -93,4 +93,4 @@ class InferenceRequest:
     sequence_end: bool = False
     batch_size: int = 1
     """Leading dimension of the inputs when the model batches (``max_batch_size > 0``); 1 otherwise."""
-    timing: RequestTiming = field(default_factory=lambda: RequestTiming())
+    timing: RequestTiming = field(default_factory=RequestTiming)

@@ -121,6 +121,10 @@ def _message_bytes(request: InferenceRequest, response: InferenceResponse | None
     return size
 
 
+_NO_OPTIONS = RequestOptions()
+"""Until decoding sets a request's own (shared: never changed in place)."""
+
+
 def _delivered(delivery: Delivery) -> None:
     """``deliver`` after the final response: nothing may be sent any more (``send`` refuses)."""
 
@@ -141,7 +145,7 @@ class ServerResponder(Responder):
         self.deliver_early = deliver_early
         """``deliver`` may run inside the front-end's own ``start_request`` call (see LoopMailbox)."""
         self.request: InferenceRequest | None = None
-        self.options = RequestOptions()
+        self.options = _NO_OPTIONS
         """Output placement (shared memory, classification), set by the server after decoding."""
         self.lease: RegionLease | None = None
         self.trace: Trace | None = None

@@ -380,7 +380,13 @@ class DynamicPolicy(WorkerPolicy):
         self._with_deadline += bool(entry.deadline_ns)
         queue.append(entry)
 
-    def _entries(self) -> Iterator[_QueuedRequest]:
+    def _entries(self) -> Iterable[_QueuedRequest]:
+        """Queued requests in the order they run: by level, each level's delayed ones last."""
+        if self._levels == 1 and not self._delayed[0]:
+            return self._queues[0]  # the usual case, without a generator per batch
+        return self._all_entries()
+
+    def _all_entries(self) -> Iterator[_QueuedRequest]:
         for queue, delayed in zip(self._queues, self._delayed, strict=True):
             yield from queue
             yield from delayed

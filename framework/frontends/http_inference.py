@@ -129,6 +129,12 @@ class Running:
         self.inbox.client_gone = True
         self.inbox.wake()
 
+    def take(self) -> Delivery | None:
+        """The next delivery if it is there already (a cheap model answers within start_request),
+        without a coroutine for :meth:`next`."""
+        deliveries = self.inbox.deliveries
+        return deliveries.popleft() if deliveries else None
+
     async def next(self) -> Delivery:
         """The next delivery; cancels the request and raises ClientGone if the client leaves first."""
         inbox = self.inbox
@@ -218,7 +224,7 @@ async def _single(running: Running, decoupled: bool) -> tuple[Any, InferenceErro
     last: Any = None
     count = 0
     while True:
-        delivery = await running.next()
+        delivery = running.take() or await running.next()
         if delivery.error is not None:
             return None, delivery.error
         if delivery.message is not None:
