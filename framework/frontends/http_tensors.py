@@ -19,8 +19,7 @@ from __future__ import annotations
 
 import math
 from array import array as c_array
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 from typing import Any
 
@@ -40,6 +39,8 @@ _LIMIT_HINT = "Set server.max_message_bytes to increase the limit."
 _ACCEPTED_KINDS = {"BOOL": "b", "FP32": "iuf", "FP64": "iuf"}
 _INTEGER_KINDS = "iu"
 _NO_PARAMETERS: MappingProxyType[str, pb.InferParameter] = MappingProxyType({})
+_NONE: dict[str, Any] = {}
+"""An empty dict shared where one is only read (a request's missing ``parameters``...)."""
 
 
 class JsonTensor:
@@ -79,15 +80,21 @@ class JsonInferRequest:
         self.raw_input_contents: list[memoryview | bytes | np.ndarray] = []
 
 
-@dataclass
 class InferCall:
     """A decoded ``/infer`` request: the protobuf message and how each output goes back."""
 
-    message: pb.ModelInferRequest | InferRequestMessage | JsonInferRequest
-    binary_default: bool = False
-    """``binary_data_output``: outputs not listed in the request come back as binary data."""
-    binary_outputs: dict[str, bool] = field(default_factory=dict)
-    """Per listed output: its ``binary_data`` parameter (JSON unless true)."""
+    __slots__ = ("binary_default", "binary_outputs", "message")
+
+    def __init__(
+        self,
+        message: pb.ModelInferRequest | InferRequestMessage | JsonInferRequest,
+        binary_default: bool = False,
+    ) -> None:
+        self.message = message
+        self.binary_default = binary_default
+        """``binary_data_output``: outputs not listed in the request come back as binary data."""
+        self.binary_outputs: Mapping[str, bool] = _NONE
+        """Per listed output: its ``binary_data`` parameter (JSON unless true)."""
 
     def is_binary(self, name: str) -> bool:
         return self.binary_outputs.get(name, self.binary_default)
@@ -112,9 +119,8 @@ def decode_infer(
         message.id = _string(document["id"], "id")
     call = InferCall(message)
     call.binary_default = _parameters(document.get("parameters"), message)
-    message.raw_input_contents = _inputs(
-        document.get("inputs"), message, memoryview(body)[split:], name, limit
-    )
+    binary = memoryview(body)[split:] if split < len(body) else b""
+    message.raw_input_contents = _inputs(document.get("inputs"), message, binary, name, limit)
     _outputs(document.get("outputs"), message, call)
     return call
 
@@ -197,7 +203,7 @@ def set_json_parameter(target: pb.InferParameter, key: str, value: Any) -> None:
 
 
 def _inputs(
-    inputs: Any, message: JsonInferRequest, binary: memoryview, model: str, limit: int
+    inputs: Any, message: JsonInferRequest, binary: memoryview | bytes, model: str, limit: int
 ) -> list[memoryview | bytes | np.ndarray]:
     if not isinstance(inputs, list):
         raise HttpError("Unable to parse 'inputs': expected an array")
@@ -206,7 +212,7 @@ def _inputs(
     for item in inputs:
         if not isinstance(item, dict):
             raise HttpError("Unable to parse 'inputs': expected an array of objects")
-        params = item.get("parameters") or {}
+        params = item.get("parameters") or _NONE
         if not isinstance(params, dict):
             raise HttpError("Unable to parse 'parameters': expected an object")
         _check_input_content(item, params)
@@ -411,11 +417,12 @@ def _outputs(outputs: Any, message: JsonInferRequest, call: InferCall) -> None:
         return
     if not isinstance(outputs, list):
         raise HttpError("Unable to parse 'outputs': expected an array")
+    call.binary_outputs = {}
     for item in outputs:
         if not isinstance(item, dict):
             raise HttpError("Unable to parse 'outputs': expected an array of objects")
         name = _string(item.get("name"), "name")
-        params = item.get("parameters") or {}
+        params = item.get("parameters") or _NONE
         if not isinstance(params, dict):
             raise HttpError("Unable to parse 'parameters': expected an object")
         binary = _bool(params["binary_data"], "binary_data") if "binary_data" in params else False
