@@ -206,6 +206,10 @@ class RequestOptions:
     """Requested outputs to return as their top-k classes (``classification`` parameter), by name."""
 
 
+NO_OPTIONS = RequestOptions()
+"""The options of a request that sets none (shared: never changed in place)."""
+
+
 def _prefix(request_id: str) -> str:
     return f"[request id: {request_id or '<id_unknown>'}] "
 
@@ -347,6 +351,10 @@ class RequestDecoder:
         self, request: InferRequestLike, responder: Responder, shm: ShmAccess | None = None
     ) -> tuple[InferenceRequest, RequestOptions]:
         """``shm`` is None when client shared memory is disabled."""
+        if not request.parameters and not request.outputs:
+            plain = self._decode_arrays(request, responder)
+            if plain is not None:
+                return plain, NO_OPTIONS
         target = InferenceRequest(
             model_name=self.spec.name,
             model_version=self.version,
@@ -369,6 +377,45 @@ class RequestDecoder:
                 # next arrives; without its views, that pins no tensor after the request is done.
                 request.raw_input_contents = []
         return target, options
+
+    def _decode_arrays(self, request: InferRequestLike, responder: Responder) -> InferenceRequest | None:
+        """The request, when its inputs are what the model declares and arrived as arrays of its
+        types already (the HTTP front-end's JSON data) and it asks for nothing else: every check of
+        :meth:`decode` would pass, so here they are only conditions. None leaves the request, and the
+        wording of its errors, to the full decode."""
+        raw = request.raw_input_contents
+        if len(raw) != len(request.inputs):
+            return None
+        inputs: dict[str, np.ndarray] = {}
+        batch_sizes: set[int] = set()
+        for tensor, array in zip(request.inputs, raw, strict=True):
+            plan = self._plans.get(tensor.name)
+            if (
+                type(array) is not np.ndarray
+                or plan is None
+                or tensor.name in inputs
+                or tensor.datatype != plan.datatype
+                or array.dtype != plan.dtype
+                or not _plain_tensor(tensor)
+            ):
+                return None
+            shape = list(tensor.shape)
+            if not self._plain_shape(plan, shape, batch_sizes) or array.size != math.prod(shape):
+                return None
+            inputs[tensor.name] = array.reshape(shape)
+        if not self._required_set <= inputs.keys():
+            return None
+        target = InferenceRequest(
+            model_name=self.spec.name,
+            model_version=self.version,
+            inputs=inputs,
+            requested_outputs=list(self.outputs),
+            responder=responder,
+            id=request.id,
+        )
+        if self.max_batch_size > 0 and batch_sizes:
+            target.batch_size = batch_sizes.pop()
+        return target
 
     # -- inputs -----------------------------------------------------------------------------------
 

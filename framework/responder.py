@@ -17,7 +17,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from pagedserve.codec import InferResponseMessage, RequestOptions, ResponseEncoder, encode_response
+from pagedserve.codec import (
+    NO_OPTIONS,
+    InferResponseMessage,
+    ResponseEncoder,
+    encode_response,
+)
 from pagedserve.errors import InferenceError
 from pagedserve.inference import InferenceRequest, InferenceResponse, Responder
 from pagedserve.model_manager import LoadedVersion
@@ -121,10 +126,6 @@ def _message_bytes(request: InferenceRequest, response: InferenceResponse | None
     return size
 
 
-_NO_OPTIONS = RequestOptions()
-"""Until decoding sets a request's own (shared: never changed in place)."""
-
-
 def _delivered(delivery: Delivery) -> None:
     """``deliver`` after the final response: nothing may be sent any more (``send`` refuses)."""
 
@@ -145,7 +146,7 @@ class ServerResponder(Responder):
         self.deliver_early = deliver_early
         """``deliver`` may run inside the front-end's own ``start_request`` call (see LoopMailbox)."""
         self.request: InferenceRequest | None = None
-        self.options = _NO_OPTIONS
+        self.options = NO_OPTIONS
         """Output placement (shared memory, classification), set by the server after decoding."""
         self.lease: RegionLease | None = None
         self.trace: Trace | None = None

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from pagedserve.codec import RequestDecoder
 from pagedserve.errors import InferenceError
+from pagedserve.frontends.http_tensors import JsonInferRequest, JsonTensor
 from pagedserve.protocol import grpc_service_pb2 as pb
 from pagedserve.repository import spec_from_document
 
@@ -97,3 +98,64 @@ def test_extra_raw_entries_are_refused() -> None:
     result = outcome(BATCHED, request, False)
     assert result[0] == "error"
     assert "unexpected number of raw_input_contents entries: 3 given but only 2" in result[2]
+
+
+def array_message(
+    shapes: list[list[int]],
+    names: tuple[str, ...] = ("A", "B"),
+    dtype: Any = np.int32,
+    datatype: str = "INT32",
+    counts: list[int] | None = None,
+) -> JsonInferRequest:
+    """A request whose inputs arrived as arrays already, as the HTTP front-end hands JSON data over."""
+    request = JsonInferRequest("m", "")
+    request.id = "r1"
+    for index, (name, shape) in enumerate(zip(names, shapes, strict=False)):
+        count = counts[index] if counts else int(np.prod(shape))
+        request.inputs.append(JsonTensor(name, datatype, shape))
+        request.raw_input_contents.append(np.arange(count).astype(dtype))
+    return request
+
+
+def with_parameter(request: JsonInferRequest) -> JsonInferRequest:
+    tensor = pb.ModelInferRequest.InferInputTensor(name="A", datatype="INT32", shape=request.inputs[0].shape)
+    tensor.parameters["custom"].string_param = "x"
+    request.inputs[0] = tensor
+    return request
+
+
+TAKEN = [
+    (BATCHED, array_message([[1, 16], [1, 16]])),
+    (BATCHED, array_message([[8, 16], [8, 16]])),
+    (UNBATCHED, array_message([[2, 3], [2, 3]])),
+]
+ARRAY_CASES = [
+    *TAKEN,
+    (BATCHED, array_message([[0, 16], [0, 16]])),  # an empty batch: the full checks decide
+    (BATCHED, array_message([[9, 16], [9, 16]])),
+    (BATCHED, array_message([[1, 16], [2, 16]])),
+    (BATCHED, array_message([[16], [16]])),
+    (BATCHED, array_message([[1, 16], [1, 16]], counts=[15, 16])),
+    (BATCHED, array_message([[1, 16], [1, 16]], dtype=np.int64)),
+    (BATCHED, array_message([[1, 16], [1, 16]], dtype=np.float32, datatype="FP32")),
+    (BATCHED, array_message([[1, 16], [1, 16]], names=("A", "A"))),
+    (BATCHED, array_message([[1, 16], [1, 16]], names=("A", "C"))),
+    (BATCHED, array_message([[1, 16]])),
+    (BATCHED, with_parameter(array_message([[1, 16], [1, 16]]))),
+    (UNBATCHED, array_message([[1, 2, 3], [2, 3]])),
+    (VARIABLE, array_message([[2, 5], [2, 5]])),
+]
+
+
+@pytest.mark.parametrize(("config", "request_message"), ARRAY_CASES)
+def test_arrays_short_path_matches_the_full_checks(config: dict[str, Any], request_message: Any) -> None:
+    assert outcome(config, request_message, False) == outcome(config, request_message, True)
+
+
+@pytest.mark.parametrize(("config", "request_message"), TAKEN)
+def test_arrays_short_path_is_taken_for_plain_arrays(config: dict[str, Any], request_message: Any) -> None:
+    short = decoder(config["max_batch_size"], config["dims"], False)._decode_arrays(
+        request_message, Recorder()
+    )
+    assert short is not None and short.id == "r1" and short.requested_outputs == ["OUT"]
+    assert short.batch_size == (request_message.inputs[0].shape[0] if config["max_batch_size"] else 1)

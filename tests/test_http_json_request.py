@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from pagedserve.codec import RequestDecoder
 from pagedserve.errors import InferenceError
+from pagedserve.frontends import http_tensors
 from pagedserve.frontends.http_body import HttpError, parse_json
 from pagedserve.frontends.http_tensors import JsonInferRequest, JsonTensor, decode_infer, json_tensor_data
 from pagedserve.protocol import grpc_service_pb2 as pb
@@ -230,3 +231,47 @@ def test_a_long_integer_across_a_scan_chunk_is_still_found(
     monkeypatch.setattr(http_body, "_SCAN_CHUNK", 8)
     text = b"[" + b" " * offset + b"18446744073709551616]"
     assert parse_json(text) == [18446744073709551616]
+
+
+NEAR_PLAIN = [
+    _input("A", [1, 4], [1, 2, 3, 4]),
+    _input("A", [1, 4], [[1, 2], [3, 4]]),
+    _input("A", [1, 4], [True, 2, 3, 4]),
+    _input("A", [1, 4], [1, 2, 3, True]),
+    _input("A", [1, 4], [1, 2, 3]),
+    _input("A", [1, 4], [1, 2, 3, 4, 5]),
+    _input("A", [1, -4], [1, 2, 3, 4]),
+    _input("A", [1, 4.0], [1, 2, 3, 4]),
+    _input("A", [1, 4], [1, 2, 3, 2**40]),
+    _input("A", [1, 4], [1, 2, 3, 2**70]),
+    _input("A", [1, 4], [1, 2, 3, 4.5]),
+    _input("A", [1, 4], [1, 2, 3, "4"]),
+    _input("A", [1, 4], []),
+    _input("Ä", [1, 4], [1, 2, 3, 4]),
+    _input("A", [1, 4], [1, 2, 3, 4], parameters={}),
+    _input("A", [1, 4], [1, 2, 3, 4], parameters={"binary_data_size": 16}),
+    {**_input("A", [1, 4], [1, 2, 3, 4]), "datatype": "FP16"},
+    {**_input("A", [1, 4], [1, 2, 3, 4]), "datatype": "BYTES"},
+    {**_input("A", [1, 4], [1, 2, 3, 4]), "datatype": "int32"},
+    {**_input("A", [1, 4], [1, 2, 3, 4]), "name": 7},
+    {"name": "A", "datatype": "INT32", "shape": [1, 4]},
+    [1, 2, 3, 4],
+]
+
+
+def _read(body: bytes) -> Any:
+    try:
+        message = decode_infer(body, None, "m", "", SPEC, 2**20).message
+    except HttpError as error:
+        return ("error", error.status, error.message)
+    tensors = [(t.name, t.datatype, list(t.shape), type(t).__name__) for t in message.inputs]
+    raws = [(getattr(r, "dtype", None), _wire(r)) for r in message.raw_input_contents]
+    return tensors, raws
+
+
+@pytest.mark.parametrize("item", NEAR_PLAIN)
+def test_plain_input_shortcut_reads_as_the_full_checks(item: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    body = json.dumps({"inputs": [item, _input("B", [1, 4], [5, 6, 7, 8])]}).encode()
+    short = _read(body)
+    monkeypatch.setattr(http_tensors, "_plain_input", lambda item, limit: None)
+    assert _read(body) == short
