@@ -26,11 +26,11 @@ import asyncio
 import hashlib
 import importlib
 import importlib.util
-import inspect
 import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from types import CoroutineType
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -123,6 +123,7 @@ class PythonModel(Model):
         self.spec = spec
         self.instances = instances
         self.client = client
+        self._decoupled = spec.decoupled  # read per batch; the config is complete by now
         self._bound = threading.local()
         self._lock = threading.Lock()
         self._next = 0
@@ -144,12 +145,12 @@ class PythonModel(Model):
         token = bls.current_caller.set(self._bls_caller(requests)) if self.client is not None else None
         try:
             responses = self._instance().execute(requests)
-            if inspect.iscoroutine(responses):
+            if isinstance(responses, CoroutineType):
                 responses = self._loop().run_until_complete(responses)
         finally:
             if token is not None:
                 bls.current_caller.reset(token)
-        if self.spec.decoupled:
+        if self._decoupled:
             if responses is not None:
                 raise InferenceError.internal(
                     f"Python model '{self.spec.name}' is using the decoupled mode and the execute "

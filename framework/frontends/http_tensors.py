@@ -96,9 +96,6 @@ class InferCall:
         self.binary_outputs: Mapping[str, bool] = _NONE
         """Per listed output: its ``binary_data`` parameter (JSON unless true)."""
 
-    def is_binary(self, name: str) -> bool:
-        return self.binary_outputs.get(name, self.binary_default)
-
 
 # -- requests --------------------------------------------------------------------------------------
 
@@ -546,18 +543,20 @@ class JsonResponseEncoder:
         outputs: list[dict[str, Any]] = []
         binary: list[bytes] = []
         finite = True  # no NaN or infinity written as JSON: the faster writer may write it all
+        call = self.call
         for name, datatype, array, target in response_tensors(spec, request, response, options):
             entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
             if target is not None:
                 target.write(datatypes.to_raw(array, datatype))  # the data is in the client's region
-            elif self.call.is_binary(name):
+            elif call.binary_outputs.get(name, call.binary_default):
                 raw = datatypes.to_raw(array, datatype)
                 entry["parameters"] = {"binary_data_size": len(raw)}
                 if raw:
                     binary.append(bytes(raw))  # a copy: the model may reuse its arrays once sent
             else:
                 entry["data"] = _array_json(datatype, array)
-                finite = finite and (array.dtype.kind != "f" or bool(np.isfinite(array).all()))
+                if finite and array.dtype.kind == "f":
+                    finite = bool(np.isfinite(array).all())
             outputs.append(entry)
         document["outputs"] = outputs
         if response.parameters and not all(
@@ -582,13 +581,14 @@ def _parameter(value: ParameterValue) -> Any:
 
 def _array_json(datatype: str, array: np.ndarray) -> list[Any]:
     """One output's elements as a flat JSON array, as Triton's ``WriteDataToJson``."""
+    if datatype == "BYTES":
+        return json_data(datatype, datatypes.to_raw(array, datatype))
     if datatype in ("FP16", "BF16"):
         raise InferenceError(
             f"sending {datatype} data via JSON is not supported. Please use the binary data format for output"
         )
-    if datatype == "BYTES":
-        return json_data(datatype, datatypes.to_raw(array, datatype))
-    return array.astype(datatypes.numpy_dtype(datatype), copy=False).reshape(-1).tolist()
+    dtype = datatypes.numpy_dtype(datatype)
+    return (array if array.dtype == dtype else array.astype(dtype)).ravel().tolist()
 
 
 def response_parameters(message: pb.ModelInferResponse) -> dict[str, Any]:
