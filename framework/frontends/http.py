@@ -91,6 +91,10 @@ class HttpApp:
         self.core = core
         self.restricted = restricted_groups(server)
         self.inference = InferenceRoutes(core)
+        self._model_routes = {
+            kind: (group, methods, getattr(self, handler))
+            for kind, (group, methods, handler) in _MODEL_ROUTES.items()
+        }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -117,10 +121,10 @@ class HttpApp:
         if path == "/v2/logging":
             return self._route(request, "logging", ("GET", "POST"), self.logging)
         if match := _MODEL.fullmatch(path):
-            model, version, kind = match.group(1), match.group(2) or "", match.group(3) or ""
+            model, version, kind = match.groups("")
             if kind != "trace/setting" or not version:
-                group, methods, handler = _MODEL_ROUTES[kind]
-                return self._route(request, group, methods, getattr(self, handler), model, version)
+                group, methods, handler = self._model_routes[kind]
+                return self._route(request, group, methods, handler, model, version)
         elif path == "/v2":
             return self._route(request, "metadata", ("GET",), self.server_metadata)
         elif match := _HEALTH.fullmatch(path):

@@ -1,7 +1,8 @@
 """KServe v2 JSON tensors (with Triton's binary tensor data extension) <-> the server's requests.
 
 An ``/infer`` body becomes the ``ModelInferRequest`` the gRPC front-end would have received: JSON
-``data`` becomes arrays in ``raw_input_contents`` (numpy reads them in one pass), binary inputs are
+``data`` becomes arrays in ``raw_input_contents`` (a flat list of plain numbers packed by
+``array.array``, anything else read by numpy), binary inputs are
 views of the body, and the parameters HTTP gives its own meaning (``binary_data_size``,
 ``binary_data``, ``binary_data_output``) are taken out. Everything a gRPC request is checked for
 (datatypes, shapes, byte sizes, shared memory) is then checked by :mod:`pagedserve.codec` with
@@ -11,7 +12,9 @@ with its texts.
 Only what still has parameters is built in protobuf: the rest are plain objects with the same
 attributes (:class:`JsonInferRequest`, :class:`JsonTensor`) that the same
 :class:`~pagedserve.codec.RequestDecoder` reads, so the checks and their texts are shared, without
-paying for building a protobuf message and reading it back. The answer is written as JSON straight
+paying for building a protobuf message and reading it back. The usual input (exactly ``name``,
+``datatype``, ``shape``, ``data``) takes a short path that only tests the conditions under which every
+check would pass, and otherwise leaves it to them. The answer is written as JSON straight
 from the model's arrays (:class:`JsonResponseEncoder`), in the thread the model sends from.
 """
 
