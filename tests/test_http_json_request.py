@@ -9,11 +9,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-from pagedserve.codec import RequestDecoder
+from pagedserve.codec import NO_OPTIONS, RequestDecoder
 from pagedserve.errors import InferenceError
 from pagedserve.frontends import http_tensors
 from pagedserve.frontends.http_body import HttpError, parse_json
 from pagedserve.frontends.http_tensors import JsonInferRequest, JsonTensor, decode_infer, json_tensor_data
+from pagedserve.inference import InferenceRequest, InferenceResponse
 from pagedserve.protocol import grpc_service_pb2 as pb
 from pagedserve.repository import spec_from_document
 
@@ -275,3 +276,71 @@ def test_plain_input_shortcut_reads_as_the_full_checks(item: Any, monkeypatch: p
     short = _read(body)
     monkeypatch.setattr(http_tensors, "_plain_input", lambda item, limit: None)
     assert _read(body) == short
+
+
+ANSWER_SPEC = spec_from_document(
+    "m",
+    {
+        "name": "m",
+        "backend": "python",
+        "max_batch_size": 0,
+        "input": [{"name": "A", "data_type": "TYPE_INT32", "dims": [-1]}],
+        "output": [
+            {"name": name, "data_type": f"TYPE_{datatype}", "dims": [-1]}
+            for name, datatype in [
+                ("I", "INT32"),
+                ("B", "BOOL"),
+                ("U", "UINT64"),
+                ("S", "INT8"),
+                ("F", "FP32"),
+                ('q"uote\\', "INT16"),
+            ]
+        ],
+    },
+)
+PLAIN_ANSWERS = {
+    "int32 2-D": {"I": np.array([[1, -2], [3, 2**31 - 1]], dtype=np.int32)},
+    "bool, uint64, int8": {
+        "B": np.array([True, False]),
+        "U": np.array([2**64 - 1, 0], dtype=np.uint64),
+        "S": np.array([-128, 127], dtype=np.int8),
+    },
+    "empty and 0-d": {"I": np.zeros((0, 3), dtype=np.int32), "S": np.array(5, dtype=np.int8)},
+    "not contiguous": {"I": np.arange(6, dtype=np.int32).reshape(2, 3).T},
+    "escaped name": {'q"uote\\': np.array([1, 2], dtype=np.int16)},
+    "an output not asked for": {"I": np.array([1], dtype=np.int32), "U": np.array([7], dtype=np.uint64)},
+}
+OTHER_ANSWERS = {
+    "another dtype than declared": {"I": np.array([1, 2], dtype=np.int64)},
+    "floats": {"F": np.array([0.1, 1e30], dtype=np.float32)},
+    "a list": {"I": [1, 2]},
+}
+
+
+def _encode(outputs: dict[str, Any], request_id: str = "", binary: bool = False) -> tuple[bytes, bool]:
+    """The answer's JSON, and whether the short path wrote it."""
+    message = JsonInferRequest("m", "1")
+    call = http_tensors.InferCall(message, binary_default=binary)
+    wanted = [name for name in outputs if name != "U"] if "I" in outputs and "U" in outputs else list(outputs)
+    request = InferenceRequest("m", 3, {}, wanted, Recorder(), id=request_id)
+    response = InferenceResponse(outputs=outputs)
+    short = http_tensors._plain_answer(ANSWER_SPEC, request, response, NO_OPTIONS, call)
+    body = http_tensors.JsonResponseEncoder(call)(ANSWER_SPEC, request, response, NO_OPTIONS)
+    return b"".join(body.parts), short is not None
+
+
+@pytest.mark.parametrize("case", sorted(PLAIN_ANSWERS) + sorted(OTHER_ANSWERS))
+@pytest.mark.parametrize("request_id", ["", "r1"])
+def test_plain_answer_writes_the_general_paths_bytes(
+    case: str, request_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    outputs = {**PLAIN_ANSWERS, **OTHER_ANSWERS}[case]
+    written, short = _encode(outputs, request_id)
+    assert short == (case in PLAIN_ANSWERS and not request_id)
+    monkeypatch.setattr(http_tensors, "_plain_answer", lambda *args: None)
+    assert _encode(outputs, request_id)[0] == written
+    json.loads(written)
+
+
+def test_binary_outputs_are_left_to_the_general_path() -> None:
+    assert not _encode(PLAIN_ANSWERS["int32 2-D"], binary=True)[1]
