@@ -12,14 +12,13 @@ class AddSubModel:
     original models' arithmetic does)."""
 
     def execute(self, requests: list[InferenceRequest]) -> list[InferenceResponse]:
-        # Inputs are arrays (never numpy scalars), whose integer ufuncs wrap without a warning: no
-        # np.errstate needed (it cost a fifth of this model's execute).
+        # Inputs are arrays (never numpy scalars) of one declared type, so a ufunc's result has that
+        # type too and wraps without a warning: no cast and no np.errstate (it cost a fifth of this
+        # model's execute).
         responses = []
         for request in requests:
             a, b = request.inputs["INPUT0"], request.inputs["INPUT1"]
-            total, difference = (a + b).astype(a.dtype, copy=False), (a - b).astype(a.dtype, copy=False)
-            outputs = {"OUTPUT0": total, "OUTPUT1": difference}
-            responses.append(InferenceResponse(outputs=outputs))
+            responses.append(InferenceResponse(outputs={"OUTPUT0": a + b, "OUTPUT1": a - b}))
         return responses
 
 
