@@ -207,6 +207,13 @@ class PythonModel(Model):
             )
         if response.error is not None:
             return response
+        outputs = response.outputs
+        if len(outputs) == len(request.requested_outputs):
+            for name in request.requested_outputs:
+                if type(outputs.get(name)) is not np.ndarray:
+                    break
+            else:
+                return response  # exactly the requested outputs, as arrays already
         missing = [name for name in request.requested_outputs if name not in response.outputs]
         if missing:
             raise InferenceError.internal(

@@ -48,6 +48,8 @@ class Doubler:
             return responses[:-1]
         if requests and requests[0].parameters.get("missing"):
             return [InferenceResponse(outputs={"Z": requests[0].inputs["X"]})]
+        if requests and requests[0].parameters.get("as_lists"):
+            return [InferenceResponse(outputs={"Y": [[5, 6]], "Z": [[7, 8]]})]
         return responses
 
     def finalize(self):
@@ -184,6 +186,15 @@ def test_per_request_error_response(folder: Path) -> None:
     model.execute([good, bad])
     assert good_rec.final().error is None
     assert bad_rec.final().error is not None and bad_rec.final().error.message == "asked to fail"
+
+
+def test_outputs_given_as_lists_arrive_as_arrays(folder: Path) -> None:
+    model = load(make_spec(folder, {"python_class": "user_models:Doubler"}))
+    req, recorder = request(as_lists=True)
+    model.execute([req])
+    outputs = recorder.final().outputs
+    assert all(type(value) is np.ndarray for value in outputs.values())
+    assert outputs["Y"].tolist() == [[5, 6]] and outputs["Z"].tolist() == [[7, 8]]
 
 
 def test_missing_requested_output_is_an_error(folder: Path) -> None:

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 from pagedserve import statistics
-from pagedserve.statistics import ModelStats
+from pagedserve.statistics import Duration, ModelStats
 
 
 def _record(stats: ModelStats, count: int) -> None:
@@ -51,7 +51,8 @@ def test_concurrent_records_and_reads_add_up_exactly() -> None:
 def test_pending_records_stay_bounded_without_reads() -> None:
     stats = ModelStats()
     _record(stats, statistics._FOLD_AT * 3)
-    assert len(stats._pending) < statistics._FOLD_AT
+    for pending in (stats._successes, stats._executions, stats._response_records):
+        assert len(pending) < statistics._FOLD_AT
 
 
 def test_a_failure_after_a_success_keeps_the_latest_inference_time() -> None:
@@ -66,7 +67,51 @@ def test_a_failure_after_a_success_keeps_the_latest_inference_time() -> None:
 def test_a_record_appended_while_a_read_folds_is_kept() -> None:
     """A writer may hold the pending list when a read folds it (it appends without the lock)."""
     stats = ModelStats()
-    pending = stats._pending
+    pending = stats._executions
     stats.snapshot()
-    pending.append((stats._add_execution, (1, 0, 0, 0)))
+    pending.append((1, 0, 0, 0))
     assert stats.snapshot().execution_count == 1
+
+
+def test_folded_sums_are_the_per_record_sums() -> None:
+    """Each duration counts every record and sums only its positive values, grouped by batch size
+    and by response index and outcome, as adding record by record does."""
+    stats = ModelStats()
+    successes = [(5, 0, 1, 2, 1, 1), (7, -3, 2, 0, 4, 2), (0, 1, 1, 1, 1, 4)]
+    for total, queue, input_ns, infer, output, batch in successes:
+        stats.record_success(
+            total_ns=total,
+            queue_ns=queue,
+            input_ns=input_ns,
+            infer_ns=infer,
+            output_ns=output,
+            batch_size=batch,
+        )
+    for size, infer in [(1, 3), (2, 5), (1, -1), (4, 0)]:
+        stats.record_execution(size, input_ns=1, infer_ns=infer, output_ns=2)
+    responses = [
+        (0, 3, 1, True, False),
+        (0, 2, 2, False, False),
+        (1, 4, 0, True, False),
+        (1, 6, 0, True, True),
+    ]
+    for index, infer, output, ok, empty in responses:
+        stats.record_response(index, infer_ns=infer, output_ns=output, ok=ok, empty=empty)
+    snap = stats.snapshot()
+
+    def expected(values: list[int]) -> tuple[int, int]:
+        return len(values), sum(v for v in values if v > 0)
+
+    def got(duration: Duration) -> tuple[int, int]:
+        return duration.count, duration.ns
+
+    assert got(snap.success) == expected([r[0] for r in successes])
+    assert got(snap.queue) == expected([r[1] for r in successes])
+    assert got(snap.compute_infer) == expected([r[3] for r in successes])
+    assert snap.inference_count == 7 and snap.execution_count == 4
+    assert got(snap.batches[1].compute_infer) == expected([3, -1])
+    assert got(snap.batches[2].compute_output) == expected([2])
+    assert got(snap.batches[4].compute_infer) == expected([0])
+    assert got(snap.responses[0].success) == expected([4]) and got(snap.responses[0].fail) == expected([4])
+    assert got(snap.responses[1].success) == expected([4]) and got(snap.responses[1].empty_response) == (1, 6)
+    assert got(snap.responses[0].compute_infer) == expected([3, 2])
