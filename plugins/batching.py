@@ -65,7 +65,9 @@ class WorkerPolicy(BatchingPolicy, abc.ABC):
     """Worker threads plus the shared bookkeeping; subclasses decide what a worker runs next."""
 
     runs_on_loop_ok: ClassVar[bool] = False
-    """Whether ``execute_on_loop`` may drive this policy (it never waits for more requests)."""
+    """Whether ``execute_on_loop`` may drive this policy (it never waits for more requests). There, a
+    request that finds the queue idle (``_has_queued`` False) and nothing else in the loop's turn runs
+    at once without being enqueued: it would have been the whole of the next batch."""
 
     def __init__(self, model: Model, spec: ModelSpec, stats: ModelStats) -> None:
         super().__init__(model, spec, stats)
@@ -114,28 +116,39 @@ class WorkerPolicy(BatchingPolicy, abc.ABC):
     # -- public API -------------------------------------------------------------------------------
 
     def submit(self, request: InferenceRequest) -> None:
+        loop = _serving_loop(request) if self._on_loop else None
+        # Nothing else waits in the loop's turn: a drain would run next, and no other request could
+        # join its batch first, so it runs now and saves the loop turns to it and back.
+        now = loop is not None and _nothing_else_ready(loop)
         with self._lock:
             if self._closing:
                 raise InferenceError.unavailable(
                     f"Request for unknown model: '{self.spec.name}' version {request.model_version} "
                     "is not at ready state"
                 )
-            self._enqueue(request, time.monotonic_ns())
-            if not self._on_loop:
-                self._cond.notify_all()
-                return
-            if self._draining:
-                return  # the drain under way takes it
+            # An idle queue's next batch would be this request alone: it runs without an entry.
+            alone = now and not self._draining and not self._has_queued()
+            if not alone:
+                self._enqueue(request, time.monotonic_ns())
+                if not self._on_loop:
+                    self._cond.notify_all()
+                    return
+                if self._draining:
+                    return  # the drain under way takes it
             self._draining = True
-        loop = _serving_loop(request)
-        if loop is not None:
-            if _nothing_else_ready(loop):
-                # The drain would be the next thing the loop runs: no other request could join its
-                # batch first, so run it now and save the loop turns to it and back.
+        if alone:
+            self._run([request])
+            self._ran(loop, [request])
+        elif loop is not None:
+            if now:
                 self._drain_step(loop)
             else:
                 loop.call_soon(self._drain_step, loop)
-            return
+        else:
+            self._drain_here()
+
+    def _drain_here(self) -> None:
+        """Drain on this thread (a request from outside the server's loop: BLS, an ensemble step)."""
         try:
             while self._drain_step(None):
                 pass
@@ -168,8 +181,13 @@ class WorkerPolicy(BatchingPolicy, abc.ABC):
             fail_requests([request], error)
         if take.batch:
             self._run(take.batch)
+        return self._ran(loop, take.batch)
+
+    def _ran(self, loop: asyncio.AbstractEventLoop | None, batch: list[InferenceRequest]) -> bool:
+        """After a batch of the drain: stop when nothing waits, else schedule the next on ``loop``
+        or return True for the caller to go on."""
         with self._lock:
-            self._finished(0, take.batch)
+            self._finished(0, batch)
             if not self._has_queued():
                 self._stop_draining()
                 return False

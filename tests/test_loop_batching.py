@@ -141,6 +141,39 @@ def test_a_request_with_nothing_else_ready_on_the_loop_runs_inside_submit() -> N
     assert model.batches == [["0"], ["1"], ["2"]]
 
 
+def test_a_request_submitted_while_a_lone_request_runs_is_drained_after_it() -> None:
+    """The lone request runs without a queue entry; one submitted meanwhile (here by the model
+    itself) queues behind it and runs in the loop's next turn; both count as executions."""
+    stats = ModelStats()
+
+    class Resubmitting(ThreadRecordingModel):
+        def execute(self, requests: list[InferenceRequest]) -> None:
+            if [r.id for r in requests] == ["0"]:
+                policy.submit(make_request("1", second))
+            super().execute(requests)
+
+    model = Resubmitting()
+    policy = DynamicPolicy(model, make_spec(dynamic_batching={}), stats)  # type: ignore[arg-type]
+
+    async def scenario() -> None:
+        nonlocal second
+        loop = asyncio.get_running_loop()
+        second = LoopRecorder(loop)
+        await _settle()
+        first = LoopRecorder(loop)
+        policy.submit(make_request("0", first))
+        assert model.batches == [["0"]] and first.done.is_set() and not second.done.is_set()
+        await _settle()
+        assert model.batches == [["0"], ["1"]] and second.done.is_set()
+
+    second: LoopRecorder
+    asyncio.run(scenario())
+    policy.close()
+    snap = stats.snapshot()
+    assert snap.execution_count == 2 and snap.batches[1].compute_infer.count == 2
+    assert not policy._has_queued() and not policy._draining
+
+
 def test_without_the_parameter_a_worker_thread_runs_the_model() -> None:
     model = ThreadRecordingModel()
     policy = DirectPolicy(model, make_spec(on_loop=False), ModelStats())  # type: ignore[arg-type]
