@@ -107,18 +107,21 @@ class VersionRecord:
     def current(self) -> tuple[ModelState, str]:
         """The state as clients see it: a READY version whose model can no longer serve (its
         engine died for good) is UNAVAILABLE with the model's reason, until it is loaded again."""
-        if self.state == ModelState.READY and self.loaded is not None:
-            failure = self.loaded.policy.model.failure()
-            if failure is not None:
-                return ModelState.UNAVAILABLE, failure
+        failure = self._failure()
+        if failure is not None:
+            return ModelState.UNAVAILABLE, failure
         return self.state, self.reason
 
     @property
     def serving(self) -> bool:
         """``current()`` is READY (checked on every request, so without building its tuple)."""
-        if self.state is not ModelState.READY:
-            return False
-        return self.loaded is None or self.loaded.policy.model.failure() is None
+        return self.state is ModelState.READY and self._failure() is None
+
+    def _failure(self) -> str | None:
+        """Why a READY version's model can no longer serve, or None."""
+        if self.state is not ModelState.READY or self.loaded is None:
+            return None
+        return self.loaded.policy.model.failure()
 
 
 @dataclass
